@@ -1,0 +1,308 @@
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al. ICLR 2021): the op.
+
+Shape shorthand: N batch, S flattened value tokens over all levels, M heads, D channels per head,
+Q queries, L levels, P sampling points per level and head.
+
+:func:`multi_scale_deformable_attention` validates its inputs, then dispatches: CUDA tensors use
+the compiled kernel when it is available (built at install time or on first use), everything
+else uses :func:`ms_deform_attn_pytorch`. Which path runs is logged once per path.
+"""
+
+import logging
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from panoptic_segformer.layers import _extension
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATIONS = ("auto", "cuda", "pytorch")
+# Environment switch, e.g. PANOPTIC_SEGFORMER_MSDA_IMPL=pytorch to debug without the kernel.
+IMPLEMENTATION_ENV = "PANOPTIC_SEGFORMER_MSDA_IMPL"
+# Limits of the CUDA kernel (csrc/ms_deform_attn.h); larger inputs use the PyTorch path.
+CUDA_MAX_LEVELS = 16
+CUDA_MAX_HEAD_DIM = 256
+
+_VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCED_DTYPES = (torch.float16, torch.bfloat16)
+_logged_paths = set()
+
+
+def _log_path_once(path: str, reason: str) -> None:
+    if path not in _logged_paths:
+        _logged_paths.add(path)
+        logger.info("multi-scale deformable attention: using the %s path (%s)", path, reason)
+
+
+def _describe(t: Tensor) -> str:
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def _check_inputs(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> List[Tuple[int, int]]:
+    """Raises a ValueError/TypeError naming the bad argument; returns the level shapes."""
+    if value.dim() != 4:
+        raise ValueError(f"value must be (N, S, M, D), got {_describe(value)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            f"sampling_locations must be (N, Q, M, L, P, 2), got {_describe(sampling_locations)}"
+        )
+    n, s, m, _ = value.shape
+    _, q, m_loc, num_levels, num_points, _ = sampling_locations.shape
+    if sampling_locations.shape[0] != n or m_loc != m:
+        raise ValueError(
+            f"sampling_locations {tuple(sampling_locations.shape)} must have the batch size N={n} "
+            f"and head count M={m} of value {tuple(value.shape)}"
+        )
+    if attention_weights.shape != (n, q, m, num_levels, num_points):
+        raise ValueError(
+            f"attention_weights must be (N, Q, M, L, P) = {(n, q, m, num_levels, num_points)}, "
+            f"got {tuple(attention_weights.shape)}"
+        )
+    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if spatial_shapes.shape != (num_levels, 2):
+        raise ValueError(
+            f"spatial_shapes must be (L, 2) = ({num_levels}, 2) as (H, W) per level, got "
+            f"{tuple(spatial_shapes.shape)}"
+        )
+    if level_start_index.shape != (num_levels,):
+        raise ValueError(
+            f"level_start_index must be (L,) = ({num_levels},), got {tuple(level_start_index.shape)}"
+        )
+
+    if value.dtype not in _VALUE_DTYPES:
+        raise TypeError(f"value must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    if sampling_locations.dtype != attention_weights.dtype:
+        raise TypeError(
+            f"sampling_locations ({sampling_locations.dtype}) and attention_weights "
+            f"({attention_weights.dtype}) must have the same dtype"
+        )
+    coord_dtype = sampling_locations.dtype
+    if coord_dtype != value.dtype and not (
+        value.dtype in _REDUCED_DTYPES and coord_dtype == torch.float32
+    ):
+        raise TypeError(
+            f"sampling_locations/attention_weights are {coord_dtype} but value is {value.dtype}; "
+            "they must match, or be float32 with a float16/bfloat16 value"
+        )
+
+    for name, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+        if t.device != value.device:
+            raise ValueError(f"{name} is on {t.device} but value is on {value.device}")
+    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if t.device.type != "cpu" and t.device != value.device:
+            raise ValueError(f"{name} is on {t.device}; it must be on the CPU or on {value.device}")
+
+    # Host copies (a GPU synchronisation when the caller keeps these on the GPU).
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    starts = [int(i) for i in level_start_index.tolist()]
+    tokens = 0
+    for level, ((h, w), start) in enumerate(zip(shapes, starts)):
+        if h < 1 or w < 1:
+            raise ValueError(f"spatial_shapes[{level}] = ({h}, {w}) must be positive")
+        if start != tokens:
+            raise ValueError(
+                f"level_start_index[{level}] = {start} is inconsistent with spatial_shapes: the "
+                f"levels before it hold {tokens} tokens (level_start_index = {starts})"
+            )
+        tokens += h * w
+    if tokens != s:
+        raise ValueError(
+            f"spatial_shapes {shapes} cover {tokens} tokens but value has S = {s} "
+            f"(value {tuple(value.shape)})"
+        )
+    return shapes
+
+
+def ms_deform_attn_pytorch(
+    value: Tensor,
+    shapes: List[Tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """The PyTorch path: bilinear sampling per level with ``grid_sample``, weighted and summed.
+
+    Float16/bfloat16 inputs are computed in float32 (as the kernel accumulates) and the result
+    is cast back to the value's dtype. Inputs are assumed valid.
+
+    Args:
+        value (Tensor): (N, S, M, D).
+        shapes: (H, W) of each of the L levels, in the order they are flattened in S.
+        sampling_locations (Tensor): (N, Q, M, L, P, 2), normalised (x, y).
+        attention_weights (Tensor): (N, Q, M, L, P).
+
+    Returns:
+        Tensor: (N, Q, M * D).
+    """
+    n, _, m, d = value.shape
+    q = sampling_locations.shape[1]
+    dtype = torch.float32 if value.dtype in _REDUCED_DTYPES else value.dtype
+    value_levels = value.to(dtype).split([h * w for h, w in shapes], dim=1)
+    # grid_sample takes (x, y) in [-1, 1]; with align_corners=False, [0, 1] maps onto it exactly
+    # and points outside read zeros, which is Deformable DETR's convention.
+    # (N, Q, M, L, P, 2) -> (N, M, Q, L, P, 2) -> (N*M, Q, L, P, 2)
+    grids = (2 * sampling_locations.to(dtype) - 1).transpose(1, 2).flatten(0, 1)
+    # (N, Q, M, L, P) -> (N*M, Q, L, P)
+    weights = attention_weights.to(dtype).transpose(1, 2).flatten(0, 1)
+    output = None
+    for level, (h, w) in enumerate(shapes):
+        # (N, H*W, M, D) -> (N, M, D, H*W) -> (N*M, D, H, W)
+        value_l = value_levels[level].permute(0, 2, 3, 1).reshape(n * m, d, h, w)
+        # (N*M, D, Q, P)
+        sampled = F.grid_sample(
+            value_l, grids[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        # Weighted sum over the points of this level: (N*M, D, Q).
+        contribution = (sampled * weights[:, None, :, level]).sum(-1)
+        output = contribution if output is None else output + contribution
+    # (N*M, D, Q) -> (N, M*D, Q) -> (N, Q, M*D)
+    return output.reshape(n, m * d, q).transpose(1, 2).contiguous().to(value.dtype)
+
+
+class _MSDeformAttnCUDA(torch.autograd.Function):
+    """Autograd wrapper of the CUDA kernel; spatial_shapes/level_start_index are CPU int64."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        sampling_locations: Tensor,
+        attention_weights: Tensor,
+    ) -> Tensor:
+        extension, _ = _extension.load_extension()
+        ctx.save_for_backward(value, sampling_locations, attention_weights)
+        ctx.spatial_shapes = spatial_shapes
+        ctx.level_start_index = level_start_index
+        return extension.ms_deform_attn_forward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        extension, _ = _extension.load_extension()
+        value, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = extension.ms_deform_attn_backward(
+            value,
+            ctx.spatial_shapes,
+            ctx.level_start_index,
+            sampling_locations,
+            attention_weights,
+            grad_output.contiguous(),
+        )
+        return grad_value, None, None, grad_locations, grad_weights
+
+
+def _resolve_implementation(implementation: Optional[str]) -> str:
+    if implementation is None:
+        implementation = os.environ.get(IMPLEMENTATION_ENV, "auto") or "auto"
+        source = f"environment variable {IMPLEMENTATION_ENV}"
+    else:
+        source = "implementation"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"{source} must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    return implementation
+
+
+def _use_cuda_kernel(implementation: str, value: Tensor, shapes: List[Tuple[int, int]]) -> bool:
+    """Decides the path; raises when ``implementation='cuda'`` cannot be honoured."""
+    if implementation == "pytorch":
+        _log_path_once("pytorch", f"forced by implementation='pytorch' or {IMPLEMENTATION_ENV}")
+        return False
+    reason = None
+    if not value.is_cuda:
+        reason = f"inputs are on {value.device}"
+    elif len(shapes) > CUDA_MAX_LEVELS:
+        reason = f"{len(shapes)} levels exceed the kernel's {CUDA_MAX_LEVELS}"
+    elif value.shape[-1] > CUDA_MAX_HEAD_DIM:
+        reason = f"D = {value.shape[-1]} exceeds the kernel's {CUDA_MAX_HEAD_DIM} channels per head"
+    else:
+        _, reason = _extension.load_extension()
+    if reason is None:
+        _log_path_once("cuda", "compiled kernel")
+        return True
+    if implementation == "cuda":
+        raise RuntimeError(f"implementation='cuda' was requested but {reason}")
+    _log_path_once("pytorch", reason)
+    return False
+
+
+def multi_scale_deformable_attention(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    *,
+    implementation: Optional[str] = None,
+) -> Tensor:
+    """Multi-scale deformable attention with Deformable DETR's conventions.
+
+    Each query samples P points per head and level by bilinear interpolation (zeros outside the
+    map, ``align_corners=False``: (0, 0) and (1, 1) are the outer corners of the map) and sums
+    them with its attention weights.
+
+    Args:
+        value (Tensor): (N, S, M, D), float16/bfloat16/float32/float64.
+        spatial_shapes (Tensor): (L, 2) integer, (H, W) per level. May live on the CPU (no GPU
+            synchronisation) or on the value's device.
+        level_start_index (Tensor): (L,) integer, first token of each level in S.
+        sampling_locations (Tensor): (N, Q, M, L, P, 2), normalised (x, y); same dtype as value,
+            or float32 with a float16/bfloat16 value.
+        attention_weights (Tensor): (N, Q, M, L, P), same dtype as sampling_locations.
+        implementation: "auto" (kernel for CUDA tensors when available, else PyTorch), "cuda"
+            (raise if the kernel cannot run) or "pytorch". None reads the environment variable
+            ``PANOPTIC_SEGFORMER_MSDA_IMPL`` (default "auto").
+
+    Under autocast the value is cast to the autocast dtype and the locations and weights to
+    float32; arithmetic always accumulates in at least float32.
+
+    Returns:
+        Tensor: (N, Q, M * D) in the value's dtype.
+    """
+    implementation = _resolve_implementation(implementation)
+    shapes = _check_inputs(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+    device_type = value.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _dispatch(implementation, value, shapes, sampling_locations, attention_weights)
+    value = value.to(torch.get_autocast_dtype(device_type))
+    with torch.autocast(device_type, enabled=False):
+        return _dispatch(
+            implementation, value, shapes, sampling_locations.float(), attention_weights.float()
+        )
+
+
+def _dispatch(
+    implementation: str,
+    value: Tensor,
+    shapes: List[Tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    if not _use_cuda_kernel(implementation, value, shapes):
+        return ms_deform_attn_pytorch(value, shapes, sampling_locations, attention_weights)
+    sizes = [h * w for h, w in shapes]
+    starts = [sum(sizes[:level]) for level in range(len(sizes))]
+    return _MSDeformAttnCUDA.apply(
+        value.contiguous(),
+        torch.tensor(shapes, dtype=torch.int64),
+        torch.tensor(starts, dtype=torch.int64),
+        sampling_locations.contiguous(),
+        attention_weights.contiguous(),
+    )

@@ -1,0 +1,76 @@
+"""Installs panoptic_segformer; compiles the CUDA deformable-attention kernel when it can.
+
+The kernel is built here when a GPU is visible (and nvcc found) or when FORCE_CUDA=1; otherwise
+the package installs without it and builds it on first CUDA use (JIT). Install with
+``pip install --no-build-isolation -e .`` so the build sees the installed torch.
+"""
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def read_version() -> str:
+    text = (ROOT / "panoptic_segformer" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
+def load_build_helpers():
+    """panoptic_segformer/layers/_extension.py, loaded by path (it imports no torch at top)."""
+    path = ROOT / "panoptic_segformer" / "layers" / "_extension.py"
+    spec = importlib.util.spec_from_file_location("_panoptic_segformer_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_extensions():
+    force = os.environ.get("FORCE_CUDA", "0") == "1"
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError:
+        if force:
+            raise RuntimeError("FORCE_CUDA=1 needs torch installed first (and --no-build-isolation)")
+        return [], {}
+    helpers = load_build_helpers()
+    if not (force or torch.cuda.is_available()):
+        print("panoptic_segformer: no GPU visible; the CUDA kernel will be built on first CUDA use")
+        return [], {}
+    if helpers.cuda_toolkit_home() is None:
+        message = "no CUDA toolkit found (no bin/nvcc under CUDA_HOME)"
+        if force:
+            raise RuntimeError(f"FORCE_CUDA=1 but {message}")
+        print(f"panoptic_segformer: {message}; the CUDA kernel will be built on first CUDA use")
+        return [], {}
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = helpers.DEFAULT_ARCH_LIST
+    sources = [os.path.relpath(p, ROOT) for p in helpers.source_paths()]
+    extension = CUDAExtension(
+        "panoptic_segformer._C", sources=sources, extra_compile_args=helpers.compile_args()
+    )
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = get_extensions()
+
+setup(
+    name="panoptic_segformer",
+    version=read_version(),
+    description="Panoptic SegFormer (CVPR 2022) for detectron2",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(exclude=("tests", "tests.*", "tools", "configs", "demo")),
+    package_data={"panoptic_segformer.layers": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h"]},
+    install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "ninja"],
+    extras_require={"test": ["pytest>=7"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

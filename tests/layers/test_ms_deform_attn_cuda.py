@@ -1,0 +1,161 @@
+"""The CUDA kernel against the PyTorch path (needs a GPU; skipped without one).
+
+Tolerances: float32 relative error under 1e-5 (both paths accumulate in float32, in different
+orders); float16 and bfloat16 results are compared with the float32 kernel on the same rounded
+inputs, so the only extra error is rounding the output, 2**-10 and 2**-7 relative to the output
+scale respectively (documented in the README).
+"""
+
+import pytest
+import torch
+
+from panoptic_segformer.layers import multi_scale_deformable_attention as msda
+from panoptic_segformer.layers import _extension
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (shapes, N, Q, M, D, P): encoder-like, decoder-like, D not a power of two, D > 32, D < 32.
+CASES = [
+    ([(25, 42), (13, 21), (7, 11), (4, 6)], 2, 300, 8, 32, 4),
+    ([(20, 30), (10, 15), (5, 8)], 3, 117, 4, 32, 2),
+    ([(9, 7), (5, 4)], 5, 33, 2, 24, 3),
+    ([(9, 7), (5, 4)], 1, 40, 2, 64, 4),
+    ([(16, 3), (1, 1)], 3, 19, 3, 8, 5),
+]
+
+
+def make_inputs(shapes, n, q, m, d, p, dtype=torch.float32, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    s = sum(h * w for h, w in shapes)
+    value = torch.randn(n, s, m, d, device="cuda", generator=g, dtype=dtype)
+    # Points span [-0.2, 1.2]: some fall outside the maps.
+    loc = torch.rand(n, q, m, len(shapes), p, 2, device="cuda", generator=g) * 1.4 - 0.2
+    attn = torch.rand(n, q, m, len(shapes), p, device="cuda", generator=g).softmax(-1)
+    ss = torch.tensor(shapes, dtype=torch.int64)
+    lsi = torch.cat([ss.new_zeros(1), ss.prod(1).cumsum(0)[:-1]])
+    return value, ss, lsi, loc.to(dtype), attn.to(dtype)
+
+
+def forward_backward(implementation, value, ss, lsi, loc, attn, grad_out):
+    inputs = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    out = msda(inputs[0], ss, lsi, inputs[1], inputs[2], implementation=implementation)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in inputs]
+
+
+def assert_relative_close(actual, expected, tol, name):
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = (actual.double() - expected.double()).abs().max() / scale
+    assert err < tol, f"{name}: relative error {err.item():.3g} >= {tol}"
+
+
+def test_kernel_is_available():
+    extension, reason = _extension.load_extension()
+    assert extension is not None, reason
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_float32_matches_pytorch_path(case):
+    value, ss, lsi, loc, attn = make_inputs(*case)
+    grad_out = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3],
+                           device="cuda")
+    out_k, grads_k = forward_backward("cuda", value, ss, lsi, loc, attn, grad_out)
+    out_p, grads_p = forward_backward("pytorch", value, ss, lsi, loc, attn, grad_out)
+    assert_relative_close(out_k, out_p, 1e-5, "output")
+    for name, gk, gp in zip(("value", "sampling_locations", "attention_weights"), grads_k, grads_p):
+        assert gk.dtype == gp.dtype and gk.shape == gp.shape
+        assert_relative_close(gk, gp, 1e-5, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2.0**-10), (torch.bfloat16, 2.0**-7)])
+@pytest.mark.parametrize("float32_coords", [False, True])
+def test_reduced_precision_matches_float32(dtype, tol, float32_coords):
+    value, ss, lsi, loc, attn = make_inputs(*CASES[0])
+    coord_dtype = torch.float32 if float32_coords else dtype
+    value_r, loc_r, attn_r = value.to(dtype), loc.to(coord_dtype), attn.to(coord_dtype)
+    grad_out = torch.randn(2, 300, 256, device="cuda").to(dtype)
+    out, grads = forward_backward("cuda", value_r, ss, lsi, loc_r, attn_r, grad_out)
+    assert out.dtype == dtype and grads[0].dtype == dtype and grads[1].dtype == coord_dtype
+    # Reference: the float32 kernel on the same rounded inputs.
+    out_ref, grads_ref = forward_backward(
+        "cuda", value_r.float(), ss, lsi, loc_r.float(), attn_r.float(), grad_out.float()
+    )
+    assert_relative_close(out, out_ref, tol, "output")
+    for name, g, g_ref in zip(("value", "locations", "weights"), grads, grads_ref):
+        # Gradients are rounded once at the end, like the output.
+        assert_relative_close(g, g_ref, 2 * tol, f"grad {name}")
+
+
+def test_gradcheck_float64():
+    value, ss, lsi, loc, attn = make_inputs([(6, 5), (3, 3)], 2, 4, 2, 5, 2, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (value, loc, attn)]
+
+    def fn(v, sampling_locations, attention_weights):
+        return msda(v, ss, lsi, sampling_locations, attention_weights, implementation="cuda")
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_outputs_fully_written():
+    # Fill the caching allocator's free blocks with NaN so that any element the kernels leave
+    # unwritten shows up.
+    value, ss, lsi, loc, attn = make_inputs(*CASES[1])
+    torch.cuda.synchronize()
+    poison = torch.full((64 * 2**20,), float("nan"), device="cuda")
+    del poison
+    grad_out = torch.randn(3, 117, 128, device="cuda")
+    out, grads = forward_backward("cuda", value, ss, lsi, loc, attn, grad_out)
+    for name, t in (("output", out), ("grad value", grads[0]), ("grad locations", grads[1]),
+                    ("grad weights", grads[2])):
+        assert torch.isfinite(t).all(), f"{name} has non-finite values"
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 7])
+def test_any_batch_size(n):
+    # The original kernel required the batch to divide im2col_step (64).
+    value, ss, lsi, loc, attn = make_inputs([(7, 9), (4, 5)], n, 10, 2, 16, 2)
+    torch.testing.assert_close(
+        msda(value, ss, lsi, loc, attn, implementation="cuda"),
+        msda(value, ss, lsi, loc, attn, implementation="pytorch"),
+        rtol=1e-5, atol=1e-6,
+    )
+
+
+def test_empty_inputs():
+    value, ss, lsi, loc, attn = make_inputs([(7, 9)], 2, 0, 2, 16, 2)
+    out = msda(value.requires_grad_(), ss, lsi, loc, attn, implementation="cuda")
+    assert out.shape == (2, 0, 32)
+    out.sum().backward()
+    assert torch.count_nonzero(value.grad) == 0
+
+
+def test_autocast():
+    value, ss, lsi, loc, attn = make_inputs(*CASES[0])
+    value.requires_grad_()
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = msda(value, ss, lsi, loc, attn, implementation="cuda")
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    assert value.grad.dtype == torch.float32 and torch.isfinite(value.grad).all()
+    expected = msda(value.detach().half(), ss, lsi, loc, attn, implementation="cuda")
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_spatial_shapes_on_gpu_accepted():
+    value, ss, lsi, loc, attn = make_inputs(*CASES[2])
+    torch.testing.assert_close(
+        msda(value, ss.cuda(), lsi.cuda(), loc, attn, implementation="cuda"),
+        msda(value, ss, lsi, loc, attn, implementation="cuda"),
+        rtol=0, atol=0,
+    )
+
+
+def test_bindings_reject_bad_calls_directly():
+    extension, _ = _extension.load_extension()
+    value, ss, lsi, loc, attn = make_inputs(*CASES[2])
+    with pytest.raises(RuntimeError, match=r"level_start_index\[0\] is 1 but the levels before it hold 0"):
+        extension.ms_deform_attn_forward(value, ss, lsi + 1, loc, attn)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        extension.ms_deform_attn_forward(value.transpose(1, 2), ss, lsi, loc, attn)
+    with pytest.raises(RuntimeError, match="must be CPU tensors"):
+        extension.ms_deform_attn_forward(value, ss.cuda(), lsi, loc, attn)

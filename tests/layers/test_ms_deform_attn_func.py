@@ -1,0 +1,258 @@
+"""multi_scale_deformable_attention: PyTorch path against a slow reference, gradients, errors,
+dispatch, dtypes and autocast (all on the CPU)."""
+
+import itertools
+import logging
+import math
+
+import pytest
+import torch
+
+from panoptic_segformer.layers import ms_deform_attn_func
+from panoptic_segformer.layers import multi_scale_deformable_attention as msda
+
+
+def reference_msda(value, shapes, locations, weights):
+    """Explicit bilinear interpolation in float64, one sample at a time.
+
+    Pixel (i, j) of a level of size (H, W) has its centre at ((j + 0.5) / W, (i + 0.5) / H);
+    pixels outside the map read zero.
+    """
+    value, locations, weights = value.double(), locations.double(), weights.double()
+    n_batch, _, n_heads, dim = value.shape
+    _, n_queries, _, n_levels, n_points, _ = locations.shape
+    out = torch.zeros(n_batch, n_queries, n_heads, dim, dtype=torch.float64)
+    starts = [sum(h * w for h, w in shapes[:level]) for level in range(n_levels)]
+
+    def pixel(n, level, row, col, head):
+        h, w = shapes[level]
+        if 0 <= row < h and 0 <= col < w:
+            return value[n, starts[level] + row * w + col, head]
+        return torch.zeros(dim, dtype=torch.float64)
+
+    for n, q, m, level, p in itertools.product(
+        range(n_batch), range(n_queries), range(n_heads), range(n_levels), range(n_points)
+    ):
+        h, w = shapes[level]
+        x = locations[n, q, m, level, p, 0].item() * w - 0.5
+        y = locations[n, q, m, level, p, 1].item() * h - 0.5
+        col, row = math.floor(x), math.floor(y)
+        fx, fy = x - col, y - row
+        sample = (
+            (1 - fy) * (1 - fx) * pixel(n, level, row, col, m)
+            + (1 - fy) * fx * pixel(n, level, row, col + 1, m)
+            + fy * (1 - fx) * pixel(n, level, row + 1, col, m)
+            + fy * fx * pixel(n, level, row + 1, col + 1, m)
+        )
+        out[n, q, m] += weights[n, q, m, level, p].item() * sample
+    return out.flatten(2)
+
+
+def make_inputs(
+    shapes, n_batch=2, n_queries=5, n_heads=2, dim=3, n_points=2, dtype=torch.float64, seed=0
+):
+    """Random inputs; locations span [-0.25, 1.25] so some points fall outside the maps."""
+    g = torch.Generator().manual_seed(seed)
+    n_levels = len(shapes)
+    n_tokens = sum(h * w for h, w in shapes)
+    value = torch.randn(n_batch, n_tokens, n_heads, dim, generator=g, dtype=dtype)
+    locations = torch.rand(n_batch, n_queries, n_heads, n_levels, n_points, 2, generator=g)
+    locations = (locations * 1.5 - 0.25).to(dtype)
+    weights = torch.rand(n_batch, n_queries, n_heads, n_levels, n_points, generator=g, dtype=dtype)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
+    sizes = spatial_shapes.prod(1)
+    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    return value, spatial_shapes, level_start_index, locations, weights
+
+
+SHAPE_CASES = [
+    [(6, 4), (3, 2), (2, 1)],  # non-square levels, one a single column
+    [(5, 7), (3, 4)],
+    [(1, 1)],
+    [(4, 9), (2, 5), (1, 3), (1, 1)],
+]
+
+
+@pytest.mark.parametrize("shapes", SHAPE_CASES)
+@pytest.mark.parametrize("n_batch", [1, 3])
+def test_pytorch_path_matches_reference_float64(shapes, n_batch):
+    value, ss, lsi, loc, attn = make_inputs(shapes, n_batch=n_batch, seed=n_batch)
+    out = msda(value, ss, lsi, loc, attn, implementation="pytorch")
+    expected = reference_msda(value, shapes, loc, attn)
+    assert out.shape == (n_batch, loc.shape[1], value.shape[2] * value.shape[3])
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_pytorch_path_matches_reference_float32():
+    value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0], dtype=torch.float32, n_queries=9)
+    out = msda(value, ss, lsi, loc, attn)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(
+        out.double(), reference_msda(value, SHAPE_CASES[0], loc, attn), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_known_values_at_pixel_centres_and_outside():
+    # One 2x3 level holding 0..5; a point at a pixel centre reads exactly that pixel, a point at
+    # the shared edge of two pixels reads their mean, and points beyond half a pixel outside
+    # the map read zero.
+    value = torch.arange(6, dtype=torch.float64).view(1, 6, 1, 1)
+    ss = torch.tensor([[2, 3]])
+    lsi = torch.tensor([0])
+    points = [
+        ((0.5 / 3, 0.5 / 2), 0.0),  # centre of pixel (0, 0)
+        ((2.5 / 3, 1.5 / 2), 5.0),  # centre of pixel (1, 2)
+        ((1.0 / 3, 0.5 / 2), 0.5),  # between pixels (0, 0) and (0, 1)
+        ((1.5 / 3, 1.0 / 2), 2.5),  # between rows 0 and 1 of column 1
+        ((0.0, 0.5 / 2), 0.0 * 0.5),  # left edge: half pixel (0, 0), half zero padding
+        ((1.0, 1.5 / 2), 5.0 * 0.5),  # right edge
+        ((-0.2, 0.5), 0.0),  # beyond half a pixel outside
+        ((0.5, 1.3), 0.0),
+    ]
+    loc = torch.tensor([p for p, _ in points], dtype=torch.float64).view(1, len(points), 1, 1, 1, 2)
+    attn = torch.ones(1, len(points), 1, 1, 1, dtype=torch.float64)
+    out = msda(value, ss, lsi, loc, attn)
+    torch.testing.assert_close(
+        out.flatten(), torch.tensor([e for _, e in points], dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize("n_batch", [1, 3])
+def test_gradcheck_float64(n_batch):
+    value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0], n_batch=n_batch, n_queries=3, seed=7)
+    inputs = [t.requires_grad_() for t in (value, loc, attn)]
+
+    def fn(v, sampling_locations, attention_weights):
+        return msda(v, ss, lsi, sampling_locations, attention_weights, implementation="pytorch")
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_empty_batch_and_queries():
+    for n_batch, n_queries in ((0, 4), (2, 0)):
+        value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[1], n_batch=n_batch, n_queries=n_queries)
+        out = msda(value, ss, lsi, loc, attn)
+        assert out.shape == (n_batch, n_queries, 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("float32_coords", [False, True])
+def test_reduced_precision_value(dtype, float32_coords):
+    value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0], dtype=torch.float32, n_queries=8)
+    coord_dtype = torch.float32 if float32_coords else dtype
+    out = msda(value.to(dtype), ss, lsi, loc.to(coord_dtype), attn.to(coord_dtype))
+    assert out.dtype == dtype
+    expected = reference_msda(value.to(dtype), SHAPE_CASES[0], loc.to(coord_dtype), attn.to(coord_dtype))
+    # The inputs are rounded to `dtype`; the arithmetic runs in float32, so the only further
+    # error is rounding the output (8 mantissa bits for bfloat16, 11 for float16).
+    tol = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+def test_autocast_casts_value_and_keeps_float32_coordinates():
+    value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0], dtype=torch.float32)
+    value.requires_grad_()
+    loc.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = msda(value, ss, lsi, loc, attn)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert value.grad.dtype == torch.float32 and loc.grad.dtype == torch.float32
+    assert value.grad.abs().sum() > 0 and loc.grad.abs().sum() > 0
+    expected = reference_msda(value.detach().bfloat16(), SHAPE_CASES[0], loc.detach(), attn)
+    torch.testing.assert_close(out.double(), expected, rtol=2.0**-7, atol=2.0**-7)
+
+
+def test_non_contiguous_inputs():
+    value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0])
+    value_t = value.transpose(0, 1).contiguous().transpose(0, 1)
+    loc_t = loc.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not value_t.is_contiguous() and not loc_t.is_contiguous()
+    torch.testing.assert_close(msda(value_t, ss, lsi, loc_t, attn), msda(value, ss, lsi, loc, attn))
+
+
+def test_int32_spatial_shapes_accepted():
+    value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[1])
+    torch.testing.assert_close(
+        msda(value, ss.int(), lsi.int(), loc, attn), msda(value, ss, lsi, loc, attn)
+    )
+
+
+def _bad_inputs():
+    value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0], dtype=torch.float32)
+    ok = dict(value=value, spatial_shapes=ss, level_start_index=lsi, sampling_locations=loc,
+              attention_weights=attn)
+    cases = {
+        "value rank": (dict(value=value[0]), ValueError, r"value must be \(N, S, M, D\)"),
+        "locations rank": (dict(sampling_locations=loc[..., 0]), ValueError,
+                           r"sampling_locations must be \(N, Q, M, L, P, 2\)"),
+        "locations batch": (dict(sampling_locations=loc[:1]), ValueError, "batch size N=2"),
+        "weights shape": (dict(attention_weights=attn[..., :1]), ValueError,
+                          r"attention_weights must be \(N, Q, M, L, P\) = \(2, 5, 2, 3, 2\)"),
+        "shapes rows": (dict(spatial_shapes=ss[:2]), ValueError, r"spatial_shapes must be \(L, 2\)"),
+        "shapes float": (dict(spatial_shapes=ss.float()), TypeError,
+                         "spatial_shapes must be an integer tensor, got torch.float32"),
+        "start index len": (dict(level_start_index=lsi[:2]), ValueError,
+                            r"level_start_index must be \(L,\) = \(3,\)"),
+        "start index wrong": (dict(level_start_index=torch.tensor([0, 24, 31])), ValueError,
+                              r"level_start_index\[2\] = 31 is inconsistent"),
+        "tokens mismatch": (dict(spatial_shapes=torch.tensor([[6, 4], [3, 2], [2, 2]])),
+                            ValueError, r"cover 34 tokens but value has S = 32"),
+        "zero size level": (dict(spatial_shapes=torch.tensor([[6, 4], [0, 2], [8, 1]])),
+                            ValueError, r"spatial_shapes\[1\] = \(0, 2\) must be positive"),
+        "int value": (dict(value=value.long()), TypeError, "got torch.int64"),
+        "mixed coords": (dict(attention_weights=attn.double()), TypeError,
+                         r"sampling_locations \(torch.float32\) and attention_weights "
+                         r"\(torch.float64\)"),
+        "coords vs value": (dict(sampling_locations=loc.half(), attention_weights=attn.half()),
+                            TypeError, "are torch.float16 but value is torch.float32"),
+        "device": (dict(sampling_locations=loc.to("meta")), ValueError,
+                   "sampling_locations is on meta but value is on cpu"),
+        "shapes device": (dict(spatial_shapes=ss.to("meta")), ValueError,
+                          "spatial_shapes is on meta; it must be on the CPU or on cpu"),
+    }
+    return ok, cases
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()[1]))
+def test_bad_inputs_raise_clear_errors(case):
+    ok, cases = _bad_inputs()
+    override, error, message = cases[case]
+    with pytest.raises(error, match=message):
+        msda(**{**ok, **override})
+
+
+def test_explicit_implementation_switches(monkeypatch, caplog):
+    value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[1])
+    with pytest.raises(RuntimeError, match="implementation='cuda' was requested but inputs are on cpu"):
+        msda(value, ss, lsi, loc, attn, implementation="cuda")
+    with pytest.raises(ValueError, match="implementation must be one of .* got 'fast'"):
+        msda(value, ss, lsi, loc, attn, implementation="fast")
+    monkeypatch.setenv("PANOPTIC_SEGFORMER_MSDA_IMPL", "gpu")
+    with pytest.raises(ValueError, match="PANOPTIC_SEGFORMER_MSDA_IMPL must be one of .* 'gpu'"):
+        msda(value, ss, lsi, loc, attn)
+    monkeypatch.setenv("PANOPTIC_SEGFORMER_MSDA_IMPL", "cuda")
+    with pytest.raises(RuntimeError, match="implementation='cuda' was requested"):
+        msda(value, ss, lsi, loc, attn)
+    monkeypatch.setenv("PANOPTIC_SEGFORMER_MSDA_IMPL", "pytorch")
+    monkeypatch.setattr(ms_deform_attn_func, "_logged_paths", set())
+    with caplog.at_level(logging.INFO, logger=ms_deform_attn_func.__name__):
+        for _ in range(3):
+            msda(value, ss, lsi, loc, attn)
+    messages = [r.getMessage() for r in caplog.records if "deformable attention" in r.getMessage()]
+    assert messages == [
+        "multi-scale deformable attention: using the pytorch path (forced by "
+        "implementation='pytorch' or PANOPTIC_SEGFORMER_MSDA_IMPL)"
+    ]
+
+
+def test_cpu_inputs_log_the_pytorch_path_once(monkeypatch, caplog):
+    value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[1])
+    monkeypatch.delenv("PANOPTIC_SEGFORMER_MSDA_IMPL", raising=False)
+    monkeypatch.setattr(ms_deform_attn_func, "_logged_paths", set())
+    with caplog.at_level(logging.INFO, logger=ms_deform_attn_func.__name__):
+        msda(value, ss, lsi, loc, attn)
+        msda(value, ss, lsi, loc, attn)
+    messages = [r.getMessage() for r in caplog.records if "deformable attention" in r.getMessage()]
+    assert messages == ["multi-scale deformable attention: using the pytorch path (inputs are on cpu)"]
