@@ -36,7 +36,9 @@ def get_extensions():
         from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     except ImportError:
         if force:
-            raise RuntimeError("FORCE_CUDA=1 needs torch installed first (and --no-build-isolation)")
+            raise RuntimeError(
+                "FORCE_CUDA=1 needs torch installed first (and --no-build-isolation)"
+            )
         return [], {}
     helpers = load_build_helpers()
     if not (force or torch.cuda.is_available()):

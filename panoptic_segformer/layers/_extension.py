@@ -33,7 +33,7 @@ def source_paths() -> List[str]:
 
 def compile_args() -> Dict[str, List[str]]:
     """Compiler flags, as ``extra_compile_args`` of a ``CUDAExtension``."""
-    # No --use_fast_math: the kernel must match the PyTorch path to float32 rounding.
+    # No --use_fast_math: the kernel must match the PyTorch path to float32 precision.
     return {"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]}
 
 

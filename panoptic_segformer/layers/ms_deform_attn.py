@@ -34,8 +34,12 @@ class MSDeformAttn(nn.Module):
         implementation: Optional[str] = None,
     ) -> None:
         super().__init__()
-        for name, v in (("d_model", d_model), ("n_levels", n_levels), ("n_heads", n_heads),
-                        ("n_points", n_points)):
+        for name, v in (
+            ("d_model", d_model),
+            ("n_levels", n_levels),
+            ("n_heads", n_heads),
+            ("n_points", n_points),
+        ):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if d_model % n_heads != 0:

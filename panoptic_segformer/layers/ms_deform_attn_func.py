@@ -9,6 +9,7 @@ else uses :func:`ms_deform_attn_pytorch`. Which path runs is logged once per pat
 """
 
 import logging
+import math
 import os
 from typing import List, Optional, Tuple
 
@@ -27,6 +28,7 @@ IMPLEMENTATION_ENV = "PANOPTIC_SEGFORMER_MSDA_IMPL"
 # Limits of the CUDA kernel (csrc/ms_deform_attn.h); larger inputs use the PyTorch path.
 CUDA_MAX_LEVELS = 16
 CUDA_MAX_HEAD_DIM = 256
+CUDA_MAX_TOKENS_X_CHANNELS = 2**31 - 1  # S * M * D, indexed with 32-bit integers
 
 _VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCED_DTYPES = (torch.float16, torch.bfloat16)
@@ -57,8 +59,15 @@ def _check_inputs(
         raise ValueError(
             f"sampling_locations must be (N, Q, M, L, P, 2), got {_describe(sampling_locations)}"
         )
-    n, s, m, _ = value.shape
+    n, s, m, d = value.shape
     _, q, m_loc, num_levels, num_points, _ = sampling_locations.shape
+    if m < 1 or d < 1:
+        raise ValueError(f"value must have at least one head and channel, got {_describe(value)}")
+    if num_levels < 1:
+        raise ValueError(
+            "sampling_locations must have at least one level (L >= 1), got "
+            f"{_describe(sampling_locations)}"
+        )
     if sampling_locations.shape[0] != n or m_loc != m:
         raise ValueError(
             f"sampling_locations {tuple(sampling_locations.shape)} must have the batch size N={n} "
@@ -79,7 +88,8 @@ def _check_inputs(
         )
     if level_start_index.shape != (num_levels,):
         raise ValueError(
-            f"level_start_index must be (L,) = ({num_levels},), got {tuple(level_start_index.shape)}"
+            f"level_start_index must be (L,) = ({num_levels},), got "
+            f"{tuple(level_start_index.shape)}"
         )
 
     if value.dtype not in _VALUE_DTYPES:
@@ -98,7 +108,10 @@ def _check_inputs(
             "they must match, or be float32 with a float16/bfloat16 value"
         )
 
-    for name, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+    for name, t in (
+        ("sampling_locations", sampling_locations),
+        ("attention_weights", attention_weights),
+    ):
         if t.device != value.device:
             raise ValueError(f"{name} is on {t.device} but value is on {value.device}")
     for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
@@ -152,22 +165,35 @@ def ms_deform_attn_pytorch(
     value_levels = value.to(dtype).split([h * w for h, w in shapes], dim=1)
     # grid_sample takes (x, y) in [-1, 1]; with align_corners=False, [0, 1] maps onto it exactly
     # and points outside read zeros, which is Deformable DETR's convention.
-    # (N, Q, M, L, P, 2) -> (N, M, Q, L, P, 2) -> (N*M, Q, L, P, 2)
-    grids = (2 * sampling_locations.to(dtype) - 1).transpose(1, 2).flatten(0, 1)
-    # (N, Q, M, L, P) -> (N*M, Q, L, P)
-    weights = attention_weights.to(dtype).transpose(1, 2).flatten(0, 1)
-    output = None
+    # (N, Q, M, L, P, 2) -> (N, M, Q, L, P, 2) -> L x (N*M, Q, P, 2)
+    grids = (2 * sampling_locations.to(dtype) - 1).transpose(1, 2).flatten(0, 1).unbind(2)
+    # (N, Q, M, L, P) -> L x (N*M, Q, P)
+    weights = attention_weights.to(dtype).transpose(1, 2).flatten(0, 1).unbind(2)
+    weighted = None
     for level, (h, w) in enumerate(shapes):
-        # (N, H*W, M, D) -> (N, M, D, H*W) -> (N*M, D, H, W)
-        value_l = value_levels[level].permute(0, 2, 3, 1).reshape(n * m, d, h, w)
+        # (N, H*W, M, D) -> (N, M, H, W, D) -> (N*M, H, W, D) -> (N*M, D, H, W) with
+        # channels-last strides: grid_sample then reads a pixel's D channels from one cache
+        # line. The reshape is free for N = 1 and one copy of the level otherwise; the backward
+        # gathers the levels' gradients into (N, S, M, D) in a single cat.
+        value_l = (
+            value_levels[level]
+            .unflatten(1, (h, w))
+            .permute(0, 3, 1, 2, 4)
+            .reshape(n * m, h, w, d)
+            .permute(0, 3, 1, 2)
+        )
         # (N*M, D, Q, P)
         sampled = F.grid_sample(
-            value_l, grids[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False
+            value_l, grids[level], mode="bilinear", padding_mode="zeros", align_corners=False
         )
-        # Weighted sum over the points of this level: (N*M, D, Q).
-        contribution = (sampled * weights[:, None, :, level]).sum(-1)
-        output = contribution if output is None else output + contribution
-    # (N*M, D, Q) -> (N, M*D, Q) -> (N, Q, M*D)
+        # Weighted samples summed over levels in one (N*M, D, Q, P) buffer: fewer, larger ops
+        # than a weighted sum per level, and less memory than stacking the levels.
+        if weighted is None:
+            weighted = sampled * weights[level][:, None]
+        else:
+            weighted.addcmul_(sampled, weights[level][:, None])
+    # Sum over the points: (N*M, D, Q) -> (N, M*D, Q) -> (N, Q, M*D)
+    output = weighted.sum(-1)
     return output.reshape(n, m * d, q).transpose(1, 2).contiguous().to(value.dtype)
 
 
@@ -230,6 +256,8 @@ def _use_cuda_kernel(implementation: str, value: Tensor, shapes: List[Tuple[int,
         reason = f"{len(shapes)} levels exceed the kernel's {CUDA_MAX_LEVELS}"
     elif value.shape[-1] > CUDA_MAX_HEAD_DIM:
         reason = f"D = {value.shape[-1]} exceeds the kernel's {CUDA_MAX_HEAD_DIM} channels per head"
+    elif math.prod(value.shape[1:]) > CUDA_MAX_TOKENS_X_CHANNELS:
+        reason = f"S * M * D = {math.prod(value.shape[1:])} exceeds the kernel's 32-bit indexing"
     else:
         _, reason = _extension.load_extension()
     if reason is None:

@@ -33,8 +33,11 @@ def assert_is_the_extension(module):
     cpu = torch.zeros(1, 1, 1, 1)
     with pytest.raises(RuntimeError, match="value must be a CUDA tensor, got cpu"):
         module.ms_deform_attn_forward(
-            cpu, torch.ones(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-            torch.zeros(1, 1, 1, 1, 1, 2), torch.zeros(1, 1, 1, 1, 1),
+            cpu,
+            torch.ones(1, 2, dtype=torch.long),
+            torch.zeros(1, dtype=torch.long),
+            torch.zeros(1, 1, 1, 1, 1, 2),
+            torch.zeros(1, 1, 1, 1, 1),
         )
 
 
@@ -49,9 +52,20 @@ def test_jit_build(tmp_path, one_arch):
 def test_setup_py_build_with_force_cuda(tmp_path, one_arch):
     env = {**os.environ, "FORCE_CUDA": "1", "MAX_JOBS": "2"}
     subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
-         "--build-temp", str(tmp_path / "tmp")],
-        cwd=ROOT, env=env, check=True, capture_output=True,
+        [
+            sys.executable,
+            "setup.py",
+            "-q",
+            "build_ext",
+            "--build-lib",
+            str(tmp_path / "lib"),
+            "--build-temp",
+            str(tmp_path / "tmp"),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
     )
     (library,) = (tmp_path / "lib" / "panoptic_segformer").glob("_C*.so")
     spec = importlib.util.spec_from_file_location("panoptic_segformer._C", library)

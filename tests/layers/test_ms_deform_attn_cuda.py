@@ -9,8 +9,8 @@ scale respectively (documented in the README).
 import pytest
 import torch
 
-from panoptic_segformer.layers import multi_scale_deformable_attention as msda
 from panoptic_segformer.layers import _extension
+from panoptic_segformer.layers import multi_scale_deformable_attention as msda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -57,8 +57,9 @@ def test_kernel_is_available():
 @pytest.mark.parametrize("case", CASES)
 def test_float32_matches_pytorch_path(case):
     value, ss, lsi, loc, attn = make_inputs(*case)
-    grad_out = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3],
-                           device="cuda")
+    grad_out = torch.randn(
+        value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], device="cuda"
+    )
     out_k, grads_k = forward_backward("cuda", value, ss, lsi, loc, attn, grad_out)
     out_p, grads_p = forward_backward("pytorch", value, ss, lsi, loc, attn, grad_out)
     assert_relative_close(out_k, out_p, 1e-5, "output")
@@ -105,8 +106,12 @@ def test_outputs_fully_written():
     del poison
     grad_out = torch.randn(3, 117, 128, device="cuda")
     out, grads = forward_backward("cuda", value, ss, lsi, loc, attn, grad_out)
-    for name, t in (("output", out), ("grad value", grads[0]), ("grad locations", grads[1]),
-                    ("grad weights", grads[2])):
+    for name, t in (
+        ("output", out),
+        ("grad value", grads[0]),
+        ("grad locations", grads[1]),
+        ("grad weights", grads[2]),
+    ):
         assert torch.isfinite(t).all(), f"{name} has non-finite values"
 
 
@@ -117,7 +122,8 @@ def test_any_batch_size(n):
     torch.testing.assert_close(
         msda(value, ss, lsi, loc, attn, implementation="cuda"),
         msda(value, ss, lsi, loc, attn, implementation="pytorch"),
-        rtol=1e-5, atol=1e-6,
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -141,19 +147,35 @@ def test_autocast():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+def test_non_finite_inputs_propagate_like_the_pytorch_path():
+    value, ss, lsi, loc, attn = make_inputs(*CASES[2])
+    loc[0, 0, 0, 0, 0, 0] = float("nan")
+    loc[1, 1, 1, 1, 1, 1] = float("inf")
+    loc[2, 2, 0, 0, 0] = 5.0
+    attn[2, 2, 0, 0, 0] = float("nan")
+    out_k = msda(value, ss, lsi, loc, attn, implementation="cuda")
+    out_p = msda(value, ss, lsi, loc, attn, implementation="pytorch")
+    assert torch.equal(out_k.isnan(), out_p.isnan()) and out_k.isnan().any()
+    finite = ~out_p.isnan()
+    torch.testing.assert_close(out_k[finite], out_p[finite], rtol=1e-5, atol=1e-6)
+
+
 def test_spatial_shapes_on_gpu_accepted():
     value, ss, lsi, loc, attn = make_inputs(*CASES[2])
     torch.testing.assert_close(
         msda(value, ss.cuda(), lsi.cuda(), loc, attn, implementation="cuda"),
         msda(value, ss, lsi, loc, attn, implementation="cuda"),
-        rtol=0, atol=0,
+        rtol=0,
+        atol=0,
     )
 
 
 def test_bindings_reject_bad_calls_directly():
     extension, _ = _extension.load_extension()
     value, ss, lsi, loc, attn = make_inputs(*CASES[2])
-    with pytest.raises(RuntimeError, match=r"level_start_index\[0\] is 1 but the levels before it hold 0"):
+    with pytest.raises(
+        RuntimeError, match=r"level_start_index\[0\] is 1 but the levels before it hold 0"
+    ):
         extension.ms_deform_attn_forward(value, ss, lsi + 1, loc, attn)
     with pytest.raises(RuntimeError, match="must be contiguous"):
         extension.ms_deform_attn_forward(value.transpose(1, 2), ss, lsi, loc, attn)

@@ -131,7 +131,9 @@ def test_gradcheck_float64(n_batch):
 
 def test_empty_batch_and_queries():
     for n_batch, n_queries in ((0, 4), (2, 0)):
-        value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[1], n_batch=n_batch, n_queries=n_queries)
+        value, ss, lsi, loc, attn = make_inputs(
+            SHAPE_CASES[1], n_batch=n_batch, n_queries=n_queries
+        )
         out = msda(value, ss, lsi, loc, attn)
         assert out.shape == (n_batch, n_queries, 6)
 
@@ -143,7 +145,9 @@ def test_reduced_precision_value(dtype, float32_coords):
     coord_dtype = torch.float32 if float32_coords else dtype
     out = msda(value.to(dtype), ss, lsi, loc.to(coord_dtype), attn.to(coord_dtype))
     assert out.dtype == dtype
-    expected = reference_msda(value.to(dtype), SHAPE_CASES[0], loc.to(coord_dtype), attn.to(coord_dtype))
+    expected = reference_msda(
+        value.to(dtype), SHAPE_CASES[0], loc.to(coord_dtype), attn.to(coord_dtype)
+    )
     # The inputs are rounded to `dtype`; the arithmetic runs in float32, so the only further
     # error is rounding the output (8 mantissa bits for bfloat16, 11 for float16).
     tol = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
@@ -164,6 +168,19 @@ def test_autocast_casts_value_and_keeps_float32_coordinates():
     torch.testing.assert_close(out.double(), expected, rtol=2.0**-7, atol=2.0**-7)
 
 
+def test_non_finite_locations_and_weights_give_nan_not_zero():
+    # A NaN location, an infinite one far outside the map, and a NaN weight on a point outside
+    # the map: each query's output must be NaN, never a silent zero.
+    value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[1], n_batch=1, n_queries=4)
+    loc[0, 0, 0, 0, 0, 0] = float("nan")
+    loc[0, 1, 1, 1, 1, 1] = float("inf")
+    loc[0, 2, 0, 0, 0] = torch.tensor([5.0, 5.0], dtype=loc.dtype)
+    attn[0, 2, 0, 0, 0] = float("nan")
+    out = msda(value, ss, lsi, loc, attn).view(1, 4, 2, 3)
+    assert out[0, 0, 0].isnan().all() and out[0, 1, 1].isnan().all() and out[0, 2, 0].isnan().all()
+    assert torch.isfinite(out[0, 3]).all() and torch.isfinite(out[0, 0, 1]).all()
+
+
 def test_non_contiguous_inputs():
     value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0])
     value_t = value.transpose(0, 1).contiguous().transpose(0, 1)
@@ -181,36 +198,92 @@ def test_int32_spatial_shapes_accepted():
 
 def _bad_inputs():
     value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0], dtype=torch.float32)
-    ok = dict(value=value, spatial_shapes=ss, level_start_index=lsi, sampling_locations=loc,
-              attention_weights=attn)
+    ok = dict(
+        value=value,
+        spatial_shapes=ss,
+        level_start_index=lsi,
+        sampling_locations=loc,
+        attention_weights=attn,
+    )
     cases = {
         "value rank": (dict(value=value[0]), ValueError, r"value must be \(N, S, M, D\)"),
-        "locations rank": (dict(sampling_locations=loc[..., 0]), ValueError,
-                           r"sampling_locations must be \(N, Q, M, L, P, 2\)"),
+        "locations rank": (
+            dict(sampling_locations=loc[..., 0]),
+            ValueError,
+            r"sampling_locations must be \(N, Q, M, L, P, 2\)",
+        ),
         "locations batch": (dict(sampling_locations=loc[:1]), ValueError, "batch size N=2"),
-        "weights shape": (dict(attention_weights=attn[..., :1]), ValueError,
-                          r"attention_weights must be \(N, Q, M, L, P\) = \(2, 5, 2, 3, 2\)"),
-        "shapes rows": (dict(spatial_shapes=ss[:2]), ValueError, r"spatial_shapes must be \(L, 2\)"),
-        "shapes float": (dict(spatial_shapes=ss.float()), TypeError,
-                         "spatial_shapes must be an integer tensor, got torch.float32"),
-        "start index len": (dict(level_start_index=lsi[:2]), ValueError,
-                            r"level_start_index must be \(L,\) = \(3,\)"),
-        "start index wrong": (dict(level_start_index=torch.tensor([0, 24, 31])), ValueError,
-                              r"level_start_index\[2\] = 31 is inconsistent"),
-        "tokens mismatch": (dict(spatial_shapes=torch.tensor([[6, 4], [3, 2], [2, 2]])),
-                            ValueError, r"cover 34 tokens but value has S = 32"),
-        "zero size level": (dict(spatial_shapes=torch.tensor([[6, 4], [0, 2], [8, 1]])),
-                            ValueError, r"spatial_shapes\[1\] = \(0, 2\) must be positive"),
+        "weights shape": (
+            dict(attention_weights=attn[..., :1]),
+            ValueError,
+            r"attention_weights must be \(N, Q, M, L, P\) = \(2, 5, 2, 3, 2\)",
+        ),
+        "shapes rows": (
+            dict(spatial_shapes=ss[:2]),
+            ValueError,
+            r"spatial_shapes must be \(L, 2\)",
+        ),
+        "shapes float": (
+            dict(spatial_shapes=ss.float()),
+            TypeError,
+            "spatial_shapes must be an integer tensor, got torch.float32",
+        ),
+        "start index len": (
+            dict(level_start_index=lsi[:2]),
+            ValueError,
+            r"level_start_index must be \(L,\) = \(3,\)",
+        ),
+        "start index wrong": (
+            dict(level_start_index=torch.tensor([0, 24, 31])),
+            ValueError,
+            r"level_start_index\[2\] = 31 is inconsistent",
+        ),
+        "tokens mismatch": (
+            dict(spatial_shapes=torch.tensor([[6, 4], [3, 2], [2, 2]])),
+            ValueError,
+            r"cover 34 tokens but value has S = 32",
+        ),
+        "zero size level": (
+            dict(spatial_shapes=torch.tensor([[6, 4], [0, 2], [8, 1]])),
+            ValueError,
+            r"spatial_shapes\[1\] = \(0, 2\) must be positive",
+        ),
+        "no levels": (
+            dict(
+                sampling_locations=loc[:, :, :, :0],
+                attention_weights=attn[:, :, :, :0],
+                spatial_shapes=ss[:0],
+                level_start_index=lsi[:0],
+            ),
+            ValueError,
+            r"at least one level \(L >= 1\)",
+        ),
+        "no channels": (
+            dict(value=value[..., :0]),
+            ValueError,
+            "value must have at least one head and channel",
+        ),
         "int value": (dict(value=value.long()), TypeError, "got torch.int64"),
-        "mixed coords": (dict(attention_weights=attn.double()), TypeError,
-                         r"sampling_locations \(torch.float32\) and attention_weights "
-                         r"\(torch.float64\)"),
-        "coords vs value": (dict(sampling_locations=loc.half(), attention_weights=attn.half()),
-                            TypeError, "are torch.float16 but value is torch.float32"),
-        "device": (dict(sampling_locations=loc.to("meta")), ValueError,
-                   "sampling_locations is on meta but value is on cpu"),
-        "shapes device": (dict(spatial_shapes=ss.to("meta")), ValueError,
-                          "spatial_shapes is on meta; it must be on the CPU or on cpu"),
+        "mixed coords": (
+            dict(attention_weights=attn.double()),
+            TypeError,
+            r"sampling_locations \(torch.float32\) and attention_weights " r"\(torch.float64\)",
+        ),
+        "coords vs value": (
+            dict(sampling_locations=loc.half(), attention_weights=attn.half()),
+            TypeError,
+            "are torch.float16 but value is torch.float32",
+        ),
+        "device": (
+            dict(sampling_locations=loc.to("meta")),
+            ValueError,
+            "sampling_locations is on meta but value is on cpu",
+        ),
+        "shapes device": (
+            dict(spatial_shapes=ss.to("meta")),
+            ValueError,
+            "spatial_shapes is on meta; it must be on the CPU or on cpu",
+        ),
     }
     return ok, cases
 
@@ -225,7 +298,9 @@ def test_bad_inputs_raise_clear_errors(case):
 
 def test_explicit_implementation_switches(monkeypatch, caplog):
     value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[1])
-    with pytest.raises(RuntimeError, match="implementation='cuda' was requested but inputs are on cpu"):
+    with pytest.raises(
+        RuntimeError, match="implementation='cuda' was requested but inputs are on cpu"
+    ):
         msda(value, ss, lsi, loc, attn, implementation="cuda")
     with pytest.raises(ValueError, match="implementation must be one of .* got 'fast'"):
         msda(value, ss, lsi, loc, attn, implementation="fast")
@@ -255,4 +330,6 @@ def test_cpu_inputs_log_the_pytorch_path_once(monkeypatch, caplog):
         msda(value, ss, lsi, loc, attn)
         msda(value, ss, lsi, loc, attn)
     messages = [r.getMessage() for r in caplog.records if "deformable attention" in r.getMessage()]
-    assert messages == ["multi-scale deformable attention: using the pytorch path (inputs are on cpu)"]
+    assert messages == [
+        "multi-scale deformable attention: using the pytorch path (inputs are on cpu)"
+    ]

@@ -78,8 +78,8 @@ def test_padding_mask_hides_padded_tokens():
     inputs = torch.randn(2, n_tokens, 32, dtype=torch.float64)
     # Image 0 is padded on its right half (columns >= 5 of level 0, >= 3 of level 1).
     mask = torch.zeros(2, n_tokens, dtype=torch.bool)
-    mask[0, :120] = (torch.arange(120) % 10 >= 5)
-    mask[0, 120:] = (torch.arange(30) % 5 >= 3)
+    mask[0, :120] = torch.arange(120) % 10 >= 5
+    mask[0, 120:] = torch.arange(30) % 5 >= 3
     query = torch.randn(2, 6, 32, dtype=torch.float64)
     ref = torch.rand(2, 6, 2, 2, dtype=torch.float64)
     out = module(query, ref, inputs, ss, lsi, mask)
@@ -98,7 +98,9 @@ def _captured_locations(module, monkeypatch, query, reference_points, inputs, ss
 
     def spy(value, spatial_shapes, level_start_index, sampling_locations, *args, **kwargs):
         captured["locations"] = sampling_locations
-        return real_op(value, spatial_shapes, level_start_index, sampling_locations, *args, **kwargs)
+        return real_op(
+            value, spatial_shapes, level_start_index, sampling_locations, *args, **kwargs
+        )
 
     monkeypatch.setattr(ms_deform_attn, "multi_scale_deformable_attention", spy)
     module(query, reference_points, inputs, ss, lsi)

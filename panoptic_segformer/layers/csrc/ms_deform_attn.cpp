@@ -4,7 +4,7 @@
 
 #include <torch/extension.h>
 
-#include <string>
+#include <limits>
 
 #include "ms_deform_attn.h"
 
@@ -71,7 +71,7 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
   TORCH_CHECK(tokens == value.size(1), "ms_deform_attn: spatial_shapes cover ", tokens,
               " tokens but value has S = ", value.size(1));
   // The kernels index one batch element's tokens with 32-bit integers.
-  TORCH_CHECK(tokens < (int64_t(1) << 31) / std::max<int64_t>(m * d, 1),
+  TORCH_CHECK(tokens * m * d <= std::numeric_limits<int32_t>::max(),
               "ms_deform_attn: S * M * D = ", tokens * m * d, " is too large for the CUDA kernel");
 }
 
@@ -90,6 +90,8 @@ std::vector<at::Tensor> backward(const at::Tensor& value, const at::Tensor& spat
                                  const at::Tensor& grad_output) {
   check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_cuda_contiguous(grad_output, "grad_output");
+  TORCH_CHECK(grad_output.device() == value.device(), "ms_deform_attn: grad_output is on ",
+              grad_output.device(), " but value is on ", value.device());
   TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(),
               "ms_deform_attn: grad_output must have the dtype of value");
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({value.size(0), sampling_locations.size(1),

@@ -21,6 +21,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <limits>
+
 #include "ms_deform_attn.h"
 
 namespace panoptic_segformer {
@@ -46,6 +48,7 @@ struct Sizes {
 // align_corners=False (pixel centres at (i + 0.5) / size), zeros outside the map.
 template <typename acc_t>
 struct Bilinear {
+  bool finite;          // the location is finite (else the outputs it feeds become NaN)
   bool inside;          // any corner can be non-zero
   int offset[4];        // token offsets (y * W + x) of the corners, relative to the level start
   bool valid[4];        // corner inside the map
@@ -55,6 +58,7 @@ struct Bilinear {
   __device__ __forceinline__ Bilinear(acc_t loc_x, acc_t loc_y, int height, int width) {
     const acc_t x = loc_x * width - acc_t(0.5);
     const acc_t y = loc_y * height - acc_t(0.5);
+    finite = isfinite(x) && isfinite(y);
     inside = x > acc_t(-1) && y > acc_t(-1) && x < acc_t(width) && y < acc_t(height);
     if (!inside) {
       lx = ly = hx = hy = acc_t(0);
@@ -131,8 +135,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     for (int p = 0; p < sz.P; ++p, loc += 2, ++attn) {
       const Bilinear<acc_t> b(static_cast<acc_t>(loc[0]), static_cast<acc_t>(loc[1]),
                               shapes.height[l], shapes.width[l]);
-      if (!b.inside) continue;
       const acc_t a = static_cast<acc_t>(*attn);
+      if (!b.inside) {
+        // Outside the map the sample is zero, but a NaN/inf location or weight still poisons
+        // the result, as 0 * weight and grid_sample's NaN do in the PyTorch path.
+        if (!b.finite || !isfinite(a)) {
+#pragma unroll
+          for (int k = 0; k < kMaxChunks; ++k) acc[k] = std::numeric_limits<acc_t>::quiet_NaN();
+        }
+        continue;
+      }
 #pragma unroll
       for (int k = 0; k < kMaxChunks; ++k) {
         const int d = lane + (k << sz.log2_group);
@@ -206,7 +218,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       }
       const Bilinear<acc_t> b(loc_x, loc_y, shapes.height[l], shapes.width[l]);
       acc_t grad_a = acc_t(0), grad_x = acc_t(0), grad_y = acc_t(0);
-      if (active && b.inside) {
+      if (!b.finite) {
+        grad_a = grad_x = grad_y = std::numeric_limits<acc_t>::quiet_NaN();
+      } else if (active && b.inside) {
 #pragma unroll
         for (int k = 0; k < kMaxChunks; ++k) {
           const int d = lane + (k << sz.log2_group);
@@ -279,8 +293,10 @@ Sizes make_sizes(const at::Tensor& value, const at::Tensor& sampling_locations) 
 }
 
 dim3 grid_for(const Sizes& sz) {
-  const int64_t threads = sz.groups * sz.group;
-  return dim3(static_cast<unsigned int>((threads + kThreadsPerBlock - 1) / kThreadsPerBlock));
+  const int64_t blocks = (sz.groups * sz.group + kThreadsPerBlock - 1) / kThreadsPerBlock;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "ms_deform_attn: N * Q * M = ",
+              sz.groups, " is too large for one kernel launch");
+  return dim3(static_cast<unsigned int>(blocks));
 }
 
 // Calls fn.template operator()<scalar_t, coord_t>() for the supported dtype pairs: coordinates
