@@ -1,0 +1,1 @@
+"""Panoptic SegFormer modules: neck, encoder, decoders, criterion and post-processing."""
