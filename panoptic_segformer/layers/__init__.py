@@ -1,9 +1,10 @@
-"""Layers of the model core: multi-scale deformable attention (op and module)."""
+"""Layers of the model core: multi-scale deformable attention (op and module), MLP."""
 
+from panoptic_segformer.layers.mlp import MLP
 from panoptic_segformer.layers.ms_deform_attn import MSDeformAttn
 from panoptic_segformer.layers.ms_deform_attn_func import (
     ms_deform_attn_pytorch,
     multi_scale_deformable_attention,
 )
 
-__all__ = ["MSDeformAttn", "ms_deform_attn_pytorch", "multi_scale_deformable_attention"]
+__all__ = ["MLP", "MSDeformAttn", "ms_deform_attn_pytorch", "multi_scale_deformable_attention"]
