@@ -71,7 +71,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(exclude=("tests", "tests.*", "tools", "configs", "demo")),
     package_data={"panoptic_segformer.layers": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h"]},
-    install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "ninja"],
+    install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "scipy", "ninja"],
     extras_require={"test": ["pytest>=7"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

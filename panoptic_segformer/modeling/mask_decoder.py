@@ -1,0 +1,220 @@
+"""The mask decoder: masks from attention maps, deeply supervised (paper Sec. 3.3.3).
+
+Each layer cross-attends from queries to the encoder memory of the first three levels (strides
+8, 16, 32). Its scaled dot-product logits *before* the softmax are split per level, mapped per
+level by Linear(heads, heads) + ReLU, upsampled to stride 8, concatenated and mapped by
+Linear(3 * heads, 1) + ReLU into a mask (Eqs. (1)-(2); the authors' code uses these linear maps
+and a ReLU output, thresholded at 0.5 downstream, not a sigmoid). A final "tail" attention
+produces one more mask and no query. Things and stuff use separate stacks (query decoupling).
+
+Shape shorthand: N batch, Q queries, S = H1*W1 + H2*W2 + H3*W3 memory tokens, C channels,
+M heads, H1, W1 the stride-8 size.
+"""
+
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MASK_LEVELS = 3
+
+
+class AttentionToMask(nn.Module):
+    """Attention logits (N, Q, S, M) of three levels -> a mask (N, Q, H1, W1).
+
+    Args:
+        n_heads: attention heads M.
+    """
+
+    def __init__(self, n_heads: int) -> None:
+        super().__init__()
+        self.level_maps = nn.ModuleList(nn.Linear(n_heads, n_heads) for _ in range(MASK_LEVELS))
+        self.fuse = nn.Linear(MASK_LEVELS * n_heads, 1)
+
+    def forward(self, logits: Tensor, shapes: Sequence[Tuple[int, int]]) -> Tensor:
+        n, q, _, m = logits.shape
+        (h1, w1), *_ = shapes
+        levels = logits.split([h * w for h, w in shapes], dim=2)
+        fused = []
+        for level_map, level, (h, w) in zip(self.level_maps, levels, shapes):
+            x = level_map(level).relu()  # (N, Q, H*W, M)
+            if (h, w) != (h1, w1):
+                # (N, Q, H*W, M) -> (N*Q, M, H, W), bilinear to stride 8 (Eq. (2))
+                x = x.transpose(2, 3).reshape(n * q, m, h, w)
+                x = F.interpolate(x, size=(h1, w1), mode="bilinear", align_corners=False)
+                x = x.reshape(n, q, m, h1 * w1).transpose(2, 3)
+            fused.append(x)
+        # (N, Q, H1*W1, 3M) -> (N, Q, H1*W1) -> (N, Q, H1, W1)
+        return self.fuse(torch.cat(fused, -1)).relu().squeeze(-1).view(n, q, h1, w1)
+
+
+class MaskAttention(nn.Module):
+    """Multi-head cross-attention that also returns a mask from its attention logits.
+
+    Args:
+        d_model: channels C.
+        n_heads: heads M.
+        tail: the last "tail" attention of a stack: only the mask is computed, so it has no
+            value or output projection (the authors' AttentionTail).
+    """
+
+    def __init__(self, d_model: int = 256, n_heads: int = 8, tail: bool = False) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.n_heads = n_heads
+        self.scale = (d_model // n_heads) ** -0.5
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        if not tail:
+            self.v_proj = nn.Linear(d_model, d_model)
+            self.out_proj = nn.Linear(d_model, d_model)
+        self.tail = tail
+        self.to_mask = AttentionToMask(n_heads)
+
+    def forward(
+        self,
+        query: Tensor,
+        memory: Tensor,
+        shapes: Sequence[Tuple[int, int]],
+        memory_padding_mask: Optional[Tensor] = None,
+    ) -> Tuple[Optional[Tensor], Tensor]:
+        """
+        Args:
+            query (Tensor): (N, Q, C); memory (Tensor): (N, S, C).
+            shapes: the three (H, W) of the memory levels.
+            memory_padding_mask (Tensor, optional): (N, S) bool, True at padding; padded
+                tokens get no attention (the mask logits there are left as they are).
+
+        Returns:
+            (N, Q, C) attended values (None for a tail) and the (N, Q, H1, W1) mask.
+        """
+        n, q, c = query.shape
+        s = memory.shape[1]
+        m = self.n_heads
+        # (N, L, C) -> (N, M, L, C/M)
+        queries = self.q_proj(query).view(n, q, m, c // m).transpose(1, 2)
+        keys = self.k_proj(memory).view(n, s, m, c // m).transpose(1, 2)
+        # (N, M, Q, S): the logits before the softmax carry the mask.
+        logits = (queries @ keys.transpose(-2, -1)) * self.scale
+        mask = self.to_mask(logits.permute(0, 2, 3, 1), shapes)
+        if self.tail:
+            return None, mask
+        if memory_padding_mask is not None:
+            logits = logits.masked_fill(memory_padding_mask[:, None, None, :], float("-inf"))
+        values = self.v_proj(memory).view(n, s, m, c // m).transpose(1, 2)
+        # (N, M, Q, C/M) -> (N, Q, C)
+        attended = (logits.softmax(-1) @ values).transpose(1, 2).reshape(n, q, c)
+        return self.out_proj(attended), mask
+
+
+class MaskDecoderLayer(nn.Module):
+    """[self-attention ->] mask cross-attention -> GELU MLP, each residual then LayerNorm
+    (post-norm, eps 1e-6, no dropout: the authors' mask-head block).
+
+    Args:
+        d_model: channels C.
+        n_heads: heads M.
+        mlp_ratio: MLP hidden width / C.
+        self_attn: start with self-attention among the queries (the stuff stack).
+    """
+
+    def __init__(
+        self, d_model: int = 256, n_heads: int = 8, mlp_ratio: float = 4.0, self_attn: bool = False
+    ) -> None:
+        super().__init__()
+        if self_attn:
+            self.self_attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
+            self.norm_self = nn.LayerNorm(d_model, eps=1e-6)
+        else:
+            self.self_attn = None
+        self.cross_attn = MaskAttention(d_model, n_heads)
+        self.norm_cross = nn.LayerNorm(d_model, eps=1e-6)
+        hidden = int(d_model * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+        self.norm_mlp = nn.LayerNorm(d_model, eps=1e-6)
+
+    def forward(
+        self,
+        query: Tensor,
+        memory: Tensor,
+        shapes: Sequence[Tuple[int, int]],
+        memory_padding_mask: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        """Returns the refined (N, Q, C) queries and this layer's (N, Q, H1, W1) mask."""
+        if self.self_attn is not None:
+            query = self.norm_self(
+                query + self.self_attn(query, query, query, need_weights=False)[0]
+            )
+        attended, mask = self.cross_attn(query, memory, shapes, memory_padding_mask)
+        query = self.norm_cross(query + attended)
+        return self.norm_mlp(query + self.mlp(query)), mask
+
+
+class MaskDecoder(nn.Module):
+    """A stack of mask decoder layers and a tail attention.
+
+    Args:
+        layer: the layer to copy.
+        num_layers: layers before the tail (things: 4 without self-attention; stuff: 6 with).
+        d_model, n_heads: of the tail.
+    """
+
+    def __init__(
+        self, layer: MaskDecoderLayer, num_layers: int, d_model: int = 256, n_heads: int = 8
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be positive, got {num_layers}")
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.tail = MaskAttention(d_model, n_heads, tail=True)
+        for p in self.parameters():  # the authors' mask head: xavier on every matrix
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(
+        self,
+        query: Tensor,
+        memory: Tensor,
+        shapes: Sequence[Tuple[int, int]],
+        query_pos: Optional[Tensor] = None,
+        memory_padding_mask: Optional[Tensor] = None,
+        num_layers: Optional[int] = None,
+    ) -> Dict[str, List[Tensor]]:
+        """
+        Args:
+            query (Tensor): (N, Q, C).
+            memory (Tensor): (N, S, C) encoder memory of the first three levels.
+            shapes: their three (H, W), finest first.
+            query_pos (Tensor, optional): (N, Q, C) added to the queries before every layer
+                (the authors' code adds it inside the residual stream).
+            memory_padding_mask (Tensor, optional): (N, S) bool, True at padding.
+            num_layers: early exit (paper Table 10): with k below the number of layers, run
+                only the first k layers and return their masks, without the tail. None (or
+                all layers) runs every layer and the tail.
+
+        Returns:
+            dict with "masks": one (N, Q, H1, W1) mask per layer run, then the tail's; and
+            "queries": the (N, Q, C) queries after each layer.
+        """
+        if len(shapes) != MASK_LEVELS or sum(h * w for h, w in shapes) != memory.shape[1]:
+            raise ValueError(
+                f"memory ({memory.shape[1]} tokens) must hold exactly the {MASK_LEVELS} levels "
+                f"{list(shapes)}"
+            )
+        total = len(self.layers)
+        if num_layers is not None and not 1 <= num_layers <= total:
+            raise ValueError(f"num_layers must be in [1, {total}], got {num_layers}")
+        masks, queries = [], []
+        for layer in self.layers[: num_layers or total]:
+            if query_pos is not None:
+                query = query + query_pos
+            query, mask = layer(query, memory, shapes, memory_padding_mask)
+            masks.append(mask)
+            queries.append(query)
+        if num_layers is None or num_layers == total:
+            tail_query = query if query_pos is None else query + query_pos
+            masks.append(self.tail(tail_query, memory, shapes)[1])
+        return {"masks": masks, "queries": queries}

@@ -1,0 +1,139 @@
+"""Mask decoder: masks from attention logits (known values), padding, early exit, gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from panoptic_segformer.modeling.mask_decoder import (
+    AttentionToMask,
+    MaskAttention,
+    MaskDecoder,
+    MaskDecoderLayer,
+)
+
+SHAPES = [(4, 6), (2, 3), (1, 2)]
+TOKENS = 24 + 6 + 2
+
+
+def set_identity_projections(attn: MaskAttention) -> None:
+    with torch.no_grad():
+        for proj in (attn.q_proj, attn.k_proj):
+            proj.weight.copy_(torch.eye(proj.in_features))
+            proj.bias.zero_()
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_mask_is_relu_of_attention_logits_of_the_chosen_level(level):
+    # One head of 4 channels, identity projections: the logits are query . token / 2. With
+    # identity level maps and a fuse layer that reads one level, the mask is that level's
+    # ReLU'd logits, bilinearly upsampled to the stride-8 size (Eqs. (1)-(2)).
+    attn = MaskAttention(d_model=4, n_heads=1, tail=True)
+    set_identity_projections(attn)
+    with torch.no_grad():
+        for level_map in attn.to_mask.level_maps:
+            level_map.weight.fill_(1.0)
+            level_map.bias.zero_()
+        attn.to_mask.fuse.weight.zero_()
+        attn.to_mask.fuse.weight[0, level] = 1.0
+        attn.to_mask.fuse.bias.zero_()
+    g = torch.Generator().manual_seed(level)
+    memory = torch.randn(1, TOKENS, 4, generator=g)
+    query = torch.randn(1, 2, 4, generator=g)
+    _, mask = attn(query, memory, SHAPES)
+    assert mask.shape == (1, 2, 4, 6)
+    start = sum(h * w for h, w in SHAPES[:level])
+    h, w = SHAPES[level]
+    logits = (query @ memory[0, start : start + h * w].T / 2.0).relu().view(1, 2, h, w)
+    expected = F.interpolate(logits, size=(4, 6), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(mask, expected.relu())
+
+
+def test_attention_output_is_softmax_attention_and_ignores_padding():
+    torch.manual_seed(0)
+    attn = MaskAttention(d_model=8, n_heads=2)
+    memory = torch.randn(2, TOKENS, 8)
+    query = torch.randn(2, 3, 8)
+    pad = torch.zeros(2, TOKENS, dtype=torch.bool)
+    pad[1, 20:24] = True
+    out, _ = attn(query, memory, SHAPES, pad)
+    # Reference: torch's attention with the same projections.
+    q = attn.q_proj(query).view(2, 3, 2, 4).transpose(1, 2)
+    k = attn.k_proj(memory).view(2, TOKENS, 2, 4).transpose(1, 2)
+    v = attn.v_proj(memory).view(2, TOKENS, 2, 4).transpose(1, 2)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:, None, None, :])
+    torch.testing.assert_close(out, attn.out_proj(ref.transpose(1, 2).reshape(2, 3, 8)))
+    junk = memory.clone()
+    junk[pad] = 1e3
+    torch.testing.assert_close(attn(query, junk, SHAPES, pad)[0], out)
+
+
+def make_decoder(self_attn, num_layers=2, seed=0):
+    torch.manual_seed(seed)
+    layer = MaskDecoderLayer(d_model=16, n_heads=2, mlp_ratio=2.0, self_attn=self_attn)
+    return MaskDecoder(layer, num_layers=num_layers, d_model=16, n_heads=2)
+
+
+@pytest.mark.parametrize("self_attn", [False, True])
+def test_decoder_shapes_and_early_exit(self_attn):
+    decoder = make_decoder(self_attn, num_layers=3)
+    assert (decoder.layers[0].self_attn is not None) == self_attn
+    memory, query = torch.randn(2, TOKENS, 16), torch.randn(2, 5, 16)
+    out = decoder(query, memory, SHAPES)
+    assert [tuple(m.shape) for m in out["masks"]] == [(2, 5, 4, 6)] * 4  # 3 layers + tail
+    assert [tuple(q.shape) for q in out["queries"]] == [(2, 5, 16)] * 3
+    assert all((m >= 0).all() for m in out["masks"])  # ReLU outputs
+    early = decoder(query, memory, SHAPES, num_layers=2)
+    assert len(early["masks"]) == 2 and len(early["queries"]) == 2
+    for a, b in zip(early["masks"], out["masks"][:2]):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"num_layers must be in \[1, 3\], got 4"):
+        decoder(query, memory, SHAPES, num_layers=4)
+    with pytest.raises(ValueError, match="must hold exactly the 3 levels"):
+        decoder(query, memory[:, :-1], SHAPES)
+
+
+def test_query_pos_is_added_before_every_layer():
+    decoder = make_decoder(self_attn=True)
+    memory, query, pos = torch.randn(1, TOKENS, 16), torch.randn(1, 4, 16), torch.randn(1, 4, 16)
+    out = decoder(query, memory, SHAPES, query_pos=pos)
+    # By hand: layer inputs are the previous output plus the position.
+    q = query
+    for layer, expected in zip(decoder.layers, out["queries"]):
+        q, _ = layer(q + pos, memory, SHAPES)
+        torch.testing.assert_close(q, expected)
+    torch.testing.assert_close(decoder.tail(q + pos, memory, SHAPES)[1], out["masks"][-1])
+
+
+def test_padding_does_not_reach_the_queries():
+    decoder = make_decoder(self_attn=True)
+    memory, query = torch.randn(2, TOKENS, 16), torch.randn(2, 4, 16)
+    pad = torch.zeros(2, TOKENS, dtype=torch.bool)
+    pad[0, 18:24] = True
+    pad[0, 28:30] = True
+    out = decoder(query, memory, SHAPES, memory_padding_mask=pad)
+    junk = memory.clone()
+    junk[pad] = 50 * torch.randn(int(pad.sum()), 16)
+    out_junk = decoder(query, junk, SHAPES, memory_padding_mask=pad)
+    for a, b in zip(out["queries"], out_junk["queries"]):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(decoder(query, junk, SHAPES)["queries"][-1], out["queries"][-1])
+
+
+def test_gradients_reach_every_parameter():
+    decoder = make_decoder(self_attn=True)
+    memory = torch.randn(2, TOKENS, 16, requires_grad=True)
+    out = decoder(torch.randn(2, 4, 16), memory, SHAPES, query_pos=torch.randn(2, 4, 16))
+    (sum(m.sum() for m in out["masks"]) + sum(q.square().sum() for q in out["queries"])).backward()
+    for name, p in decoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert memory.grad.abs().sum() > 0
+
+
+def test_fc_head_is_tiny_and_errors():
+    # The paper's "ultra-light FC head": per-level (M x M) maps and one (3M -> 1) fuse layer.
+    head = AttentionToMask(n_heads=8)
+    assert sum(p.numel() for p in head.parameters()) == 3 * (8 * 8 + 8) + 3 * 8 + 1
+    with pytest.raises(ValueError, match=r"d_model \(10\) must be divisible by n_heads \(4\)"):
+        MaskAttention(d_model=10, n_heads=4)
+    with pytest.raises(ValueError, match="num_layers must be positive, got 0"):
+        MaskDecoder(MaskDecoderLayer(16, 2), num_layers=0, d_model=16, n_heads=2)
