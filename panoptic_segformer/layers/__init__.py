@@ -1,5 +1,6 @@
-"""Layers of the model core: multi-scale deformable attention (op and module), MLP."""
+"""Layers of the model core: multi-scale deformable attention (op and module), MLP, FFN."""
 
+from panoptic_segformer.layers.ffn import FFN
 from panoptic_segformer.layers.mlp import MLP
 from panoptic_segformer.layers.ms_deform_attn import MSDeformAttn
 from panoptic_segformer.layers.ms_deform_attn_func import (
@@ -7,4 +8,10 @@ from panoptic_segformer.layers.ms_deform_attn_func import (
     multi_scale_deformable_attention,
 )
 
-__all__ = ["MLP", "MSDeformAttn", "ms_deform_attn_pytorch", "multi_scale_deformable_attention"]
+__all__ = [
+    "FFN",
+    "MLP",
+    "MSDeformAttn",
+    "ms_deform_attn_pytorch",
+    "multi_scale_deformable_attention",
+]

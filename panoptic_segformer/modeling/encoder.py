@@ -8,10 +8,9 @@ import copy
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from panoptic_segformer.layers import MSDeformAttn
+from panoptic_segformer.layers import FFN, MSDeformAttn
 
 
 def valid_ratios(mask: Tensor) -> Tensor:
@@ -113,11 +112,7 @@ class DeformableEncoderLayer(nn.Module):
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = FFN(d_model, d_ffn, dropout)
 
     def forward(
         self,
@@ -141,9 +136,7 @@ class DeformableEncoderLayer(nn.Module):
         attn = self.self_attn(
             src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
         )
-        src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ffn))
+        return self.ffn(self.norm1(src + self.dropout1(attn)))
 
 
 class DeformableEncoder(nn.Module):

@@ -16,7 +16,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from panoptic_segformer.layers import MLP, MSDeformAttn
+from panoptic_segformer.layers import FFN, MLP, MSDeformAttn
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -52,11 +52,7 @@ class LocationDecoderLayer(nn.Module):
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout3 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout4 = nn.Dropout(dropout)
-        self.norm3 = nn.LayerNorm(d_model)
+        self.ffn = FFN(d_model, d_ffn, dropout)
 
     def forward(
         self,
@@ -88,9 +84,7 @@ class LocationDecoderLayer(nn.Module):
             level_start_index,
             memory_padding_mask,
         )
-        tgt = self.norm2(tgt + self.dropout2(attn))
-        ffn = self.linear2(self.dropout3(self.linear1(tgt).relu()))
-        return self.norm3(tgt + self.dropout4(ffn))
+        return self.ffn(self.norm2(tgt + self.dropout2(attn)))
 
 
 class LocationDecoder(nn.Module):

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from panoptic_segformer.layers import FFN
+
 MASK_LEVELS = 3
 
 
@@ -132,9 +134,7 @@ class MaskDecoderLayer(nn.Module):
             self.self_attn = None
         self.cross_attn = MaskAttention(d_model, n_heads)
         self.norm_cross = nn.LayerNorm(d_model, eps=1e-6)
-        hidden = int(d_model * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
-        self.norm_mlp = nn.LayerNorm(d_model, eps=1e-6)
+        self.ffn = FFN(d_model, int(d_model * mlp_ratio), activation=nn.GELU, eps=1e-6)
 
     def forward(
         self,
@@ -150,7 +150,7 @@ class MaskDecoderLayer(nn.Module):
             )
         attended, mask = self.cross_attn(query, memory, shapes, memory_padding_mask)
         query = self.norm_cross(query + attended)
-        return self.norm_mlp(query + self.mlp(query)), mask
+        return self.ffn(query), mask
 
 
 class MaskDecoder(nn.Module):

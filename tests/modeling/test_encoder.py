@@ -158,10 +158,11 @@ def test_encoder_initialisation():
     assert torch.count_nonzero(attn.sampling_offsets.weight) == 0
     assert torch.count_nonzero(attn.attention_weights.weight) == 0
     bound = math.sqrt(6 / (32 + 64))  # xavier-uniform on the FFN
-    assert encoder.layers[1].linear1.weight.abs().max() <= bound
+    assert encoder.layers[1].ffn.linear1.weight.abs().max() <= bound
     # The layers are independent copies.
     assert (
-        encoder.layers[0].linear1.weight.data_ptr() != encoder.layers[1].linear1.weight.data_ptr()
+        encoder.layers[0].ffn.linear1.weight.data_ptr()
+        != encoder.layers[1].ffn.linear1.weight.data_ptr()
     )
     with pytest.raises(ValueError, match="num_layers must be positive, got 0"):
         DeformableEncoder(DeformableEncoderLayer(), num_layers=0)

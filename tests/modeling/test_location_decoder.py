@@ -82,7 +82,7 @@ def test_refinement_adds_deltas_in_logit_space_and_detaches():
     decoder.zero_grad()
     run(decoder)["pred_boxes"][1].sum().backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in decoder.box_heads[0].parameters())
-    assert decoder.layers[0].linear2.weight.grad.abs().sum() > 0
+    assert decoder.layers[0].ffn.linear2.weight.grad.abs().sum() > 0
 
 
 def test_gradients_reach_every_parameter():
