@@ -1,0 +1,322 @@
+"""Post-processing: mask-wise merging against a loop transcription of Algorithm 1, its rules one at
+a time, the pixel-wise argmax baseline, instance results, the semantic map and input errors."""
+
+import pytest
+import torch
+
+from panoptic_segformer.modeling.postprocessing import (
+    instance_results,
+    mask_wise_merging,
+    pixel_wise_argmax,
+    semantic_map,
+)
+
+
+def reference_merging(
+    masks,
+    scores,
+    labels,
+    is_thing,
+    alpha=1.0,
+    beta=2.0,
+    thing_score_threshold=0.25,
+    stuff_score_threshold=0.25,
+    thing_overlap_threshold=0.4,
+    stuff_overlap_threshold=0.2,
+    mask_threshold=0.5,
+):
+    """Algorithm 1 with the authors' details, one pixel at a time in float64 Python numbers.
+
+    Also returns the painted queries and the number of queries dropped by the overlap rule.
+    """
+    num_queries, height, width = masks.shape
+    values = masks.double().tolist()
+    confidence = []
+    for q in range(num_queries):
+        inside = [v for row in values[q] for v in row if v > mask_threshold]
+        mask_score = sum(inside) / (len(inside) + 1)
+        confidence.append(float(scores[q]) ** alpha * mask_score**beta)
+    order = sorted(range(num_queries), key=lambda q: -confidence[q])  # stable: ties by index
+    seg = [[0] * width for _ in range(height)]
+    infos, stuff_ids, painted, overlap_dropped = [], {}, [], 0
+    for q in order:
+        thing = bool(is_thing[q])
+        if confidence[q] < (thing_score_threshold if thing else stuff_score_threshold):
+            continue
+        pixels = [
+            (h, w) for h in range(height) for w in range(width) if values[q][h][w] > mask_threshold
+        ]
+        if not pixels:
+            continue
+        free = [(h, w) for h, w in pixels if seg[h][w] == 0]
+        overlap_threshold = thing_overlap_threshold if thing else stuff_overlap_threshold
+        if (len(pixels) - len(free)) / len(pixels) > overlap_threshold:
+            overlap_dropped += 1
+            continue
+        painted.append(q)
+        category = int(labels[q])
+        if not thing and category in stuff_ids:
+            segment_id = stuff_ids[category]
+        else:
+            segment_id = len(infos) + 1
+            infos.append((segment_id, category, thing, confidence[q]))
+            if not thing:
+                stuff_ids[category] = segment_id
+        for h, w in free:
+            seg[h][w] = segment_id
+    return torch.tensor(seg, dtype=torch.int32), infos, painted, overlap_dropped
+
+
+def random_case(seed, num_queries=12, height=16, width=24):
+    """Overlapping rectangles of high values on a low, sparse background; things and stuff mixed,
+    with repeated stuff categories."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = torch.rand(num_queries, height, width, generator=gen) * 0.6
+    masks *= torch.rand(num_queries, height, width, generator=gen) < 0.3
+    for q in range(num_queries):
+        y0 = int(torch.randint(0, height - 3, (1,), generator=gen))
+        x0 = int(torch.randint(0, width - 3, (1,), generator=gen))
+        # at most a third of the image per side, so that several masks survive
+        y1 = y0 + int(torch.randint(3, min(height // 3, height - y0) + 1, (1,), generator=gen))
+        x1 = x0 + int(torch.randint(3, min(width // 3, width - x0) + 1, (1,), generator=gen))
+        block = masks[q, y0:y1, x0:x1]
+        masks[q, y0:y1, x0:x1] = 0.5 + torch.rand(block.shape, generator=gen)
+    scores = 0.3 + 0.7 * torch.rand(num_queries, generator=gen)
+    is_thing = torch.arange(num_queries) % 2 == 0
+    labels = torch.where(
+        is_thing, torch.arange(num_queries) % 3, 10 + torch.arange(num_queries) % 2
+    )
+    return masks, scores, labels, is_thing
+
+
+def box_mask(height, width, rows, cols, value=1.0):
+    mask = torch.zeros(height, width)
+    mask[rows[0] : rows[1], cols[0] : cols[1]] = value
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("alpha,beta", [(1.0, 2.0), (2.0, 1.0)])
+def test_mask_wise_merging_matches_loop_reference(seed, alpha, beta):
+    masks, scores, labels, is_thing = random_case(seed)
+    seg, infos = mask_wise_merging(masks, scores, labels, is_thing, alpha=alpha, beta=beta)
+    ref_seg, ref_infos, _, _ = reference_merging(masks, scores, labels, is_thing, alpha, beta)
+    assert len(ref_infos) >= 3  # the case exercises painting, not only skipping
+    assert seg.dtype == torch.int32 and seg.shape == (16, 24)
+    assert torch.equal(seg, ref_seg)
+    assert [(i["id"], i["category_id"], i["isthing"]) for i in infos] == [r[:3] for r in ref_infos]
+    assert [i["score"] for i in infos] == pytest.approx([r[3] for r in ref_infos], rel=1e-5)
+
+
+def test_random_cases_exercise_every_rule():
+    """Over the seeded cases, the reference drops queries for overlap and merges stuff queries."""
+    overlap_cases = merge_cases = 0
+    for seed in range(6):
+        masks, scores, labels, is_thing = random_case(seed)
+        _, infos, painted, overlap_dropped = reference_merging(masks, scores, labels, is_thing)
+        stuff_painted = [q for q in painted if not is_thing[q]]
+        stuff_segments = [info for info in infos if not info[2]]
+        overlap_cases += overlap_dropped > 0
+        merge_cases += len(stuff_painted) > len(stuff_segments)
+    assert overlap_cases >= 3
+    assert merge_cases >= 3
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_segments_partition_the_image(seed):
+    masks, scores, labels, is_thing = random_case(seed)
+    seg, infos = mask_wise_merging(masks, scores, labels, is_thing)
+    ids = [i["id"] for i in infos]
+    assert ids == list(range(1, len(infos) + 1))
+    assert set(seg.unique().tolist()) <= {0, *ids}
+    for info in infos:
+        assert (seg == info["id"]).any()
+    # every painted pixel lies inside some query's binary mask
+    assert not ((seg > 0) & ~(masks > 0.5).any(dim=0)).any()
+    stuff = [i["category_id"] for i in infos if not i["isthing"]]
+    assert len(stuff) == len(set(stuff))
+
+
+def test_confidence_known_values_include_plus_one():
+    mask = torch.zeros(1, 4, 4)
+    mask[0, 0, :4] = torch.tensor([0.8, 0.6, 0.9, 0.4])  # 0.4 is outside the binary mask
+    labels, is_thing = torch.tensor([3]), torch.tensor([True])
+    # mask score = (0.8 + 0.6 + 0.9) / (3 + 1) = 0.575, not 2.3 / 3
+    _, infos = mask_wise_merging(mask, torch.tensor([0.9]), labels, is_thing)
+    assert infos[0]["score"] == pytest.approx(0.9 * 0.575**2, rel=1e-6)
+    _, infos = mask_wise_merging(mask, torch.tensor([0.9]), labels, is_thing, alpha=2.0, beta=1.0)
+    assert infos[0]["score"] == pytest.approx(0.81 * 0.575, rel=1e-6)
+
+
+@pytest.mark.parametrize("isthing", [True, False])
+def test_score_threshold_just_below_dropped_just_above_kept(isthing):
+    mask = box_mask(6, 6, (0, 3), (0, 3))[None]  # area 9, mask score 9 / 10
+    p_at_threshold = 0.3 / 0.9**2
+    labels, is_thing = torch.tensor([1]), torch.tensor([isthing])
+    kwargs = {"thing_score_threshold": 0.3, "stuff_score_threshold": 0.3}
+    seg, infos = mask_wise_merging(
+        mask, torch.tensor([p_at_threshold - 1e-3]), labels, is_thing, **kwargs
+    )
+    assert infos == [] and not seg.any()
+    seg, infos = mask_wise_merging(
+        mask, torch.tensor([p_at_threshold + 1e-3]), labels, is_thing, **kwargs
+    )
+    assert len(infos) == 1 and int((seg == 1).sum()) == 9
+
+
+def test_thing_and_stuff_use_their_own_score_threshold():
+    masks = torch.stack([box_mask(6, 6, (0, 3), (0, 3)), box_mask(6, 6, (3, 6), (3, 6))])
+    scores = torch.tensor([0.5, 0.5])  # confidence 0.5 * 0.81 = 0.405 for both
+    labels, is_thing = torch.tensor([1, 2]), torch.tensor([True, False])
+    _, infos = mask_wise_merging(
+        masks, scores, labels, is_thing, thing_score_threshold=0.3, stuff_score_threshold=0.5
+    )
+    assert [(i["category_id"], i["isthing"]) for i in infos] == [(1, True)]
+    _, infos = mask_wise_merging(
+        masks, scores, labels, is_thing, thing_score_threshold=0.5, stuff_score_threshold=0.3
+    )
+    assert [(i["category_id"], i["isthing"]) for i in infos] == [(2, False)]
+
+
+@pytest.mark.parametrize(
+    "second_cols,isthing,kept",
+    [
+        ((7, 17), True, True),  # 30% of the second mask already painted: 0.3 <= 0.4
+        ((5, 15), True, False),  # 50% > 0.4
+        ((7, 17), False, False),  # stuff: 30% > 0.2
+        ((9, 19), False, True),  # stuff: 10% <= 0.2
+    ],
+)
+def test_overlap_rule(second_cols, isthing, kept):
+    first = box_mask(10, 20, (0, 10), (0, 10), value=1.0)
+    second = box_mask(10, 20, (0, 10), second_cols, value=1.0)
+    masks = torch.stack([first, second])
+    scores = torch.tensor([0.9, 0.8])  # the first is painted first
+    seg, infos = mask_wise_merging(
+        masks, scores, torch.tensor([1, 2]), torch.tensor([True, isthing])
+    )
+    assert int((seg == 1).sum()) == 100
+    if kept:
+        overlap = 10 - second_cols[0]
+        assert len(infos) == 2 and infos[1]["category_id"] == 2
+        assert int((seg == 2).sum()) == 100 - 10 * overlap  # only unassigned pixels are painted
+        assert torch.equal(seg == 2, second.bool() & ~first.bool())
+    else:
+        assert len(infos) == 1 and int((seg > 0).sum()) == 100
+
+
+def test_stuff_of_one_category_is_one_segment_things_are_not():
+    masks = torch.stack(
+        [
+            box_mask(8, 8, (0, 4), (0, 4)),  # stuff 20
+            box_mask(8, 8, (4, 8), (4, 8)),  # stuff 20 again, disjoint
+            box_mask(8, 8, (0, 4), (4, 8)),  # thing 1
+            box_mask(8, 8, (4, 8), (0, 4)),  # thing 1 again, disjoint
+        ]
+    )
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    labels, is_thing = torch.tensor([20, 20, 1, 1]), torch.tensor([False, False, True, True])
+    seg, infos = mask_wise_merging(masks, scores, labels, is_thing)
+    assert [(i["id"], i["category_id"], i["isthing"]) for i in infos] == [
+        (1, 20, False),
+        (2, 1, True),
+        (3, 1, True),
+    ]
+    expected = torch.tensor([[1, 2], [3, 1]], dtype=torch.int32).repeat_interleave(4, 0)
+    assert torch.equal(seg, expected.repeat_interleave(4, 1))
+    assert infos[0]["score"] == pytest.approx(0.9 * (16 / 17) ** 2)  # the first query's score
+
+
+def test_empty_inputs_give_all_void():
+    seg, infos = mask_wise_merging(
+        torch.zeros(0, 5, 7),
+        torch.zeros(0),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.bool),
+    )
+    assert infos == [] and seg.shape == (5, 7) and seg.dtype == torch.int32 and not seg.any()
+    masks = torch.full((3, 5, 7), 0.5)  # nothing strictly above the threshold
+    seg, infos = mask_wise_merging(
+        masks, torch.ones(3), torch.tensor([1, 2, 3]), torch.tensor([True, False, True])
+    )
+    assert infos == [] and not seg.any()
+
+
+def test_pixel_wise_argmax_hand_built():
+    masks = torch.tensor(
+        [
+            [[1.0, 0.5, 0.0, 0.0], [0.4, 0.0, 0.0, 0.0]],  # thing 1, p 0.9
+            [[0.6, 1.0, 0.0, 0.0], [0.6, 0.0, 0.0, 0.0]],  # thing 2, p 0.5
+            [[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]],  # stuff 5, p 0.8
+            [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.9, 0.0]],  # stuff 5, p 0.6: same segment
+            [[5.0, 5.0, 5.0, 5.0], [5.0, 5.0, 5.0, 5.0]],  # p 0.1 < score_threshold: ignored
+        ]
+    )
+    scores = torch.tensor([0.9, 0.5, 0.8, 0.6, 0.1])
+    labels = torch.tensor([1, 2, 5, 5, 7])
+    is_thing = torch.tensor([True, True, False, False, True])
+    seg, infos = pixel_wise_argmax(masks, scores, labels, is_thing)
+    # (0,1): 0.5 * 1.0 beats 0.9 * 0.5; (1,0): query 0 wins with 0.36 > 0.30 but its own mask
+    # value 0.4 is below 0.5, so the pixel is void although query 1 covers it.
+    expected = torch.tensor([[1, 2, 3, 0], [0, 0, 3, 0]], dtype=torch.int32)
+    assert torch.equal(seg, expected)
+    assert [(i["id"], i["category_id"], i["isthing"]) for i in infos] == [
+        (1, 1, True),
+        (2, 2, True),
+        (3, 5, False),
+    ]
+    assert [i["score"] for i in infos] == pytest.approx([0.9, 0.5, 0.8])
+    seg, infos = pixel_wise_argmax(masks, scores, labels, is_thing, score_threshold=0.95)
+    assert infos == [] and not seg.any()
+
+
+def test_instance_results_hand_built():
+    masks = torch.zeros(3, 6, 8)
+    masks[0, 1:4, 2:5] = 1.0  # rows 1-3, columns 2-4: mask score 9 / 10
+    masks[1] = 0.3  # empty after thresholding
+    masks[2, 5, 7] = 2.0  # one pixel in the corner: mask score 2 / 2
+    scores, labels = torch.tensor([0.5, 0.9, 0.8]), torch.tensor([4, 5, 6])
+    result = instance_results(masks, scores, labels, max_detections=3)
+    assert result.scores.tolist() == pytest.approx([0.8, 0.45, 0.0])
+    assert result.classes.tolist() == [6, 4, 5]
+    assert result.boxes.tolist() == [[7.0, 5.0, 8.0, 6.0], [2.0, 1.0, 5.0, 4.0], [0.0] * 4]
+    assert result.masks.dtype == torch.bool and torch.equal(result.masks[1], masks[0] > 0.5)
+    assert not result.masks[2].any()
+    top = instance_results(masks, scores, labels, max_detections=2)
+    assert top.masks.shape == (2, 6, 8) and top.classes.tolist() == [6, 4]
+
+
+def test_semantic_map_hand_built():
+    masks = torch.tensor([[[1.0, 0.2]], [[0.3, 0.4]], [[0.6, 0.0]]])  # (3, 1, 2)
+    scores, labels = torch.tensor([0.5, 1.0, 0.5]), torch.tensor([0, 0, 2])
+    out = semantic_map(masks, scores, labels, num_classes=3)
+    expected = torch.tensor([[[0.5, 0.4]], [[0.0, 0.0]], [[0.3, 0.0]]])
+    assert out.shape == (3, 1, 2)
+    torch.testing.assert_close(out, expected)
+
+
+def test_bad_inputs_raise():
+    masks, scores = torch.rand(2, 4, 4), torch.rand(2)
+    labels, is_thing = torch.tensor([1, 2]), torch.tensor([True, False])
+    with pytest.raises(ValueError, match=r"mask_logits must be a floating \(Q, H, W\).*\(2, 16\)"):
+        mask_wise_merging(masks.flatten(1), scores, labels, is_thing)
+    with pytest.raises(ValueError, match=r"scores must be a floating \(2,\).*shape \(3,\)"):
+        mask_wise_merging(masks, torch.rand(3), labels, is_thing)
+    with pytest.raises(ValueError, match=r"labels must be an integer.*torch.float32"):
+        mask_wise_merging(masks, scores, labels.float(), is_thing)
+    with pytest.raises(ValueError, match=r"is_thing must be a bool.*torch.int64"):
+        mask_wise_merging(masks, scores, labels, is_thing.long())
+    with pytest.raises(ValueError, match=r"thing_overlap_threshold must be in \[0, 1\], got 1.5"):
+        mask_wise_merging(masks, scores, labels, is_thing, thing_overlap_threshold=1.5)
+    with pytest.raises(ValueError, match=r"mask_threshold must be in \[0, 1\], got -0.1"):
+        mask_wise_merging(masks, scores, labels, is_thing, mask_threshold=-0.1)
+    with pytest.raises(ValueError, match=r"alpha and beta must be >= 0, got alpha=1.0, beta=-2"):
+        mask_wise_merging(masks, scores, labels, is_thing, beta=-2)
+    with pytest.raises(ValueError, match=r"score_threshold must be in \[0, 1\], got 2"):
+        pixel_wise_argmax(masks, scores, labels, is_thing, score_threshold=2)
+    with pytest.raises(ValueError, match=r"max_detections must be >= 0, got -1"):
+        instance_results(masks, scores, labels, max_detections=-1)
+    with pytest.raises(ValueError, match=r"num_classes must be >= 1, got 0"):
+        semantic_map(masks, scores, labels, num_classes=0)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\), got values in \[1, 2\]"):
+        semantic_map(masks, scores, labels, num_classes=2)
