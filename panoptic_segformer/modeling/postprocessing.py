@@ -103,8 +103,25 @@ def _mask_quality(mask_logits: Tensor, mask_threshold: float) -> Tuple[Tensor, T
     return binary, areas, mask_scores
 
 
-def _segment_info(segment_id: int, category_id: int, isthing: bool, score: float) -> SegmentInfo:
-    return {"id": segment_id, "category_id": category_id, "isthing": isthing, "score": score}
+class _Segments:
+    """Segment ids in order of creation: a new id per thing, and one shared segment per stuff
+    category (COCO panoptic allows a single segment per stuff category); the segment keeps the
+    score of the first query that created it."""
+
+    def __init__(self) -> None:
+        self.info: List[SegmentInfo] = []
+        self._stuff: Dict[int, int] = {}
+
+    def id_for(self, category_id: int, isthing: bool, score: float) -> int:
+        if not isthing and category_id in self._stuff:
+            return self._stuff[category_id]
+        segment_id = len(self.info) + 1
+        self.info.append(
+            {"id": segment_id, "category_id": category_id, "isthing": isthing, "score": score}
+        )
+        if not isthing:
+            self._stuff[category_id] = segment_id
+        return segment_id
 
 
 def mask_wise_merging(
@@ -175,9 +192,8 @@ def mask_wise_merging(
 
     height, width = mask_logits.shape[1:]
     panoptic_seg = torch.zeros(height, width, dtype=torch.int32, device=mask_logits.device)
-    segments_info: List[SegmentInfo] = []
     if mask_logits.shape[0] == 0:
-        return panoptic_seg, segments_info
+        return panoptic_seg, []
 
     binary, areas, mask_scores = _mask_quality(mask_logits, mask_threshold)
     # Eq. (6) of the paper
@@ -199,7 +215,7 @@ def mask_wise_merging(
     labels_list, is_thing_list = labels.tolist(), is_thing.tolist()
 
     occupied = torch.zeros(height, width, dtype=torch.bool, device=mask_logits.device)
-    stuff_segment: Dict[int, int] = {}
+    segments = _Segments()
     for query in order_list:
         area, isthing, category = areas_list[query], is_thing_list[query], labels_list[query]
         free = binary[query] & ~occupied
@@ -208,18 +224,10 @@ def mask_wise_merging(
         # the t_keep test of Algorithm 1, written as the authors' code writes it
         if overlap / area > overlap_threshold:
             continue
-        if not isthing and category in stuff_segment:
-            segment_id = stuff_segment[category]
-        else:
-            segment_id = len(segments_info) + 1
-            segments_info.append(
-                _segment_info(segment_id, category, isthing, confidence_list[query])
-            )
-            if not isthing:
-                stuff_segment[category] = segment_id
+        segment_id = segments.id_for(category, isthing, confidence_list[query])
         panoptic_seg[free] = segment_id
         occupied |= free
-    return panoptic_seg, segments_info
+    return panoptic_seg, segments.info
 
 
 def pixel_wise_argmax(
@@ -266,10 +274,9 @@ def pixel_wise_argmax(
 
     height, width = mask_logits.shape[1:]
     panoptic_seg = torch.zeros(height, width, dtype=torch.int32, device=mask_logits.device)
-    segments_info: List[SegmentInfo] = []
     kept = (scores >= score_threshold).nonzero().squeeze(1)  # (Q',) original query indices
     if kept.numel() == 0:
-        return panoptic_seg, segments_info
+        return panoptic_seg, []
 
     masks = mask_logits[kept]
     winner = (scores[kept, None, None] * masks).argmax(dim=0)  # (H, W) index into kept
@@ -277,22 +284,16 @@ def pixel_wise_argmax(
 
     # Map each kept query to its segment id (0 where it wins no pixel).
     segment_of = torch.zeros(len(kept), dtype=torch.int32, device=mask_logits.device)
-    stuff_segment: Dict[int, int] = {}
+    segments = _Segments()
     kept_list, labels_list = kept.tolist(), labels.tolist()
     is_thing_list, scores_list = is_thing.tolist(), scores.tolist()
     for local in torch.unique(winner[covered]).tolist():  # sorted, so in query order
         query = kept_list[local]
-        category, isthing = labels_list[query], is_thing_list[query]
-        if not isthing and category in stuff_segment:
-            segment_of[local] = stuff_segment[category]
-            continue
-        segment_id = len(segments_info) + 1
-        segments_info.append(_segment_info(segment_id, category, isthing, scores_list[query]))
-        segment_of[local] = segment_id
-        if not isthing:
-            stuff_segment[category] = segment_id
+        segment_of[local] = segments.id_for(
+            labels_list[query], is_thing_list[query], scores_list[query]
+        )
     panoptic_seg = torch.where(covered, segment_of[winner], panoptic_seg)
-    return panoptic_seg, segments_info
+    return panoptic_seg, segments.info
 
 
 def instance_results(
