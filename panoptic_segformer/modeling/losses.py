@@ -27,6 +27,14 @@ MASK_ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+def check_mask_activation(activation: str) -> None:
+    """Raises a ValueError naming ``activation`` unless it is a key of :data:`MASK_ACTIVATIONS`."""
+    if activation not in MASK_ACTIVATIONS:
+        raise ValueError(
+            f"activation must be one of {sorted(MASK_ACTIVATIONS)}, got {activation!r}"
+        )
+
+
 def activate_masks(masks: Tensor, activation: str) -> Tensor:
     """Applies a named entry of :data:`MASK_ACTIVATIONS`.
 
@@ -37,10 +45,7 @@ def activate_masks(masks: Tensor, activation: str) -> Tensor:
     Returns:
         Tensor: same shape.
     """
-    if activation not in MASK_ACTIVATIONS:
-        raise ValueError(
-            f"activation must be one of {sorted(MASK_ACTIVATIONS)}, got {activation!r}"
-        )
+    check_mask_activation(activation)
     return MASK_ACTIVATIONS[activation](masks)
 
 

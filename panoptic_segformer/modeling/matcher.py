@@ -24,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from panoptic_segformer.modeling.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from panoptic_segformer.modeling.losses import activate_masks
+from panoptic_segformer.modeling.losses import activate_masks, check_mask_activation
 
 MatchIndices = Tuple[Tensor, Tensor]
 
@@ -355,7 +355,7 @@ class MaskDecoderMatcher(nn.Module):
         super().__init__()
         if max_per_target < 1:
             raise ValueError(f"max_per_target must be at least 1, got {max_per_target}")
-        activate_masks(torch.zeros(1), mask_activation)  # fail early on an unknown name
+        check_mask_activation(mask_activation)
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
