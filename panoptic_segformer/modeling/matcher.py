@@ -5,9 +5,15 @@ the implementation notes):
 
 * :class:`HungarianMatcher` for the location decoder: one-to-one Hungarian matching on
   2 * focal class cost + 5 * L1 box cost + 2 * (-GIoU), Deformable DETR's matcher.
-* :class:`MaskDecoderMatcher` for the mask decoder: the same costs with class weight 4 plus
-  2 * Dice cost, matched by :func:`repeated_hungarian_match`, so up to 3 queries per object
-  become positives (the authors' "filter" assigner, ``max_pos = 3``).
+* :func:`repeated_hungarian_match` on the location decoder's last-layer costs selects up to 3
+  queries per object for the thing mask decoder (the authors' "filter" assigner,
+  ``max_pos = 3``); its first round is the one-to-one match of that layer.
+* :class:`MaskDecoderMatcher` for the selected queries: one-to-one Hungarian matching on the
+  same costs with class weight 4, plus 2 * Dice cost on the thing mask decoder's masks (the
+  authors' ``HungarianAssigner_multi_info``). Only its matches get mask targets.
+
+In the box-free variant (paper Table 6) boxes are (cx, cy) mass centres: the L1 cost is on the
+centres and the GIoU cost is left out.
 
 Stuff queries are not matched: query k always predicts stuff class k.
 
@@ -16,7 +22,7 @@ image, H x W mask pixels. Boxes are normalised cxcywh. Matching returns, per ima
 ``(query_idx, target_idx)`` of int64 CPU tensors of equal length, as DETR's matcher does.
 """
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -55,11 +61,11 @@ def focal_class_cost(
 
 
 def l1_box_cost(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
-    """Pairwise L1 distance of normalised cxcywh boxes (Deformable DETR).
+    """Pairwise L1 distance of normalised cxcywh boxes (Deformable DETR), or of centres.
 
     Args:
-        pred_boxes (Tensor): (Q, 4).
-        target_boxes (Tensor): (T, 4).
+        pred_boxes (Tensor): (Q, B), B = 4 (cxcywh) or 2 (mass centres).
+        target_boxes (Tensor): (T, B).
 
     Returns:
         Tensor: (Q, T).
@@ -78,6 +84,31 @@ def giou_cost(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
         Tensor: (Q, T) in [-1, 1].
     """
     return -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))
+
+
+def box_cost(
+    pred_boxes: Tensor, target_boxes: Tensor, cost_bbox: float, cost_giou: float
+) -> Tensor:
+    """``cost_bbox`` * L1 + ``cost_giou`` * (-GIoU); centres (B = 2) get the L1 term only.
+
+    Args:
+        pred_boxes (Tensor): (Q, B) normalised cxcywh boxes (B = 4) or mass centres (B = 2).
+        target_boxes (Tensor): (T, B) in the same form.
+        cost_bbox: weight of :func:`l1_box_cost`.
+        cost_giou: weight of :func:`giou_cost`, unused for centres.
+
+    Returns:
+        Tensor: (Q, T).
+    """
+    if pred_boxes.shape[-1] != target_boxes.shape[-1] or pred_boxes.shape[-1] not in (2, 4):
+        raise ValueError(
+            f"boxes must be (Q, 4) and (T, 4), or centres (Q, 2) and (T, 2); got "
+            f"{tuple(pred_boxes.shape)} and {tuple(target_boxes.shape)}"
+        )
+    cost = cost_bbox * l1_box_cost(pred_boxes, target_boxes)
+    if pred_boxes.shape[-1] == 4:
+        cost = cost + cost_giou * giou_cost(pred_boxes, target_boxes)
+    return cost
 
 
 def dice_cost(
@@ -132,10 +163,10 @@ def mask_decoder_matching_cost(
 
     Args:
         logits (Tensor): (Q, K) class logits.
-        pred_boxes (Tensor): (Q, 4) normalised cxcywh boxes.
+        pred_boxes (Tensor): (Q, B) normalised cxcywh boxes, or (Q, 2) mass centres.
         pred_masks (Tensor): (Q, H, W) masks, convention named by ``mask_activation``.
         target_labels (Tensor): (T,) int64 classes.
-        target_boxes (Tensor): (T, 4) normalised cxcywh boxes.
+        target_boxes (Tensor): (T, B) in the same form.
         target_masks (Tensor): (T, H, W) binary masks.
         cost_class: weight of :func:`focal_class_cost`.
         cost_bbox: weight of :func:`l1_box_cost`.
@@ -150,8 +181,7 @@ def mask_decoder_matching_cost(
     """
     return (
         cost_class * focal_class_cost(logits, target_labels, focal_alpha, focal_gamma)
-        + cost_bbox * l1_box_cost(pred_boxes, target_boxes)
-        + cost_giou * giou_cost(pred_boxes, target_boxes)
+        + box_cost(pred_boxes, target_boxes, cost_bbox, cost_giou)
         + cost_dice * dice_cost(pred_masks, target_masks, mask_activation)
     )
 
@@ -198,37 +228,46 @@ def hungarian_match(cost: Tensor) -> MatchIndices:
     )
 
 
-def repeated_hungarian_match(cost: Tensor, max_per_target: int = 3) -> MatchIndices:
+def repeated_hungarian_match(
+    cost: Tensor, max_per_target: int = 3, max_total: Optional[int] = None
+) -> MatchIndices:
     """Hungarian matching repeated on the unmatched queries: up to ``max_per_target`` each.
 
-    Follows the authors' "filter" assigner (``max_pos = 3``). Round r runs Hungarian on the
-    queries no earlier round took, so every round gives each target one more, distinct query.
-    There are ``min(max_per_target, Q // T)`` rounds: only complete rounds run, so every
-    target gets the same number of positives and no query is used twice (the authors bound
-    the rounds by ``300 // T`` for their 300 queries, the same rule). Round one is exactly
+    The authors' "filter" assigner (``max_pos = 3``). Round r runs Hungarian on the queries no
+    earlier round took, so every round gives each target one more, distinct query. Only
+    complete rounds run, so every target gets the same number of queries: there are
+    ``min(max_per_target, Q // T, max_total // T)`` rounds, and always at least one (the
+    authors bound the rounds by ``100 // T``, i.e. ``max_total=100``). Round one is exactly
     :func:`hungarian_match`.
 
     Args:
         cost (Tensor): (Q, T) matching cost, T <= Q.
         max_per_target: most queries assigned to one target (rounds of matching).
+        max_total: most queries assigned in all, None for no bound.
 
     Returns:
-        Tuple[Tensor, Tensor]: query_idx and target_idx, int64 CPU, each of length
-        T * min(max_per_target, Q // T); ordered round by round, and within a round by query,
-        so the first T pairs are the plain Hungarian match.
+        Tuple[Tensor, Tensor]: query_idx and target_idx, int64 CPU, of length T * rounds;
+        ordered round by round, and within a round by query, so the first T pairs are the
+        plain Hungarian match.
 
     Raises:
-        ValueError: T > Q, ``max_per_target`` < 1, or the cost has non-finite entries.
+        ValueError: T > Q, ``max_per_target`` or ``max_total`` < 1, or the cost has
+        non-finite entries.
     """
     if max_per_target < 1:
         raise ValueError(f"max_per_target must be at least 1, got {max_per_target}")
+    if max_total is not None and max_total < 1:
+        raise ValueError(f"max_total must be at least 1 or None, got {max_total}")
     cost_np = _to_numpy_cost(cost)
     num_queries, num_targets = cost_np.shape
     if num_targets == 0:
         return _empty_match()
+    rounds = min(max_per_target, num_queries // num_targets)
+    if max_total is not None:
+        rounds = max(1, min(rounds, max_total // num_targets))
     remaining = np.arange(num_queries)
     query_chunks, target_chunks = [], []
-    for _ in range(min(max_per_target, num_queries // num_targets)):
+    for _ in range(rounds):
         rows, cols = linear_sum_assignment(cost_np[remaining])
         query_chunks.append(remaining[rows])
         target_chunks.append(cols)
@@ -277,19 +316,16 @@ class HungarianMatcher(nn.Module):
 
         Args:
             logits (Tensor): (Q, K) class logits.
-            pred_boxes (Tensor): (Q, 4) normalised cxcywh.
+            pred_boxes (Tensor): (Q, B) normalised cxcywh boxes, or (Q, 2) mass centres.
             target_labels (Tensor): (T,) int64.
-            target_boxes (Tensor): (T, 4) normalised cxcywh.
+            target_boxes (Tensor): (T, B) in the same form.
 
         Returns:
             Tensor: (Q, T).
         """
-        return (
-            self.cost_class
-            * focal_class_cost(logits, target_labels, self.focal_alpha, self.focal_gamma)
-            + self.cost_bbox * l1_box_cost(pred_boxes, target_boxes)
-            + self.cost_giou * giou_cost(pred_boxes, target_boxes)
-        )
+        return self.cost_class * focal_class_cost(
+            logits, target_labels, self.focal_alpha, self.focal_gamma
+        ) + box_cost(pred_boxes, target_boxes, self.cost_bbox, self.cost_giou)
 
     @torch.no_grad()
     def forward(
@@ -303,9 +339,9 @@ class HungarianMatcher(nn.Module):
 
         Args:
             pred_logits (Tensor): (N, Q, K) class logits.
-            pred_boxes (Tensor): (N, Q, 4) normalised cxcywh.
+            pred_boxes (Tensor): (N, Q, B) normalised cxcywh boxes, or (N, Q, 2) centres.
             target_labels (Sequence[Tensor]): N tensors (T_i,) int64.
-            target_boxes (Sequence[Tensor]): N tensors (T_i, 4) normalised cxcywh.
+            target_boxes (Sequence[Tensor]): N tensors (T_i, B) in the same form.
 
         Returns:
             List[Tuple[Tensor, Tensor]]: per image, (query_idx, target_idx) of length T_i;
@@ -324,17 +360,19 @@ class HungarianMatcher(nn.Module):
 
 
 class MaskDecoderMatcher(nn.Module):
-    """The mask decoder's one-to-many matcher: up to ``max_per_target`` queries per thing.
+    """One-to-one matcher of the thing mask decoder's queries (the authors'
+    ``HungarianAssigner_multi_info``).
 
-    Costs from :func:`mask_decoder_matching_cost`, assignment by
-    :func:`repeated_hungarian_match`.
+    The queries are those the filter (:func:`repeated_hungarian_match`) passed to the thing
+    mask decoder; classes and boxes come from the location decoder's last layer, masks from
+    the thing mask decoder. Costs from :func:`mask_decoder_matching_cost`, assignment by
+    :func:`hungarian_match`.
 
     Args:
-        cost_class: weight of the focal class cost (4 in the authors' recipe).
+        cost_class: weight of the focal class cost (the authors' 2, doubled to 4).
         cost_bbox: weight of the L1 box cost (5).
         cost_giou: weight of the -GIoU cost (2).
         cost_dice: weight of the Dice cost (2).
-        max_per_target: rounds of Hungarian matching, i.e. most positives per thing (3).
         focal_alpha: focal alpha of the class cost.
         focal_gamma: focal gamma of the class cost.
         mask_activation: "none" when masks are already activated (the authors' ReLU head),
@@ -347,20 +385,16 @@ class MaskDecoderMatcher(nn.Module):
         cost_bbox: float = 5.0,
         cost_giou: float = 2.0,
         cost_dice: float = 2.0,
-        max_per_target: int = 3,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         mask_activation: str = "none",
     ) -> None:
         super().__init__()
-        if max_per_target < 1:
-            raise ValueError(f"max_per_target must be at least 1, got {max_per_target}")
         check_mask_activation(mask_activation)
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
         self.cost_dice = cost_dice
-        self.max_per_target = max_per_target
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.mask_activation = mask_activation
@@ -368,57 +402,55 @@ class MaskDecoderMatcher(nn.Module):
     @torch.no_grad()
     def forward(
         self,
-        pred_logits: Tensor,
-        pred_boxes: Tensor,
-        pred_masks: Tensor,
+        pred_logits: Sequence[Tensor],
+        pred_boxes: Sequence[Tensor],
+        pred_masks: Sequence[Tensor],
         target_labels: Sequence[Tensor],
         target_boxes: Sequence[Tensor],
         target_masks: Sequence[Tensor],
     ) -> List[MatchIndices]:
-        """Matches each image's queries to its things, several queries per thing.
+        """Matches each image's queries to its things, one to one.
+
+        Per-image sequences, because each image passes its own number Q_i of queries.
 
         Args:
-            pred_logits (Tensor): (N, Q, K) class logits.
-            pred_boxes (Tensor): (N, Q, 4) normalised cxcywh.
-            pred_masks (Tensor): (N, Q, H, W) masks.
+            pred_logits (Sequence[Tensor]): N tensors (Q_i, K) class logits.
+            pred_boxes (Sequence[Tensor]): N tensors (Q_i, B) boxes or centres.
+            pred_masks (Sequence[Tensor]): N tensors (Q_i, H, W) masks.
             target_labels (Sequence[Tensor]): N tensors (T_i,) int64.
-            target_boxes (Sequence[Tensor]): N tensors (T_i, 4) normalised cxcywh.
+            target_boxes (Sequence[Tensor]): N tensors (T_i, B) in the same form.
             target_masks (Sequence[Tensor]): N tensors (T_i, H, W) binary, at the predictions'
                 resolution.
 
         Returns:
-            List[Tuple[Tensor, Tensor]]: per image, (query_idx, target_idx) of length
-            T_i * min(max_per_target, Q // T_i), round by round (see
-            :func:`repeated_hungarian_match`).
+            List[Tuple[Tensor, Tensor]]: per image, (query_idx, target_idx) of length T_i.
 
         Raises:
-            ValueError: an image has more things than there are queries.
+            ValueError: an image has more things than queries.
         """
-        _check_batch(pred_logits, target_labels, target_boxes, target_masks)
-        matches = []
-        for i in range(pred_logits.shape[0]):
-            cost = mask_decoder_matching_cost(
-                pred_logits[i],
-                pred_boxes[i],
-                pred_masks[i],
-                target_labels[i],
-                target_boxes[i],
-                target_masks[i],
-                cost_class=self.cost_class,
-                cost_bbox=self.cost_bbox,
-                cost_giou=self.cost_giou,
-                cost_dice=self.cost_dice,
-                focal_alpha=self.focal_alpha,
-                focal_gamma=self.focal_gamma,
-                mask_activation=self.mask_activation,
+        _check_batch(pred_logits, pred_boxes, pred_masks, target_labels, target_boxes, target_masks)
+        return [
+            hungarian_match(
+                mask_decoder_matching_cost(
+                    *per_image,
+                    cost_class=self.cost_class,
+                    cost_bbox=self.cost_bbox,
+                    cost_giou=self.cost_giou,
+                    cost_dice=self.cost_dice,
+                    focal_alpha=self.focal_alpha,
+                    focal_gamma=self.focal_gamma,
+                    mask_activation=self.mask_activation,
+                )
             )
-            matches.append(repeated_hungarian_match(cost, self.max_per_target))
-        return matches
+            for per_image in zip(
+                pred_logits, pred_boxes, pred_masks, target_labels, target_boxes, target_masks
+            )
+        ]
 
 
-def _check_batch(pred_logits: Tensor, *per_image_targets: Sequence[Tensor]) -> None:
-    """Raises ValueError unless every per-image target list has one entry per image."""
-    num_images = pred_logits.shape[0]
+def _check_batch(pred_logits: Sequence[Tensor], *per_image_targets: Sequence[Tensor]) -> None:
+    """Raises ValueError unless every per-image list has one entry per image."""
+    num_images = len(pred_logits)
     lengths = [len(targets) for targets in per_image_targets]
     if any(length != num_images for length in lengths):
         raise ValueError(f"predictions hold {num_images} images but targets hold {lengths}")

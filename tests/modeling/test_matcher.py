@@ -11,6 +11,7 @@ from panoptic_segformer.modeling.losses import dice_loss
 from panoptic_segformer.modeling.matcher import (
     HungarianMatcher,
     MaskDecoderMatcher,
+    box_cost,
     dice_cost,
     focal_class_cost,
     giou_cost,
@@ -167,6 +168,27 @@ def test_repeated_match_properties(num_queries, num_targets, max_per_target):
         used += query_idx[rows].tolist()
 
 
+def test_repeated_match_max_total_bounds_rounds():
+    g = torch.Generator().manual_seed(0)
+    cost = torch.rand(300, 40, generator=g, dtype=torch.float64)
+    # the authors' bound: min(3, 100 // T) rounds, so 2 rounds for 40 things
+    query_idx, _ = repeated_hungarian_match(cost, max_per_target=3, max_total=100)
+    assert len(query_idx) == 80
+    # more things than max_total still gets the one-to-one round
+    query_idx, _ = repeated_hungarian_match(cost[:, :40], max_per_target=3, max_total=30)
+    assert len(query_idx) == 40
+    with pytest.raises(ValueError, match="max_total must be at least 1 or None, got 0"):
+        repeated_hungarian_match(cost, max_total=0)
+
+
+def test_box_free_costs_use_centres_without_giou():
+    pred = torch.tensor([[0.2, 0.3], [0.8, 0.9]])
+    target = torch.tensor([[0.8, 0.8]])
+    assert box_cost(pred, target, 5.0, 2.0).flatten().tolist() == pytest.approx([5.5, 0.5])
+    with pytest.raises(ValueError, match=r"centres \(Q, 2\) and \(T, 2\)"):
+        box_cost(pred, torch.rand(1, 4), 5.0, 2.0)
+
+
 def test_repeated_match_zero_targets_and_errors():
     query_idx, target_idx = repeated_hungarian_match(torch.zeros(5, 0))
     assert query_idx.shape == target_idx.shape == (0,)
@@ -232,30 +254,40 @@ def test_matchers_run_without_grad():
     assert not query_idx.requires_grad and logits.grad is None
 
 
-def test_mask_decoder_matcher_follows_masks_and_assigns_three_each():
+def test_mask_decoder_matcher_follows_masks_one_to_one():
     # all queries share class and box, so only the Dice cost tells them apart: queries
-    # 0, 3, 5 copy target 0's mask exactly, queries 1, 4, 6 target 1's, query 2 is empty
+    # 0 and 3 copy target 0's mask exactly but 3 is dimmer, query 1 copies target 1's, query 2
+    # is empty
     height = width = 4
     target_masks = torch.zeros(2, height, width, dtype=torch.bool)
     target_masks[0, :2] = True
     target_masks[1, 2:, 1:] = True
-    pred_masks = torch.zeros(1, 8, height, width)
-    pred_masks[0, [0, 3, 5]] = target_masks[0].float()
-    pred_masks[0, [1, 4, 6]] = target_masks[1].float()
-    pred_masks[0, 7] = 0.5  # a half-on everywhere mask, worse than any exact copy
-    logits = torch.zeros(1, 8, 3)
-    boxes = torch.full((1, 8, 4), 0.5)
+    pred_masks = torch.zeros(4, height, width)
+    pred_masks[0] = target_masks[0].float()
+    pred_masks[3] = target_masks[0].float() * 0.5
+    pred_masks[1] = target_masks[1].float()
     matcher = MaskDecoderMatcher()
     query_idx, target_idx = matcher(
-        logits,
-        boxes,
-        pred_masks,
+        [torch.zeros(4, 3)],
+        [torch.full((4, 4), 0.5)],
+        [pred_masks],
         [torch.tensor([0, 2])],
         [torch.tensor([[0.5, 0.25, 1.0, 0.5], [0.625, 0.75, 0.75, 0.5]])],
         [target_masks],
     )[0]
-    assert len(query_idx) == 6
-    assert sorted(query_idx[target_idx == 0].tolist()) == [0, 3, 5]
-    assert sorted(query_idx[target_idx == 1].tolist()) == [1, 4, 6]
+    assert query_idx.tolist() == [0, 1]
+    assert target_idx.tolist() == [0, 1]
+    # images may pass different numbers of queries; an image without things matches nothing
+    matches = matcher(
+        [torch.zeros(4, 3), torch.zeros(2, 3)],
+        [torch.full((4, 4), 0.5), torch.full((2, 4), 0.5)],
+        [pred_masks, pred_masks[:2]],
+        [torch.tensor([0, 2]), torch.zeros(0, dtype=torch.int64)],
+        [torch.tensor([[0.5, 0.25, 1.0, 0.5], [0.625, 0.75, 0.75, 0.5]]), torch.zeros(0, 4)],
+        [target_masks, target_masks[:0]],
+    )
+    assert matches[0][0].tolist() == [0, 1] and matches[1][0].numel() == 0
+    with pytest.raises(ValueError, match="predictions hold 1 images"):
+        matcher([torch.zeros(4, 3)], [], [], [], [], [])
     with pytest.raises(ValueError, match="activation must be one of"):
         MaskDecoderMatcher(mask_activation="relu")
