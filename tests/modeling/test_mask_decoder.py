@@ -137,3 +137,31 @@ def test_fc_head_is_tiny_and_errors():
         MaskAttention(d_model=10, n_heads=4)
     with pytest.raises(ValueError, match="num_layers must be positive, got 0"):
         MaskDecoder(MaskDecoderLayer(16, 2), num_layers=0, d_model=16, n_heads=2)
+
+
+def test_decoupled_decoder_shapes_and_gather():
+    from panoptic_segformer.modeling.decoupled_mask_decoder import (
+        DecoupledMaskDecoder,
+        gather_queries,
+    )
+
+    torch.manual_seed(0)
+    decoder = DecoupledMaskDecoder(3, 2, d_model=16, n_heads=2, num_thing_layers=1)
+    shapes = [(4, 6), (2, 3), (1, 2)]
+    memory = torch.randn(2, 24 + 6 + 2, 16)
+    queries = torch.randn(2, 5, 16)
+    gathered, valid = gather_queries(queries, [torch.tensor([4, 0, 4]), torch.tensor([1])])
+    assert gathered.shape == (2, 3, 16) and valid.tolist() == [[True] * 3, [True, False, False]]
+    torch.testing.assert_close(gathered[0], queries[0, [4, 0, 4]])
+    assert not gathered[1, 1:].any()
+    things = decoder.forward_things(gathered, memory, shapes)
+    assert [m.shape for m in things["masks"]] == [(2, 3, 4, 6)] * 2  # one layer + the tail
+    assert [x.shape for x in things["logits"]] == [(2, 3, 3)]
+    # padding rows do not change the real ones: the thing stack has no self-attention
+    alone = decoder.forward_things(gathered[1:, :1], memory[1:], shapes)
+    torch.testing.assert_close(alone["masks"][-1][0, 0], things["masks"][-1][1, 0])
+    stuff = decoder.forward_stuff(memory, shapes, num_layers=3)
+    assert [m.shape for m in stuff["masks"]] == [(2, 2, 4, 6)] * 3  # early exit: no tail
+    assert [x.shape for x in stuff["logits"]] == [(2, 2)] * 3
+    with pytest.raises(ValueError, match="queries hold 2 images but indices hold 1"):
+        gather_queries(queries, [torch.tensor([0])])

@@ -1,0 +1,390 @@
+"""Training losses of Panoptic SegFormer: Eq. (3) to (5) of the paper, as the authors train.
+
+L = lambda_things * L_things + lambda_stuff * L_stuff, where
+
+* L_things holds the location decoder's detection losses (focal, L1, GIoU) on every layer, and
+  the thing mask decoder's Dice loss (and, weighted 0 as in the authors' code, its class loss)
+  on every layer and the tail;
+* L_stuff holds the stuff mask decoder's Dice loss on every layer and the tail and its
+  one-logit presence focal loss on every layer (weighted x2 again, as the authors do).
+
+Matching (see :mod:`panoptic_segformer.modeling.matcher`): location decoder layers 1..D-1 are
+matched one to one; the last layer's costs feed the repeated "filter" match, whose first round
+is that layer's one-to-one match and whose rounds together select up to 3 queries per thing for
+the thing mask decoder; those queries are then matched one to one with a Dice cost, and only
+these matches get mask targets. Stuff query k always predicts stuff class k: its target is that
+class's mask, or nothing (weight 0) when the class is absent.
+
+lambda_things / lambda_stuff are, by default, recomputed per batch from the numbers of things
+and stuff segments (averaged over processes when distributed, each at least 1), as the
+authors' code does; fixed values are a switch. Every loss is a sum divided by the number of
+things (or stuff segments) in the batch.
+
+Targets are one dict per image with
+``thing_labels`` (T,) int64 in [0, K), ``thing_boxes`` (T, 4) normalised cxcywh of the valid
+image (or (T, 2) mass centres for the box-free decoder), ``thing_masks`` (T, Hm, Wm) bool,
+``stuff_labels`` (Z_i,) int64 in [0, Z) and ``stuff_masks`` (Z_i, Hm, Wm) bool, the masks at
+the padded input resolution (:func:`split_targets` builds them).
+
+Shape shorthand: D location decoder layers, N images, Q thing queries, K thing classes, Z stuff
+classes, B box size (4, or 2 for centres), H1 x W1 the stride-8 mask size.
+"""
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from panoptic_segformer.modeling.box_ops import box_xyxy_to_cxcywh, masks_to_boxes, masks_to_centers
+from panoptic_segformer.modeling.losses import dice_loss, giou_loss, l1_box_loss, sigmoid_focal_loss
+from panoptic_segformer.modeling.matcher import (
+    HungarianMatcher,
+    MaskDecoderMatcher,
+    MatchIndices,
+    repeated_hungarian_match,
+)
+
+Targets = Sequence[Dict[str, Tensor]]
+
+
+def split_targets(
+    labels: Tensor,
+    masks: Tensor,
+    image_size: Tuple[int, int],
+    num_thing_classes: int,
+    num_stuff_classes: int,
+    box_free: bool = False,
+) -> Dict[str, Tensor]:
+    """One image's segments as the criterion's thing / stuff targets.
+
+    Args:
+        labels (Tensor): (T,) int64 contiguous ids: things in [0, K), stuff in [K, K + Z).
+        masks (Tensor): (T, Hm, Wm) bool masks at the padded input resolution.
+        image_size: (h, w) of the valid (unpadded) image inside the masks.
+        num_thing_classes: K.
+        num_stuff_classes: Z.
+        box_free: give things mass centres (T, 2) instead of boxes (T, 4).
+
+    Returns:
+        dict with thing_labels, thing_boxes, thing_masks, stuff_labels (in [0, Z)), stuff_masks.
+        Boxes come from the masks, normalised by the valid image size.
+    """
+    if labels.dim() != 1 or masks.dim() != 3 or len(labels) != len(masks):
+        raise ValueError(
+            f"labels must be (T,) and masks (T, H, W), got {tuple(labels.shape)} and "
+            f"{tuple(masks.shape)}"
+        )
+    total = num_thing_classes + num_stuff_classes
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= total):
+        raise ValueError(
+            f"labels must be in [0, {total}), got values in [{int(labels.min())}, "
+            f"{int(labels.max())}]"
+        )
+    h, w = image_size
+    if not (0 < h <= masks.shape[1] and 0 < w <= masks.shape[2]):
+        raise ValueError(f"image_size {tuple(image_size)} does not fit masks {tuple(masks.shape)}")
+    is_thing = labels < num_thing_classes
+    thing_masks = masks[is_thing].bool()
+    valid = thing_masks[:, :h, :w]
+    if box_free:
+        boxes = masks_to_centers(valid)
+    else:
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=masks.device)
+        boxes = box_xyxy_to_cxcywh(masks_to_boxes(valid) / scale)
+    return {
+        "thing_labels": labels[is_thing].long(),
+        "thing_boxes": boxes,
+        "thing_masks": thing_masks,
+        "stuff_labels": labels[~is_thing].long() - num_thing_classes,
+        "stuff_masks": masks[~is_thing].bool(),
+    }
+
+
+def _mean_over_processes(count: float, device: torch.device) -> float:
+    """``count`` averaged over the processes of the default group (itself when not distributed)."""
+    value = torch.tensor([float(count)], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def _upsample_x2(masks: Tensor) -> Tensor:
+    """(M, H1, W1) stride-8 masks -> (M, 2 H1, 2 W1): losses are taken at stride 4."""
+    if masks.shape[0] == 0:  # interpolate rejects empty batches; keep the autograd graph
+        return masks.repeat(1, 2, 2)
+    return F.interpolate(masks[None], scale_factor=2.0, mode="bilinear", align_corners=False)[0]
+
+
+def _resize_targets(masks: Tensor, size: Tuple[int, int]) -> Tensor:
+    """(T, Hm, Wm) bool -> (T, h, w) float by bilinear resizing (the authors' target rule)."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *size), dtype=torch.float32)
+    return F.interpolate(masks[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+
+class PanopticSegFormerCriterion(nn.Module):
+    """Matching plus the weighted losses of all decoders.
+
+    Args:
+        num_thing_classes: K.
+        num_stuff_classes: Z.
+        matcher: the location decoder's one-to-one matcher (its costs also drive the filter).
+        mask_matcher: the thing mask decoder's one-to-one matcher.
+        class_weight: focal class loss weight (lambda_cls, 2).
+        bbox_weight: L1 box loss weight (5).
+        giou_weight: GIoU loss weight (2); unused by the box-free decoder.
+        mask_weight: Dice loss weight (lambda_seg, 2).
+        stuff_class_factor: extra factor of the stuff presence loss (the authors' x2).
+        thing_class_weight: weight of the thing mask decoder's class loss; the authors' code
+            multiplies it by 0 (thing classes come from the location decoder).
+        focal_alpha, focal_gamma: of every focal loss.
+        max_per_target: most queries the filter selects per thing (the authors' max_pos, 3).
+        max_selected: most queries the filter selects per image (the authors' 100).
+        lambda_things, lambda_stuff: fixed Eq. (3) weights; both None (default) recomputes
+            them per batch from the thing and stuff counts.
+    """
+
+    def __init__(
+        self,
+        num_thing_classes: int,
+        num_stuff_classes: int,
+        matcher: Optional[HungarianMatcher] = None,
+        mask_matcher: Optional[MaskDecoderMatcher] = None,
+        class_weight: float = 2.0,
+        bbox_weight: float = 5.0,
+        giou_weight: float = 2.0,
+        mask_weight: float = 2.0,
+        stuff_class_factor: float = 2.0,
+        thing_class_weight: float = 0.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        max_per_target: int = 3,
+        max_selected: int = 100,
+        lambda_things: Optional[float] = None,
+        lambda_stuff: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        if (lambda_things is None) != (lambda_stuff is None):
+            raise ValueError(
+                "set both lambda_things and lambda_stuff, or neither (per-batch weights); got "
+                f"lambda_things={lambda_things}, lambda_stuff={lambda_stuff}"
+            )
+        self.num_thing_classes = num_thing_classes
+        self.num_stuff_classes = num_stuff_classes
+        self.matcher = matcher if matcher is not None else HungarianMatcher()
+        self.mask_matcher = mask_matcher if mask_matcher is not None else MaskDecoderMatcher()
+        self.class_weight = class_weight
+        self.bbox_weight = bbox_weight
+        self.giou_weight = giou_weight
+        self.mask_weight = mask_weight
+        self.stuff_class_factor = stuff_class_factor
+        self.thing_class_weight = thing_class_weight
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.max_per_target = max_per_target
+        self.max_selected = max_selected
+        self.lambda_things = lambda_things
+        self.lambda_stuff = lambda_stuff
+
+    @torch.no_grad()
+    def select_thing_queries(
+        self, pred_logits: Tensor, pred_boxes: Tensor, targets: Targets
+    ) -> List[MatchIndices]:
+        """The filter: up to ``max_per_target`` queries per thing for the thing mask decoder.
+
+        Args:
+            pred_logits (Tensor): (N, Q, K) the location decoder's last-layer class logits.
+            pred_boxes (Tensor): (N, Q, B) its boxes.
+            targets: per-image target dicts.
+
+        Returns:
+            per image (query_idx, target_idx) from :func:`repeated_hungarian_match`; the first
+            T_i pairs are the one-to-one match.
+        """
+        if len(targets) != pred_logits.shape[0]:
+            raise ValueError(
+                f"predictions hold {pred_logits.shape[0]} images but targets hold {len(targets)}"
+            )
+        return [
+            repeated_hungarian_match(
+                self.matcher.cost_matrix(logits, boxes, t["thing_labels"], t["thing_boxes"]),
+                self.max_per_target,
+                self.max_selected,
+            )
+            for logits, boxes, t in zip(pred_logits, pred_boxes, targets)
+        ]
+
+    def forward(self, outputs: Dict[str, object], targets: Targets) -> Dict[str, Tensor]:
+        """Weighted losses of one batch.
+
+        Args:
+            outputs: the model's training outputs:
+                ``pred_logits`` (D, N, Q, K) and ``pred_boxes`` (D, N, Q, B) of the location
+                decoder; ``selection``, :meth:`select_thing_queries` of its last layer;
+                ``thing_masks`` list of (N, Qs, H1, W1) and ``thing_logits`` list of
+                (N, Qs, K) of the thing mask decoder run on the selected queries (row r of
+                image i is ``selection[i][0][r]``, rows past it pad); ``stuff_masks`` list of
+                (N, Z, H1, W1) and ``stuff_logits`` list of (N, Z).
+            targets: per-image target dicts (see the module docstring).
+
+        Returns:
+            dict of weighted scalar losses whose sum is Eq. (3): ``loss_cls``, ``loss_bbox``,
+            ``loss_giou`` (last location layer) and ``d{i}.`` copies for earlier layers;
+            ``loss_mask_things`` (tail) and ``t{j}.loss_mask_things`` / ``t{j}.loss_cls_things``
+            per thing layer; ``loss_mask_stuff`` (tail) and ``s{j}.loss_mask_stuff`` /
+            ``s{j}.loss_cls_stuff`` per stuff layer.
+        """
+        pred_logits, pred_boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        if len(targets) != pred_logits.shape[1]:
+            raise ValueError(
+                f"predictions hold {pred_logits.shape[1]} images but targets hold {len(targets)}"
+            )
+        device = pred_logits.device
+        num_things = max(
+            _mean_over_processes(sum(len(t["thing_labels"]) for t in targets), device), 1.0
+        )
+        num_stuff = max(
+            _mean_over_processes(sum(len(t["stuff_labels"]) for t in targets), device), 1.0
+        )
+        if self.lambda_things is None:
+            lambda_things = num_things / (num_things + num_stuff)
+            lambda_stuff = num_stuff / (num_things + num_stuff)
+        else:
+            lambda_things, lambda_stuff = self.lambda_things, self.lambda_stuff
+
+        losses: Dict[str, Tensor] = {}
+        selection = outputs["selection"]
+        num_layers = pred_logits.shape[0]
+        for d in range(num_layers):
+            last = d == num_layers - 1
+            if last:
+                matches = [
+                    (q[: len(t["thing_labels"])], i[: len(t["thing_labels"])])
+                    for (q, i), t in zip(selection, targets)
+                ]
+            else:
+                matches = self.matcher(
+                    pred_logits[d],
+                    pred_boxes[d],
+                    [t["thing_labels"] for t in targets],
+                    [t["thing_boxes"] for t in targets],
+                )
+            prefix = "" if last else f"d{d}."
+            for name, value in self._detection_losses(
+                pred_logits[d], pred_boxes[d], targets, matches, num_things
+            ).items():
+                losses[prefix + name] = lambda_things * value
+
+        for name, value in self._thing_mask_losses(outputs, targets, num_things).items():
+            losses[name] = lambda_things * value
+        for name, value in self._stuff_losses(outputs, targets, num_stuff).items():
+            losses[name] = lambda_stuff * value
+        return losses
+
+    def _detection_losses(
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        targets: Targets,
+        matches: Sequence[MatchIndices],
+        num_things: float,
+    ) -> Dict[str, Tensor]:
+        """Focal, L1 and GIoU losses of one location decoder layer; (N, Q, K), (N, Q, B)."""
+        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(matches)])
+        query_idx = torch.cat([q for q, _ in matches])
+        labels = torch.cat([t["thing_labels"][i] for t, (_, i) in zip(targets, matches)])
+        target_boxes = torch.cat([t["thing_boxes"][i] for t, (_, i) in zip(targets, matches)])
+        onehot = torch.zeros_like(logits)
+        onehot[batch_idx, query_idx, labels.to(logits.device)] = 1
+        matched = boxes[batch_idx, query_idx]
+        target_boxes = target_boxes.to(matched)
+        losses = {
+            "loss_cls": self.class_weight
+            * sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, num_things),
+            "loss_bbox": self.bbox_weight * l1_box_loss(matched, target_boxes, num_things),
+        }
+        if boxes.shape[-1] == 4:
+            losses["loss_giou"] = self.giou_weight * giou_loss(matched, target_boxes, num_things)
+        return losses
+
+    def _thing_mask_losses(
+        self, outputs: Dict[str, object], targets: Targets, num_things: float
+    ) -> Dict[str, Tensor]:
+        """Dice (and class) losses of the thing mask decoder, matched one to one."""
+        masks: List[Tensor] = outputs["thing_masks"]
+        logits: List[Tensor] = outputs["thing_logits"]
+        selection: List[MatchIndices] = outputs["selection"]
+        # Class and box of a selected query come from the location decoder's last layer.
+        last_logits, last_boxes = outputs["pred_logits"][-1], outputs["pred_boxes"][-1]
+        rows = [q.to(last_logits.device) for q, _ in selection]
+        final = [_upsample_x2(masks[-1][i, : len(q)]) for i, q in enumerate(rows)]
+        size = (2 * masks[-1].shape[-2], 2 * masks[-1].shape[-1])
+        resized = [_resize_targets(t["thing_masks"], size) for t in targets]
+        matches = self.mask_matcher(
+            [last_logits[i, q] for i, q in enumerate(rows)],
+            [last_boxes[i, q] for i, q in enumerate(rows)],
+            final,
+            [t["thing_labels"] for t in targets],
+            [t["thing_boxes"] for t in targets],
+            resized,
+        )
+        batch_idx = torch.cat([torch.full_like(r, i) for i, (r, _) in enumerate(matches)])
+        row_idx = torch.cat([r for r, _ in matches])
+        target_masks = torch.cat([m[t] for m, (_, t) in zip(resized, matches)])
+        labels = torch.cat([t["thing_labels"][i] for t, (_, i) in zip(targets, matches)])
+
+        losses = {}
+        for j, layer_masks in enumerate(masks):
+            name = "loss_mask_things" if j == len(masks) - 1 else f"t{j}.loss_mask_things"
+            pred = _upsample_x2(layer_masks[batch_idx, row_idx])
+            losses[name] = self.mask_weight * dice_loss(
+                pred, target_masks, num_normalizer=num_things
+            )
+        for j, layer_logits in enumerate(logits):
+            # Rows that only pad the batch are not queries: no class loss there.
+            valid = torch.zeros(
+                layer_logits.shape[:2], dtype=torch.bool, device=layer_logits.device
+            )
+            for i, q in enumerate(rows):
+                valid[i, : len(q)] = True
+            onehot = torch.zeros_like(layer_logits)
+            onehot[batch_idx, row_idx, labels.to(layer_logits.device)] = 1
+            focal = sigmoid_focal_loss(
+                layer_logits[valid], onehot[valid], self.focal_alpha, self.focal_gamma, num_things
+            )
+            losses[f"t{j}.loss_cls_things"] = self.thing_class_weight * focal
+        return losses
+
+    def _stuff_losses(
+        self, outputs: Dict[str, object], targets: Targets, num_stuff: float
+    ) -> Dict[str, Tensor]:
+        """Dice and presence losses of the class-fixed stuff queries."""
+        masks: List[Tensor] = outputs["stuff_masks"]
+        logits: List[Tensor] = outputs["stuff_logits"]
+        device = logits[0].device
+        size = (2 * masks[-1].shape[-2], 2 * masks[-1].shape[-1])
+        batch_idx = torch.cat(
+            [torch.full_like(t["stuff_labels"], i) for i, t in enumerate(targets)]
+        ).to(device)
+        class_idx = torch.cat([t["stuff_labels"] for t in targets]).to(device)
+        target_masks = torch.cat([_resize_targets(t["stuff_masks"], size) for t in targets])
+        present = torch.zeros_like(logits[0])
+        present[batch_idx, class_idx] = 1
+
+        losses = {}
+        for j, layer_masks in enumerate(masks):
+            name = "loss_mask_stuff" if j == len(masks) - 1 else f"s{j}.loss_mask_stuff"
+            # Only present classes have a target; absent ones have weight 0.
+            pred = _upsample_x2(layer_masks[batch_idx, class_idx])
+            losses[name] = self.mask_weight * dice_loss(
+                pred, target_masks, num_normalizer=num_stuff
+            )
+        for j, layer_logits in enumerate(logits):
+            focal = sigmoid_focal_loss(
+                layer_logits, present, self.focal_alpha, self.focal_gamma, num_stuff
+            )
+            losses[f"s{j}.loss_cls_stuff"] = self.class_weight * self.stuff_class_factor * focal
+        return losses
