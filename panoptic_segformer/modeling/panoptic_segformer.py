@@ -12,6 +12,7 @@ Q thing queries, K thing classes, Z stuff classes, k kept thing queries at infer
 H1 x W1 the stride-8 level.
 """
 
+import inspect
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -32,12 +33,29 @@ from panoptic_segformer.modeling.neck import ChannelMapper
 from panoptic_segformer.modeling.position_encoding import PositionEmbeddingSine
 from panoptic_segformer.modeling.postprocessing import (
     instance_results,
+    mask_wise_candidates,
     mask_wise_merging,
     pixel_wise_argmax,
     semantic_map,
 )
 
 MERGERS = {"mask_wise": mask_wise_merging, "pixel_argmax": pixel_wise_argmax}
+RESULT_TYPES = ("panoptic_seg", "instances", "sem_seg")
+
+
+def _merge_options(merge: str, overrides: Dict[str, float]) -> Dict[str, float]:
+    """The keyword arguments of the merging function, defaults filled in, names checked."""
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(MERGERS[merge]).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"unknown options {unknown} for merge={merge!r}; known: {sorted(defaults)}"
+        )
+    return {**defaults, **overrides}
 
 
 class PanopticSegFormer(nn.Module):
@@ -59,6 +77,8 @@ class PanopticSegFormer(nn.Module):
             (paper Table 10); None runs every layer and the tail.
         merge: "mask_wise" (Algorithm 1) or "pixel_argmax" (paper Table 7).
         merge_kwargs: keyword arguments of the merging function (thresholds, alpha, beta).
+        result_types: what :meth:`postprocess` returns, any of "panoptic_seg", "instances"
+            and "sem_seg".
     """
 
     def __init__(
@@ -76,10 +96,16 @@ class PanopticSegFormer(nn.Module):
         mask_decoder_layers: Optional[int] = None,
         merge: str = "mask_wise",
         merge_kwargs: Optional[Dict[str, float]] = None,
+        result_types: Sequence[str] = RESULT_TYPES,
     ) -> None:
         super().__init__()
         if merge not in MERGERS:
             raise ValueError(f"merge must be one of {sorted(MERGERS)}, got {merge!r}")
+        unknown = sorted(set(result_types) - set(RESULT_TYPES))
+        if unknown or not result_types:
+            raise ValueError(
+                f"result_types must be a non-empty subset of {RESULT_TYPES}, got {result_types}"
+            )
         if max_detections < 1:
             raise ValueError(f"max_detections must be positive, got {max_detections}")
         self.backbone = backbone
@@ -94,7 +120,8 @@ class PanopticSegFormer(nn.Module):
         self.max_detections = max_detections
         self.mask_decoder_layers = mask_decoder_layers
         self.merge = merge
-        self.merge_kwargs = dict(merge_kwargs or {})
+        self.merge_kwargs = _merge_options(merge, dict(merge_kwargs or {}))
+        self.result_types = tuple(result_types)
         d_model = location_decoder.d_model
         num_levels = len(neck.lateral_convs) + len(neck.extra_convs)
         self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
@@ -235,7 +262,8 @@ class PanopticSegFormer(nn.Module):
         """Per-image panoptic, instance and semantic results from :meth:`forward` outputs.
 
         Masks are cropped to the valid image at stride 8 and resized to the output size in one
-        bilinear step (as the authors do), then merged.
+        bilinear step (as the authors do), then merged. Only the queries that can survive the
+        merging are resized for it (:func:`mask_wise_candidates`, an exact pre-filter).
 
         Args:
             outputs: the inference outputs of :meth:`forward`.
@@ -245,9 +273,10 @@ class PanopticSegFormer(nn.Module):
                 ``image_sizes``.
 
         Returns:
-            per image a dict with ``panoptic_seg`` (the (H, W) int32 map and segments_info;
-            category ids are contiguous: things [0, K), stuff K + [0, Z)), ``instances``
-            (:class:`InstanceResults` of the thing queries) and ``sem_seg`` ((K + Z, H, W)).
+            per image a dict with the model's ``result_types``: ``panoptic_seg`` (the (H, W)
+            int32 map and segments_info; category ids are contiguous: things [0, K), stuff
+            K + [0, Z)), ``instances`` (:class:`InstanceResults` of the thing queries) and
+            ``sem_seg`` ((K + Z, H, W) scores).
         """
         output_sizes = image_sizes if output_sizes is None else output_sizes
         num_images = outputs["thing_masks"].shape[0]
@@ -257,36 +286,64 @@ class PanopticSegFormer(nn.Module):
                 f"{len(output_sizes)} output sizes"
             )
         mask_h, mask_w = outputs["thing_masks"].shape[-2:]
+        num_kept = outputs["thing_scores"].shape[1]
+        stuff_labels = torch.arange(self.num_stuff_classes, device=outputs["stuff_scores"].device)
         results = []
         for i, ((h, w), out_size) in enumerate(zip(image_sizes, output_sizes)):
-            # (k + Z, H1, W1): the valid part at stride 8, then one resize to the output
+            # (k + Z, H1, W1) cropped to the valid part at stride 8
             masks = torch.cat([outputs["thing_masks"][i], outputs["stuff_masks"][i]])
-            crop_h = math.ceil(h * mask_h / padded_size[0])
-            crop_w = math.ceil(w * mask_w / padded_size[1])
-            masks = F.interpolate(
-                masks[None, :, :crop_h, :crop_w], size=tuple(out_size), mode="bilinear"
-            )[0]
-            num_kept = outputs["thing_scores"].shape[1]
+            masks = masks[
+                :,
+                : math.ceil(h * mask_h / padded_size[0]),
+                : math.ceil(w * mask_w / padded_size[1]),
+            ]
             scores = torch.cat([outputs["thing_scores"][i], outputs["stuff_scores"][i]])
-            stuff_labels = torch.arange(self.num_stuff_classes, device=scores.device)
             labels = torch.cat([outputs["thing_labels"][i], stuff_labels + self.num_thing_classes])
             is_thing = torch.arange(len(scores), device=scores.device) < num_kept
-            panoptic = MERGERS[self.merge](masks, scores, labels, is_thing, **self.merge_kwargs)
-            results.append(
-                {
-                    "panoptic_seg": panoptic,
-                    "instances": instance_results(
-                        masks[:num_kept],
-                        scores[:num_kept],
-                        labels[:num_kept],
-                        max_detections=self.max_detections,
-                    ),
-                    "sem_seg": semantic_map(
-                        masks, scores, labels, self.num_thing_classes + self.num_stuff_classes
-                    ),
-                }
-            )
+
+            def resize(x: Tensor) -> Tensor:
+                if x.shape[0] == 0:
+                    return x.new_zeros((0, *out_size))
+                return F.interpolate(x[None], size=tuple(out_size), mode="bilinear")[0]
+
+            # semantic and instance results read every query: resize them all once
+            resized = resize(masks) if {"instances", "sem_seg"} & set(self.result_types) else None
+            result = {}
+            if "panoptic_seg" in self.result_types:
+                keep = self._merge_candidates(masks, scores, is_thing)
+                kept = resized[keep] if resized is not None else resize(masks[keep])
+                merge = MERGERS[self.merge]
+                result["panoptic_seg"] = merge(
+                    kept, scores[keep], labels[keep], is_thing[keep], **self.merge_kwargs
+                )
+            if "instances" in self.result_types:
+                result["instances"] = instance_results(
+                    resized[:num_kept],
+                    scores[:num_kept],
+                    labels[:num_kept],
+                    max_detections=self.max_detections,
+                )
+            if "sem_seg" in self.result_types:
+                num_classes = self.num_thing_classes + self.num_stuff_classes
+                result["sem_seg"] = semantic_map(resized, scores, labels, num_classes)
+            results.append(result)
         return results
+
+    def _merge_candidates(self, masks: Tensor, scores: Tensor, is_thing: Tensor) -> Tensor:
+        """(Q,) bool: the queries the merging could keep, decided before resizing."""
+        options = self.merge_kwargs
+        if self.merge == "pixel_argmax":
+            return scores >= options["score_threshold"]
+        names = (
+            "alpha",
+            "beta",
+            "thing_score_threshold",
+            "stuff_score_threshold",
+            "mask_threshold",
+        )
+        # (Q, h, w) -> (Q,) largest value of each mask
+        peak = masks.flatten(1).amax(dim=1)
+        return mask_wise_candidates(peak, scores, is_thing, **{n: options[n] for n in names})
 
 
 def build_panoptic_segformer(

@@ -22,6 +22,7 @@ from panoptic_segformer.modeling.box_ops import masks_to_boxes
 __all__ = [
     "InstanceResults",
     "instance_results",
+    "mask_wise_candidates",
     "mask_wise_merging",
     "pixel_wise_argmax",
     "semantic_map",
@@ -228,6 +229,47 @@ def mask_wise_merging(
         panoptic_seg[free] = segment_id
         occupied |= free
     return panoptic_seg, segments.info
+
+
+def mask_wise_candidates(
+    max_mask_values: Tensor,
+    scores: Tensor,
+    is_thing: Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 2.0,
+    thing_score_threshold: float = 0.25,
+    stuff_score_threshold: float = 0.25,
+    mask_threshold: float = 0.5,
+) -> Tensor:
+    """Queries that may pass :func:`mask_wise_merging`'s confidence and empty-mask tests.
+
+    Exact pre-filter from an upper bound of each mask: bilinear resizing only averages values,
+    so a resized mask never exceeds the largest value of the low-resolution one, and neither
+    does its mask score. A query whose p^alpha * max^beta is below its score threshold, or
+    whose max is not above ``mask_threshold``, is skipped by the merging whatever the output
+    size, so it need not be resized at all. Merging the candidates alone gives the same result
+    as merging every query.
+
+    Args:
+        max_mask_values (Tensor): (Q,) largest mask value of each query before resizing.
+        scores (Tensor): (Q,) class probabilities p.
+        is_thing (Tensor): (Q,) bool.
+        alpha, beta, thing_score_threshold, stuff_score_threshold, mask_threshold: as in
+            :func:`mask_wise_merging`.
+
+    Returns:
+        Tensor: (Q,) bool, True for the queries to keep.
+    """
+    # a little slack for float rounding in the resize
+    bound = max_mask_values.to(torch.float32).clamp(min=0) * (1 + 1e-5)
+    confidence_bound = scores.to(torch.float32).pow(alpha) * bound.pow(beta)
+    threshold = torch.where(
+        is_thing,
+        torch.tensor(thing_score_threshold, device=scores.device),
+        torch.tensor(stuff_score_threshold, device=scores.device),
+    )
+    return (confidence_bound >= threshold) & (bound > mask_threshold)
 
 
 def pixel_wise_argmax(

@@ -180,3 +180,22 @@ def test_inference_only_model_and_errors():
         model(images[0])
     with pytest.raises(ValueError, match=r"padding_mask must be \(2, 64, 96\), got \(2, 64, 95\)"):
         model(images, padding[..., :-1])
+
+
+def test_result_types_and_merge_options():
+    torch.manual_seed(0)
+    images, padding, _ = synthetic_batch()
+    model = tiny_model(result_types=["panoptic_seg"], merge_kwargs={"thing_score_threshold": 0.0})
+    model.eval()
+    with torch.no_grad():
+        out = model(images, padding)
+    # raise the masks so that every query passes the pre-filter and merging keeps some
+    out["thing_masks"] = out["thing_masks"] + 1
+    results = model.postprocess(out, (64, 96), [(64, 96), (48, 80)])
+    assert [set(r) for r in results] == [{"panoptic_seg"}] * 2
+    assert any(info["isthing"] for info in results[0]["panoptic_seg"][1])
+    assert model.merge_kwargs["stuff_overlap_threshold"] == 0.2  # defaults filled in
+    with pytest.raises(ValueError, match=r"unknown options \['score_threshold'\] for merge="):
+        tiny_model(merge_kwargs={"score_threshold": 0.1})
+    with pytest.raises(ValueError, match="result_types must be a non-empty subset"):
+        tiny_model(result_types=["panoptic"])

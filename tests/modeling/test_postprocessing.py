@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from panoptic_segformer.modeling.postprocessing import (
+    _mask_quality,
     instance_results,
+    mask_wise_candidates,
     mask_wise_merging,
     pixel_wise_argmax,
     semantic_map,
@@ -320,3 +322,26 @@ def test_bad_inputs_raise():
         semantic_map(masks, scores, labels, num_classes=0)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 2\), got values in \[1, 2\]"):
         semantic_map(masks, scores, labels, num_classes=2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_candidates_prefilter_is_exact(seed):
+    # merging only the pre-filtered queries gives exactly the result of merging all of them
+    g = torch.Generator().manual_seed(seed)
+    num_queries = 40
+    low = (torch.randn(num_queries, 6, 9, generator=g) * 0.25 + 0.2).relu()
+    low[:5] *= 3  # a few masks well above 1: mask scores above 1 too
+    scores = torch.rand(num_queries, generator=g) ** 2
+    labels = torch.randint(0, 6, (num_queries,), generator=g)
+    is_thing = labels < 3
+    full = torch.nn.functional.interpolate(low[None], size=(45, 70), mode="bilinear")[0]
+    keep = mask_wise_candidates(low.flatten(1).amax(1), scores, is_thing)
+    assert 0 < int(keep.sum()) < num_queries  # the filter does something here
+    seg_all, info_all = mask_wise_merging(full, scores, labels, is_thing)
+    seg_kept, info_kept = mask_wise_merging(full[keep], scores[keep], labels[keep], is_thing[keep])
+    assert torch.equal(seg_all, seg_kept)
+    assert info_all == info_kept
+    # every query it drops is one the merging skips: its confidence is under the threshold
+    _, _, mask_scores = _mask_quality(full, 0.5)
+    confidence = scores * mask_scores**2
+    assert torch.all((confidence[~keep] < 0.25) | ((full[~keep] > 0.5).flatten(1).sum(1) == 0))
