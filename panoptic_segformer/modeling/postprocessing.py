@@ -80,28 +80,54 @@ def _check_queries(
         )
 
 
-def _mask_quality(mask_logits: Tensor, mask_threshold: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Binary masks, their areas and the average mask value inside them.
+class _Quality(NamedTuple):
+    binary: Tensor  # (Q, H, W) bool, mask value above the threshold
+    areas: Tensor  # (Q,) int64 pixel counts of binary
+    mask_scores: Tensor  # (Q,) float32, sum(m * binary) / (area + 1)
+    rows: Tensor  # (Q, H) bool, rows holding a pixel of binary
+    cols: Tensor  # (Q, W) bool, columns holding a pixel of binary
+
+
+# Queries per block in _mask_quality: a few full-size masks and their temporaries fit in the
+# CPU's last-level cache, so each mask is read from memory once (about 2x faster at 800x1333).
+_QUALITY_BLOCK = 4
+
+
+def _mask_quality(mask_logits: Tensor, mask_threshold: float) -> _Quality:
+    """Binary masks, their areas, extents and the average mask value inside them.
 
     Args:
         mask_logits (Tensor): (Q, H, W) mask values.
         mask_threshold: a pixel belongs to the mask where its value is strictly above this.
-
-    Returns:
-        binary (Tensor): (Q, H, W) bool.
-        areas (Tensor): (Q,) int64 pixel counts of ``binary``.
-        mask_scores (Tensor): (Q,) float32, sum(m * binary) / (area + 1).
     """
-    binary = mask_logits > mask_threshold
-    areas = binary.flatten(1).sum(dim=1)  # (Q, H*W) -> (Q,)
-    # m * binary in one pass (x if x > threshold else 0), about 2x faster than multiplying by
-    # the bool mask
-    inside = (
-        F.threshold(mask_logits, mask_threshold, 0.0).flatten(1).sum(dim=1, dtype=torch.float32)
-    )
+    num_queries = mask_logits.shape[0]
+    binary = torch.empty(mask_logits.shape, dtype=torch.bool, device=mask_logits.device)
+    areas = mask_logits.new_empty(num_queries, dtype=torch.int64)
+    inside = mask_logits.new_empty(num_queries, dtype=torch.float32)
+    rows = mask_logits.new_empty(mask_logits.shape[:2], dtype=torch.bool)
+    cols = mask_logits.new_empty((num_queries, mask_logits.shape[2]), dtype=torch.bool)
+    for start in range(0, num_queries, _QUALITY_BLOCK):
+        block = slice(start, start + _QUALITY_BLOCK)
+        values = mask_logits[block]
+        torch.gt(values, mask_threshold, out=binary[block])
+        # bool reductions go through int64; a uint8 view with an int32 sum is faster
+        as_bytes = binary[block].view(torch.uint8)
+        areas[block] = as_bytes.flatten(1).sum(dim=1, dtype=torch.int32)  # (B, H*W) -> (B,)
+        # m * binary in one pass (x if x > threshold else 0)
+        inside[block] = (
+            F.threshold(values, mask_threshold, 0.0).flatten(1).sum(1, dtype=torch.float32)
+        )
+        rows[block] = as_bytes.amax(dim=2).bool()
+        cols[block] = as_bytes.amax(dim=1).bool()
     # "average" of Eq. (6); the "+1" in the denominator is the authors' code (guards empty masks)
     mask_scores = inside / (areas.to(torch.float32) + 1.0)
-    return binary, areas, mask_scores
+    return _Quality(binary, areas, mask_scores, rows, cols)
+
+
+def _extent(present: Tensor) -> Tuple[int, int]:
+    """First and one-past-last index of the True entries of a non-empty 1-D bool tensor."""
+    index = present.nonzero()
+    return int(index[0]), int(index[-1]) + 1
 
 
 class _Segments:
@@ -196,7 +222,8 @@ def mask_wise_merging(
     if mask_logits.shape[0] == 0:
         return panoptic_seg, []
 
-    binary, areas, mask_scores = _mask_quality(mask_logits, mask_threshold)
+    quality = _mask_quality(mask_logits, mask_threshold)
+    binary, areas, mask_scores = quality.binary, quality.areas, quality.mask_scores
     # Eq. (6) of the paper
     confidence = scores.to(torch.float32).pow(alpha) * mask_scores.pow(beta)
     score_threshold = torch.where(
@@ -219,15 +246,19 @@ def mask_wise_merging(
     segments = _Segments()
     for query in order_list:
         area, isthing, category = areas_list[query], is_thing_list[query], labels_list[query]
-        free = binary[query] & ~occupied
-        overlap = area - int(free.sum())
+        # Only the mask's bounding box can change: work on that window.
+        y0, y1 = _extent(quality.rows[query])
+        x0, x1 = _extent(quality.cols[query])
+        window = (slice(y0, y1), slice(x0, x1))
+        free = binary[query][window] & ~occupied[window]
+        overlap = area - int(free.count_nonzero())
         overlap_threshold = thing_overlap_threshold if isthing else stuff_overlap_threshold
         # the t_keep test of Algorithm 1, written as the authors' code writes it
         if overlap / area > overlap_threshold:
             continue
         segment_id = segments.id_for(category, isthing, confidence_list[query])
-        panoptic_seg[free] = segment_id
-        occupied |= free
+        panoptic_seg[window][free] = segment_id
+        occupied[window] |= free
     return panoptic_seg, segments.info
 
 
@@ -373,7 +404,8 @@ def instance_results(
     if max_detections < 0:
         raise ValueError(f"max_detections must be >= 0, got {max_detections}")
 
-    binary, _, mask_scores = _mask_quality(mask_logits, mask_threshold)
+    quality = _mask_quality(mask_logits, mask_threshold)
+    binary, mask_scores = quality.binary, quality.mask_scores
     detection_scores = scores.to(torch.float32) * mask_scores
     num_kept = min(max_detections, detection_scores.numel())
     top_scores, top = detection_scores.topk(num_kept, sorted=True)

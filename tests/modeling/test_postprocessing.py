@@ -342,6 +342,6 @@ def test_candidates_prefilter_is_exact(seed):
     assert torch.equal(seg_all, seg_kept)
     assert info_all == info_kept
     # every query it drops is one the merging skips: its confidence is under the threshold
-    _, _, mask_scores = _mask_quality(full, 0.5)
+    mask_scores = _mask_quality(full, 0.5).mask_scores
     confidence = scores * mask_scores**2
     assert torch.all((confidence[~keep] < 0.25) | ((full[~keep] > 0.5).flatten(1).sum(1) == 0))
