@@ -163,7 +163,7 @@ def test_default_thing_class_loss_is_zero_but_connected():
     model = tiny_model()
     images, padding, targets = synthetic_batch()
     losses = model(images, padding, targets)
-    assert float(losses["t0.loss_cls_things"]) == 0.0
+    assert float(losses["t0.loss_cls_things"].detach()) == 0.0
     sum(losses.values()).backward()
     head = model.mask_decoder.thing_class_heads[0]
     assert head.weight.grad is not None and not head.weight.grad.any()
@@ -199,3 +199,25 @@ def test_result_types_and_merge_options():
         tiny_model(merge_kwargs={"score_threshold": 0.1})
     with pytest.raises(ValueError, match="result_types must be a non-empty subset"):
         tiny_model(result_types=["panoptic"])
+
+
+@pytest.mark.parametrize(
+    "backbone,count,published",
+    [
+        ("resnet50", 50_741_452, 51.0e6),
+        ("resnet101", 69_733_580, 69.9e6),
+        ("swin_large", 220_822_176, 221.4e6),
+        ("pvt_v2_b5", 104_465_740, 104.9e6),
+    ],
+)
+def test_parameter_counts_match_table_1(backbone, count, published):
+    # Table 1 of the paper; the models are built on the meta device (no memory, no init time)
+    from panoptic_segformer.modeling.backbone import build_backbone, count_parameters
+
+    if backbone.startswith(("swin", "pvt")):
+        pytest.importorskip("timm", reason="timm is needed for the Swin-L and PVTv2-B5 backbones")
+    with torch.device("meta"):
+        net = build_backbone(backbone)
+        model = build_panoptic_segformer(net, net.out_channels, with_criterion=False)
+    assert count_parameters(model) == count
+    assert abs(count / published - 1) < 0.01
