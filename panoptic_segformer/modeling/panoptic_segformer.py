@@ -35,6 +35,7 @@ from panoptic_segformer.modeling.postprocessing import (
     instance_results,
     mask_wise_candidates,
     mask_wise_merging,
+    mask_wise_merging_resized,
     pixel_wise_argmax,
     semantic_map,
 )
@@ -311,11 +312,18 @@ class PanopticSegFormer(nn.Module):
             result = {}
             if "panoptic_seg" in self.result_types:
                 keep = self._merge_candidates(masks, scores, is_thing)
-                kept = resized[keep] if resized is not None else resize(masks[keep])
-                merge = MERGERS[self.merge]
-                result["panoptic_seg"] = merge(
-                    kept, scores[keep], labels[keep], is_thing[keep], **self.merge_kwargs
-                )
+                chosen = (scores[keep], labels[keep], is_thing[keep])
+                if resized is not None:
+                    merge = MERGERS[self.merge]
+                    result["panoptic_seg"] = merge(resized[keep], *chosen, **self.merge_kwargs)
+                elif self.merge == "mask_wise":  # resize and merge block by block
+                    result["panoptic_seg"] = mask_wise_merging_resized(
+                        masks[keep], tuple(out_size), *chosen, **self.merge_kwargs
+                    )
+                else:
+                    result["panoptic_seg"] = pixel_wise_argmax(
+                        resize(masks[keep]), *chosen, **self.merge_kwargs
+                    )
             if "instances" in self.result_types:
                 result["instances"] = instance_results(
                     resized[:num_kept],

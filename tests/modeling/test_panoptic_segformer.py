@@ -194,6 +194,12 @@ def test_result_types_and_merge_options():
     results = model.postprocess(out, (64, 96), [(64, 96), (48, 80)])
     assert [set(r) for r in results] == [{"panoptic_seg"}] * 2
     assert any(info["isthing"] for info in results[0]["panoptic_seg"][1])
+    # the block-by-block resize of the panoptic-only path gives the same segmentation
+    model.result_types = ("panoptic_seg", "sem_seg")
+    both = model.postprocess(out, (64, 96), [(64, 96), (48, 80)])
+    for alone, with_sem in zip(results, both):
+        assert torch.equal(alone["panoptic_seg"][0], with_sem["panoptic_seg"][0])
+        assert alone["panoptic_seg"][1] == with_sem["panoptic_seg"][1]
     assert model.merge_kwargs["stuff_overlap_threshold"] == 0.2  # defaults filled in
     with pytest.raises(ValueError, match=r"unknown options \['score_threshold'\] for merge="):
         tiny_model(merge_kwargs={"score_threshold": 0.1})

@@ -9,6 +9,7 @@ from panoptic_segformer.modeling.postprocessing import (
     instance_results,
     mask_wise_candidates,
     mask_wise_merging,
+    mask_wise_merging_resized,
     pixel_wise_argmax,
     semantic_map,
 )
@@ -345,3 +346,21 @@ def test_candidates_prefilter_is_exact(seed):
     mask_scores = _mask_quality(full, 0.5).mask_scores
     confidence = scores * mask_scores**2
     assert torch.all((confidence[~keep] < 0.25) | ((full[~keep] > 0.5).flatten(1).sum(1) == 0))
+
+
+def test_resized_merging_equals_resizing_first():
+    g = torch.Generator().manual_seed(3)
+    low = (torch.randn(11, 5, 7, generator=g) * 0.4 + 0.4).relu()
+    scores = torch.rand(11, generator=g)
+    labels = torch.randint(0, 4, (11,), generator=g)
+    is_thing = labels < 2
+    full = torch.nn.functional.interpolate(low[None], size=(37, 51), mode="bilinear")[0]
+    options = dict(thing_score_threshold=0.1, stuff_overlap_threshold=0.3)
+    expected = mask_wise_merging(full, scores, labels, is_thing, **options)
+    got = mask_wise_merging_resized(low, (37, 51), scores, labels, is_thing, **options)
+    assert len(expected[1]) >= 2
+    assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+    with pytest.raises(ValueError, match=r"unknown options \['beta2'\]"):
+        mask_wise_merging_resized(low, (37, 51), scores, labels, is_thing, beta2=1.0)
+    with pytest.raises(ValueError, match="mask_threshold must be in"):
+        mask_wise_merging_resized(low, (37, 51), scores, labels, is_thing, mask_threshold=2.0)
