@@ -1,1 +1,21 @@
-"""Panoptic SegFormer modules: neck, encoder, decoders, criterion and post-processing."""
+"""Panoptic SegFormer modules: backbones, neck, encoder, decoders, criterion, post-processing.
+
+The entry points: :func:`build_panoptic_segformer` (the model from a backbone),
+:func:`build_backbone`, :class:`PanopticSegFormerCriterion` and :func:`split_targets`.
+"""
+
+from panoptic_segformer.modeling.backbone import build_backbone, count_parameters
+from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion, split_targets
+from panoptic_segformer.modeling.panoptic_segformer import (
+    PanopticSegFormer,
+    build_panoptic_segformer,
+)
+
+__all__ = [
+    "PanopticSegFormer",
+    "PanopticSegFormerCriterion",
+    "build_backbone",
+    "build_panoptic_segformer",
+    "count_parameters",
+    "split_targets",
+]
