@@ -72,7 +72,11 @@ setup(
     packages=find_packages(exclude=("tests", "tests.*", "tools", "configs", "demo")),
     package_data={"panoptic_segformer.layers": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h"]},
     install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "scipy", "ninja"],
-    extras_require={"test": ["pytest>=7", "timm>=0.9"], "timm": ["timm>=0.9"]},
+    extras_require={
+        "test": ["pytest>=7", "timm>=0.9", "fvcore"],
+        "timm": ["timm>=0.9"],
+        "benchmark": ["fvcore"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

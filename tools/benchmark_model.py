@@ -1,0 +1,356 @@
+#!/usr/bin/env python
+"""Parameters, FLOPs and per-stage inference time of Panoptic SegFormer (paper Table 1).
+
+The model is built untrained, inference-only (no criterion), and run on one random image of
+--height x --width (default 800x1333, the paper's test size), batch 1, no padding.
+
+Parameter table (millions): backbone, neck + encoder (ChannelMapper, deformable encoder and the
+level embedding), location decoder, mask decoder (thing and stuff stacks, their class heads and
+the stuff queries), total, the paper's Table 1 value and the relative difference. Frozen
+batch-norm affine weights count as parameters, as in mmdet (the authors' code), where they are
+``nn.Parameter``s with ``requires_grad=False``.
+
+Stage table, for two runs of the same model: keeping the authors' 100 thing queries (100 + 53
+stuff = 153 masks) and keeping 300 (353 masks):
+  GFLOPs  fvcore's count (1 FLOP = 1 multiply-add) of the 153-mask run.
+  ms      median wall time over --reps runs after --warmup, under torch.inference_mode; stages
+          are split by forward hooks at the end of the backbone, encoder and location decoder
+          (neck + encoder also holds the position encoding and flattening; mask decoder also
+          the top-k selection of thing queries); on CUDA every boundary synchronises.
+  %       share of the stage in the total, post-processing included.
+Post-processing (``PanopticSegFormer.postprocess`` with --result-types, by default panoptic,
+instance and semantic results, at the input size) runs on outputs of the model's shapes in which
+every query passes the merging's score and area tests (scores 1, mask values uniform in [0, 1]):
+an untrained model's scores (about 0.01, the focal prior) would let no query reach the merging
+and understate its cost. The last line checks the bar: post-processing of 353 queries under 10 %
+of the model's inference time (backbone to mask decoder, same run).
+
+Examples:
+  python tools/benchmark_model.py --params-only          # parameters of all four backbones
+  python tools/benchmark_model.py                        # R50 on the CPU, 800x1333
+  python tools/benchmark_model.py --result-types panoptic_seg   # panoptic results only
+  python tools/benchmark_model.py --device cuda --reps 20 --warmup 5 --json r50.json
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+from unittest import mock
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from panoptic_segformer.layers.ms_deform_attn_func import IMPLEMENTATION_ENV  # noqa: E402
+from panoptic_segformer.modeling.backbone import build_backbone, count_parameters  # noqa: E402
+from panoptic_segformer.modeling.panoptic_segformer import (  # noqa: E402
+    RESULT_TYPES,
+    PanopticSegFormer,
+    build_panoptic_segformer,
+)
+
+# Table 1 of the paper: millions of parameters, and GFLOPs at 800x1333 (given for R50 only).
+PAPER_PARAMS = {"resnet50": 51.0, "resnet101": 69.9, "swin_large": 221.4, "pvt_v2_b5": 104.9}
+PAPER_GFLOPS = {"resnet50": 214.0}
+STAGES = ["backbone", "neck + encoder", "location decoder", "mask decoder"]
+POSTPROCESS = "post-processing"
+# thing queries kept at inference: the authors' 100, and 300 for the 353-query acceptance bar
+DETECTIONS = (100, 300)
+POSTPROCESS_BAR = 10.0  # % of the model's inference time that post-processing may take
+
+
+def build_model(backbone: str, **inference_kwargs: object) -> PanopticSegFormer:
+    net = build_backbone(backbone)
+    model = build_panoptic_segformer(
+        net, net.out_channels, with_criterion=False, **inference_kwargs
+    )
+    return model.eval()
+
+
+def parameter_row(backbone: str, model: PanopticSegFormer) -> Dict[str, object]:
+    parts = {
+        "backbone": count_parameters(model.backbone),
+        "neck + encoder": count_parameters(model.neck)
+        + count_parameters(model.encoder)
+        + model.level_embed.numel(),
+        "location decoder": count_parameters(model.location_decoder),
+        "mask decoder": count_parameters(model.mask_decoder),
+    }
+    row = {"backbone_name": backbone, **{k: v / 1e6 for k, v in parts.items()}}
+    row["total"] = count_parameters(model) / 1e6
+    row["paper"] = PAPER_PARAMS.get(backbone)
+    return row
+
+
+def _relative(value: float, reference: Optional[float]) -> str:
+    return f"{100 * (value - reference) / reference:+.1f} %" if reference else "-"
+
+
+def _print_markdown(header: List[str], lines: List[List[str]]) -> None:
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    rules = [":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]]
+    print("|" + "|".join(rules) + "|")
+    for line in lines:
+        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]
+        print("| " + " | ".join(cells) + " |")
+
+
+def print_parameters(rows: List[Dict[str, object]]) -> None:
+    print("\nParameters (M), frozen BN affine weights included")
+    header = ["model", *STAGES, "total", "paper", "difference"]
+    lines = [
+        [r["backbone_name"], *(f"{r[k]:.2f}" for k in [*STAGES, "total"])]
+        + [f"{r['paper']:.1f}" if r["paper"] else "-", _relative(r["total"], r["paper"])]
+        for r in rows
+    ]
+    _print_markdown(header, lines)
+
+
+def _sizes(value) -> List[int]:
+    return value.type().sizes()  # shape of a traced value
+
+
+def _sampler_flops(inputs, outputs) -> int:
+    # bilinear: 4 multiply-adds per output element, N * C * out_points * 4 (fvcore's default too)
+    return 4 * math.prod(_sizes(outputs[0]))
+
+
+def _sdpa_flops(inputs, outputs) -> int:
+    # softmax(Q K^T) V: L * S * (E + Ev) multiply-adds per batch and head
+    q, k, v = (_sizes(x) for x in inputs[:3])
+    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def _native_mha_flops(inputs, outputs) -> int:
+    # nn.MultiheadAttention's inference fast path: in-projections, attention, out-projection
+    (n, lq, e), (_, s, _) = _sizes(inputs[0]), _sizes(inputs[1])
+    return n * ((lq + 2 * s) * e * e + 2 * lq * s * e + lq * e * e)
+
+
+# ops of this model that fvcore (0.1.5) has no handle for, or counts another way
+FLOP_HANDLES = {
+    "aten::grid_sampler": _sampler_flops,
+    "aten::scaled_dot_product_attention": _sdpa_flops,
+    "aten::_native_multi_head_attention": _native_mha_flops,
+}
+
+
+def count_flops(model: PanopticSegFormer, images: Tensor, mask: Tensor) -> Optional[Dict]:
+    """fvcore FLOPs (multiply-adds) per stage, the total and the ops fvcore could not count; None
+    when fvcore is not installed. Traced with the PyTorch deformable-attention path, whose
+    grid_sample fvcore can count (the CUDA kernel is opaque to it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fvcore's use of the deprecated torch.jit.script
+            from fvcore.nn import FlopCountAnalysis
+    except ImportError:
+        return None
+    with mock.patch.dict(os.environ, {IMPLEMENTATION_ENV: "pytorch"}):
+        analysis = FlopCountAnalysis(model, (images, mask)).set_op_handle(**FLOP_HANDLES)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit's deprecation warnings while tracing
+            by_module, total = analysis.by_module(), analysis.total()
+            skipped = sorted(analysis.unsupported_ops())
+    stages = {
+        "backbone": by_module["backbone"],
+        "location decoder": by_module["location_decoder"],
+        "mask decoder": by_module["mask_decoder"],
+    }
+    # the rest of the forward (neck, encoder, position encoding, flattening)
+    stages["neck + encoder"] = total - sum(stages.values())
+    gflops = {k: v / 1e9 for k, v in stages.items()}
+    return {"stages": gflops, "total": total / 1e9, "skipped": skipped}
+
+
+def _now(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def time_forward(
+    model: PanopticSegFormer, images: Tensor, mask: Tensor, device: str
+) -> Tuple[Dict[str, float], Dict[str, Tensor]]:
+    """One forward; milliseconds per stage, split where the hooked modules return."""
+    marks = [_now(device)]
+    hooks = [
+        module.register_forward_hook(lambda *_: marks.append(_now(device)))
+        for module in (model.backbone, model.encoder, model.location_decoder)
+    ]
+    try:
+        outputs = model(images, mask)
+        marks.append(_now(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {s: (b - a) * 1e3 for s, a, b in zip(STAGES, marks, marks[1:])}, outputs
+
+
+def dense_outputs(outputs: Dict[str, Tensor], seed: int = 0) -> Dict[str, Tensor]:
+    """Outputs of the same shapes in which every query passes the merging's score and area tests."""
+    g = torch.Generator().manual_seed(seed)
+    dense = dict(outputs)
+    for key in ("thing_masks", "stuff_masks"):
+        dense[key] = torch.rand(outputs[key].shape, generator=g).to(outputs[key].device)
+    for key in ("thing_scores", "stuff_scores"):
+        dense[key] = torch.ones_like(outputs[key])
+    return dense
+
+
+def time_stages(
+    model: PanopticSegFormer, images: Tensor, mask: Tensor, device: str, warmup: int, reps: int
+) -> Dict[str, float]:
+    """Median milliseconds of every stage and of post-processing."""
+    size = tuple(images.shape[-2:])
+    samples: Dict[str, List[float]] = {s: [] for s in [*STAGES, POSTPROCESS]}
+    with torch.inference_mode():
+        for rep in range(warmup + reps):
+            stage_ms, outputs = time_forward(model, images, mask, device)
+            dense = dense_outputs(outputs)
+            start = _now(device)
+            model.postprocess(dense, size, [size])
+            stage_ms[POSTPROCESS] = (_now(device) - start) * 1e3
+            if rep >= warmup:
+                for stage, ms in stage_ms.items():
+                    samples[stage].append(ms)
+    return {stage: statistics.median(ms) for stage, ms in samples.items()}
+
+
+def peak_memory_gib(device: str) -> float:
+    """Peak CUDA allocation, or on the CPU the peak resident set of this process (Linux: KiB)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def print_stages(
+    timing: Dict[int, Dict[str, float]], flops: Optional[Dict], num_stuff: int
+) -> None:
+    header = ["stage", "GFLOPs"]
+    header += [f"{h} ({k + num_stuff} masks)" for k in timing for h in ("ms", "%")]
+    totals = {k: sum(ms.values()) for k, ms in timing.items()}
+    lines = []
+    for stage in [*STAGES, POSTPROCESS, "total"]:
+        line = [stage, f"{flops['stages'][stage]:.1f}" if flops and stage in STAGES else "-"]
+        if stage == "total" and flops:
+            line[1] = f"{flops['total']:.1f}"
+        for k, ms in timing.items():
+            value = totals[k] if stage == "total" else ms[stage]
+            line += [f"{value:.0f}", f"{100 * value / totals[k]:.1f}"]
+        lines.append(line)
+    _print_markdown(header, lines)
+
+
+def print_notes(
+    args: argparse.Namespace,
+    timing: Dict[int, Dict[str, float]],
+    flops: Optional[Dict],
+    num_stuff: int,
+) -> None:
+    if flops is None:
+        print("GFLOPs: fvcore is not installed (pip install fvcore); not counted")
+    else:
+        paper = PAPER_GFLOPS.get(args.backbone)
+        comparison = ""
+        if paper and (args.height, args.width) == (800, 1333):
+            comparison = f"; paper Table 1: {paper:.0f} G, {_relative(flops['total'], paper)}"
+        print(
+            "GFLOPs: fvcore, 1 FLOP = 1 multiply-add (as mmcv's counter, which the paper "
+            f"presumably used){comparison}"
+        )
+        print(
+            f"not counted (fvcore has no handle; mostly element-wise): {', '.join(flops['skipped'])}"
+        )
+    kept = DETECTIONS[-1]
+    post_ms = timing[kept][POSTPROCESS]
+    model_ms = sum(timing[kept][s] for s in STAGES)
+    share = 100 * post_ms / model_ms
+    print(
+        f"post-processing of {kept + num_stuff} queries ({kept} things + {num_stuff} stuff) at "
+        f"{args.height}x{args.width}: {post_ms:.0f} ms = {share:.1f} % of the model's inference "
+        f"time ({model_ms:.0f} ms, backbone to mask decoder); bar < {POSTPROCESS_BAR:.0f} %: "
+        + ("met" if share < POSTPROCESS_BAR else "NOT met")
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", choices=sorted(PAPER_PARAMS), default="resnet50")
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1333)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--result-types",
+        nargs="+",
+        choices=RESULT_TYPES,
+        default=list(RESULT_TYPES),
+        help="what post-processing computes (default: all)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--params-only", action="store_true", help="all four backbones, no runs")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
+    if args.reps < 1 or args.warmup < 0:
+        parser.error(f"--reps must be >= 1 and --warmup >= 0, got {args.reps} and {args.warmup}")
+    if args.height < 32 or args.width < 32:
+        parser.error(f"--height and --width must be at least 32, got {args.height}x{args.width}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    results: Dict[str, object] = {"parameters": []}
+    for name in PAPER_PARAMS if args.params_only else [args.backbone]:
+        try:
+            model = build_model(name, result_types=args.result_types)
+        except ImportError as e:  # timm missing for Swin / PVTv2
+            if not args.params_only:
+                parser.error(str(e))
+            print(f"note: {name} skipped: {e}")
+            continue
+        results["parameters"].append(parameter_row(name, model))
+    print_parameters(results["parameters"])
+
+    if not args.params_only:
+        device = args.device
+        model = model.to(device)
+        images = torch.randn(1, 3, args.height, args.width, device=device)
+        mask = torch.zeros(1, args.height, args.width, dtype=torch.bool, device=device)
+        flops = count_flops(model, images, mask)
+        timing = {}
+        for kept in DETECTIONS:
+            print(f"timing with {kept} thing queries kept ...", file=sys.stderr)
+            model.max_detections = kept
+            timing[kept] = time_stages(model, images, mask, device, args.warmup, args.reps)
+        results.update(flops=flops, timing=timing, peak_memory_gib=peak_memory_gib(device))
+        where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+        print(
+            f"\n{args.backbone}, {args.height}x{args.width}, batch 1, {where} "
+            f"({torch.get_num_threads()} threads), torch {torch.__version__}, "
+            f"median of {args.reps} after {args.warmup} warm-up; post-processing: "
+            + ", ".join(args.result_types)
+        )
+        print_stages(timing, flops, model.num_stuff_classes)
+        print_notes(args, timing, flops, model.num_stuff_classes)
+        print(f"peak memory: {results['peak_memory_gib']:.1f} GiB")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
