@@ -227,3 +227,20 @@ def test_parameter_counts_match_table_1(backbone, count, published):
         model = build_panoptic_segformer(net, net.out_channels, with_criterion=False)
     assert count_parameters(model) == count
     assert abs(count / published - 1) < 0.01
+
+
+@pytest.mark.parametrize("second_has_things", [False, True])
+def test_images_without_segments_train(second_has_things):
+    # a batch with nothing at all, or one empty image next to one with a thing: the thing mask
+    # decoder may run on zero queries; losses and gradients stay finite
+    torch.manual_seed(0)
+    model = tiny_model()
+    images, padding, targets = synthetic_batch()
+    empty = {key: value[:0] for key, value in targets[0].items()}
+    losses = model(images, padding, [empty, targets[1] if second_has_things else empty])
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert float(losses["loss_mask_stuff"].detach()) == 0.0  # no stuff anywhere
+    assert (float(losses["loss_mask_things"].detach()) > 0) == second_has_things
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
