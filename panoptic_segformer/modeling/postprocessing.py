@@ -135,6 +135,15 @@ def _mask_quality(
     return _Quality(binary, areas, mask_scores, rows, cols)
 
 
+def _score_thresholds(is_thing: Tensor, thing: float, stuff: float) -> Tensor:
+    """(Q,) float32 score threshold of every query, by whether it is a thing."""
+    return torch.where(
+        is_thing,
+        torch.tensor(thing, dtype=torch.float32, device=is_thing.device),
+        torch.tensor(stuff, dtype=torch.float32, device=is_thing.device),
+    )
+
+
 def _extent(present: Tensor) -> Tuple[int, int]:
     """First and one-past-last index of the True entries of a non-empty 1-D bool tensor."""
     index = present.nonzero()
@@ -322,11 +331,7 @@ def _merge(
         return panoptic_seg, []
     # Eq. (6) of the paper
     confidence = scores.to(torch.float32).pow(alpha) * mask_scores.pow(beta)
-    score_threshold = torch.where(
-        is_thing,
-        torch.tensor(thing_score_threshold, device=confidence.device),
-        torch.tensor(stuff_score_threshold, device=confidence.device),
-    )
+    score_threshold = _score_thresholds(is_thing, thing_score_threshold, stuff_score_threshold)
     # The confidence and empty-mask tests need no painted state: apply them to all queries at
     # once, so the loop below touches pixels only for real candidates.
     candidate = (confidence >= score_threshold) & (areas > 0)
@@ -363,11 +368,11 @@ def mask_wise_candidates(
     scores: Tensor,
     is_thing: Tensor,
     *,
-    alpha: float = 1.0,
-    beta: float = 2.0,
-    thing_score_threshold: float = 0.25,
-    stuff_score_threshold: float = 0.25,
-    mask_threshold: float = 0.5,
+    alpha: float,
+    beta: float,
+    thing_score_threshold: float,
+    stuff_score_threshold: float,
+    mask_threshold: float,
 ) -> Tensor:
     """Queries that may pass :func:`mask_wise_merging`'s confidence and empty-mask tests.
 
@@ -391,11 +396,7 @@ def mask_wise_candidates(
     # a little slack for float rounding in the resize
     bound = max_mask_values.to(torch.float32).clamp(min=0) * (1 + 1e-5)
     confidence_bound = scores.to(torch.float32).pow(alpha) * bound.pow(beta)
-    threshold = torch.where(
-        is_thing,
-        torch.tensor(thing_score_threshold, device=scores.device),
-        torch.tensor(stuff_score_threshold, device=scores.device),
-    )
+    threshold = _score_thresholds(is_thing, thing_score_threshold, stuff_score_threshold)
     return (confidence_bound >= threshold) & (bound > mask_threshold)
 
 

@@ -336,7 +336,14 @@ def test_candidates_prefilter_is_exact(seed):
     labels = torch.randint(0, 6, (num_queries,), generator=g)
     is_thing = labels < 3
     full = torch.nn.functional.interpolate(low[None], size=(45, 70), mode="bilinear")[0]
-    keep = mask_wise_candidates(low.flatten(1).amax(1), scores, is_thing)
+    options = dict(
+        alpha=1.0,
+        beta=2.0,
+        thing_score_threshold=0.25,
+        stuff_score_threshold=0.25,
+        mask_threshold=0.5,
+    )
+    keep = mask_wise_candidates(low.flatten(1).amax(1), scores, is_thing, **options)
     assert 0 < int(keep.sum()) < num_queries  # the filter does something here
     seg_all, info_all = mask_wise_merging(full, scores, labels, is_thing)
     seg_kept, info_kept = mask_wise_merging(full[keep], scores[keep], labels[keep], is_thing[keep])
