@@ -102,13 +102,14 @@ def split_targets(
     }
 
 
-def _mean_over_processes(count: float, device: torch.device) -> float:
-    """``count`` averaged over the processes of the default group (itself when not distributed)."""
-    value = torch.tensor([float(count)], device=device)
+def _mean_over_processes(counts: Sequence[float], device: torch.device) -> List[float]:
+    """``counts`` averaged over the processes of the default group (as they are when not
+    distributed), in one all-reduce."""
+    values = torch.tensor([float(c) for c in counts], device=device)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value)
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values.tolist()
 
 
 def _upsample_x2(masks: Tensor) -> Tensor:
@@ -243,12 +244,8 @@ class PanopticSegFormerCriterion(nn.Module):
                 f"predictions hold {pred_logits.shape[1]} images but targets hold {len(targets)}"
             )
         device = pred_logits.device
-        num_things = max(
-            _mean_over_processes(sum(len(t["thing_labels"]) for t in targets), device), 1.0
-        )
-        num_stuff = max(
-            _mean_over_processes(sum(len(t["stuff_labels"]) for t in targets), device), 1.0
-        )
+        counts = [sum(len(t[key]) for t in targets) for key in ("thing_labels", "stuff_labels")]
+        num_things, num_stuff = (max(c, 1.0) for c in _mean_over_processes(counts, device))
         if self.lambda_things is None:
             lambda_things = num_things / (num_things + num_stuff)
             lambda_stuff = num_stuff / (num_things + num_stuff)

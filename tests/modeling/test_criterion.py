@@ -228,3 +228,43 @@ def test_box_free_criterion_has_no_giou():
     losses = criterion(outputs, targets)
     assert "loss_giou" not in losses and "d0.loss_giou" not in losses
     assert float(losses["loss_bbox"]) == 0.0  # query 0's centre is exact
+
+
+def test_counts_are_averaged_over_processes(tmp_path):
+    # a one-process gloo group runs the distributed path: the same losses as without it
+    import torch.distributed as dist
+
+    criterion = PanopticSegFormerCriterion(2, 2)
+    targets = make_targets()
+    outputs = make_outputs(criterion, targets)
+    expected = criterion(outputs, targets)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        got = criterion(outputs, targets)
+    finally:
+        dist.destroy_process_group()
+    assert {k: float(v) for k, v in got.items()} == {k: float(v) for k, v in expected.items()}
+
+
+def _average_in_process(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from panoptic_segformer.modeling.criterion import _mean_over_processes
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        # rank 0 sees 4 things and 1 stuff segment, rank 1 none and 3
+        counts = _mean_over_processes([4.0, 1.0] if rank == 0 else [0.0, 3.0], torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    torch.save(counts, f"{out}.{rank}")
+
+
+def test_counts_average_across_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    store, out = str(tmp_path / "store"), str(tmp_path / "counts")
+    mp.spawn(_average_in_process, args=(store, out), nprocs=2)
+    assert torch.load(f"{out}.0") == torch.load(f"{out}.1") == [2.0, 2.0]
