@@ -124,9 +124,10 @@ def _mask_quality(
         # bool reductions go through int64; a uint8 view with an int32 sum is faster
         as_bytes = binary[block].view(torch.uint8)
         areas[block] = as_bytes.flatten(1).sum(dim=1, dtype=torch.int32)  # (B, H*W) -> (B,)
-        # m * binary in one pass (x if x > threshold else 0)
+        # m * binary in one pass (x if x > threshold else 0); in place on our own resized copy
+        threshold = F.threshold if output_size is None else F.threshold_
         inside[block] = (
-            F.threshold(values, mask_threshold, 0.0).flatten(1).sum(1, dtype=torch.float32)
+            threshold(values, mask_threshold, 0.0).flatten(1).sum(1, dtype=torch.float32)
         )
         rows[block] = as_bytes.amax(dim=2).bool()
         cols[block] = as_bytes.amax(dim=1).bool()
