@@ -344,7 +344,8 @@ def _merge(
     areas_list, confidence_list = areas.tolist(), confidence.tolist()
     labels_list, is_thing_list = labels.tolist(), is_thing.tolist()
 
-    occupied = torch.zeros(height, width, dtype=torch.bool, device=binary.device)
+    # True where no segment has painted yet (kept as such, so testing a query is one AND)
+    unassigned = torch.ones(height, width, dtype=torch.bool, device=binary.device)
     segments = _Segments()
     for query in order_list:
         area, isthing, category = areas_list[query], is_thing_list[query], labels_list[query]
@@ -352,7 +353,7 @@ def _merge(
         y0, y1 = _extent(quality.rows[query])
         x0, x1 = _extent(quality.cols[query])
         window = (slice(y0, y1), slice(x0, x1))
-        free = binary[query][window] & ~occupied[window]
+        free = binary[query][window] & unassigned[window]
         overlap = area - int(free.count_nonzero())
         overlap_threshold = thing_overlap_threshold if isthing else stuff_overlap_threshold
         # the t_keep test of Algorithm 1, written as the authors' code writes it
@@ -360,7 +361,7 @@ def _merge(
             continue
         segment_id = segments.id_for(category, isthing, confidence_list[query])
         panoptic_seg[window][free] = segment_id
-        occupied[window] |= free
+        unassigned[window] &= ~free
     return panoptic_seg, segments.info
 
 
