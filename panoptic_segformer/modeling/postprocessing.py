@@ -115,6 +115,9 @@ def _mask_quality(
     inside = torch.empty(num_queries, dtype=torch.float32, device=device)
     rows = torch.empty(num_queries, height, dtype=torch.bool, device=device)
     cols = torch.empty(num_queries, width, dtype=torch.bool, device=device)
+    if output_size is not None:
+        row_sources = _bilinear_sources(mask_logits.shape[1], height, device)
+        col_sources = _bilinear_sources(mask_logits.shape[2], width, device)
     for start in range(0, num_queries, _QUALITY_BLOCK):
         block = slice(start, start + _QUALITY_BLOCK)
         values = mask_logits[block]
@@ -129,11 +132,29 @@ def _mask_quality(
         inside[block] = (
             threshold(values, mask_threshold, 0.0).flatten(1).sum(1, dtype=torch.float32)
         )
-        rows[block] = as_bytes.amax(dim=2).bool()
-        cols[block] = as_bytes.amax(dim=1).bool()
+        if output_size is None:
+            rows[block] = as_bytes.amax(dim=2).bool()
+            cols[block] = as_bytes.amax(dim=1).bool()
+        else:
+            # Cheaper from the small masks: a resized pixel can only be above the threshold if
+            # one of the input pixels it reads is (up to rounding, hence the slack), so these
+            # rows and columns cover the binary mask; they only bound the merging's windows.
+            hot = mask_logits[block] > mask_threshold - 1e-6  # (B, h, w)
+            rows[block] = hot.any(dim=2)[:, row_sources].any(dim=1)  # (B, 4, H) -> (B, H)
+            cols[block] = hot.any(dim=1)[:, col_sources].any(dim=1)
     # "average" of Eq. (6); the "+1" in the denominator is the authors' code (guards empty masks)
     mask_scores = inside / (areas.to(torch.float32) + 1.0)
     return _Quality(binary, areas, mask_scores, rows, cols)
+
+
+def _bilinear_sources(size_in: int, size_out: int, device: torch.device) -> Tensor:
+    """(4, size_out) input indices that a bilinear resize (align_corners=False) may read for
+    each output index: the two it interpolates, with one more either side for rounding."""
+    scale = size_in / size_out
+    positions = torch.arange(size_out, dtype=torch.float64) + 0.5
+    first = (positions * scale - 0.5).clamp(min=0).floor().long()
+    offsets = torch.arange(-1, 3)[:, None]
+    return (first[None] + offsets).clamp(0, size_in - 1).to(device)
 
 
 def _score_thresholds(is_thing: Tensor, thing: float, stuff: float) -> Tensor:

@@ -371,3 +371,19 @@ def test_resized_merging_equals_resizing_first():
         mask_wise_merging_resized(low, (37, 51), scores, labels, is_thing, beta2=1.0)
     with pytest.raises(ValueError, match="mask_threshold must be in"):
         mask_wise_merging_resized(low, (37, 51), scores, labels, is_thing, mask_threshold=2.0)
+
+
+@pytest.mark.parametrize("size", [(37, 51), (8, 9), (5, 7), (3, 4), (64, 15)])
+def test_resized_quality_windows_cover_the_masks(size):
+    # the merging's windows come from the small masks when resizing; they must hold every
+    # pixel of the resized binary mask (up-, same- and down-sizing, non-integer scales)
+    g = torch.Generator().manual_seed(size[0])
+    low = (torch.randn(9, 5, 7, generator=g) * 0.5 + 0.2).relu()
+    resized = _mask_quality(low, 0.5, size)
+    full = torch.nn.functional.interpolate(low[None], size=size, mode="bilinear")[0]
+    exact = _mask_quality(full, 0.5)
+    assert torch.equal(resized.binary, exact.binary)
+    assert torch.equal(resized.areas, exact.areas)
+    torch.testing.assert_close(resized.mask_scores, exact.mask_scores)
+    assert torch.all(resized.rows >= exact.rows) and torch.all(resized.cols >= exact.cols)
+    assert exact.rows.any()
