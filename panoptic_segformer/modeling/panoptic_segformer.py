@@ -79,7 +79,8 @@ class PanopticSegFormer(nn.Module):
         merge: "mask_wise" (Algorithm 1) or "pixel_argmax" (paper Table 7).
         merge_kwargs: keyword arguments of the merging function (thresholds, alpha, beta).
         result_types: what :meth:`postprocess` returns, any of "panoptic_seg", "instances"
-            and "sem_seg".
+            and "sem_seg". Panoptic only by default: the other two need every query's mask
+            at full resolution, several times the cost of the merging.
     """
 
     def __init__(
@@ -97,7 +98,7 @@ class PanopticSegFormer(nn.Module):
         mask_decoder_layers: Optional[int] = None,
         merge: str = "mask_wise",
         merge_kwargs: Optional[Dict[str, float]] = None,
-        result_types: Sequence[str] = RESULT_TYPES,
+        result_types: Sequence[str] = ("panoptic_seg",),
     ) -> None:
         super().__init__()
         if merge not in MERGERS:

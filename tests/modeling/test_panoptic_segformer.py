@@ -69,7 +69,7 @@ def synthetic_batch(box_free=False):
 
 def test_inference_shapes_and_postprocess():
     torch.manual_seed(0)
-    model = tiny_model().eval()
+    model = tiny_model(result_types=["panoptic_seg", "instances", "sem_seg"]).eval()
     images, padding, _ = synthetic_batch()
     with torch.no_grad():
         out = model(images, padding)
