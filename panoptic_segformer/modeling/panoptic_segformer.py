@@ -12,7 +12,6 @@ Q thing queries, K thing classes, Z stuff classes, k kept thing queries at infer
 H1 x W1 the stride-8 level.
 """
 
-import inspect
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -36,27 +35,13 @@ from panoptic_segformer.modeling.postprocessing import (
     mask_wise_candidates,
     mask_wise_merging,
     mask_wise_merging_resized,
+    merge_options,
     pixel_wise_argmax,
     semantic_map,
 )
 
 MERGERS = {"mask_wise": mask_wise_merging, "pixel_argmax": pixel_wise_argmax}
 RESULT_TYPES = ("panoptic_seg", "instances", "sem_seg")
-
-
-def _merge_options(merge: str, overrides: Dict[str, float]) -> Dict[str, float]:
-    """The keyword arguments of the merging function, defaults filled in, names checked."""
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(MERGERS[merge]).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"unknown options {unknown} for merge={merge!r}; known: {sorted(defaults)}"
-        )
-    return {**defaults, **overrides}
 
 
 class PanopticSegFormer(nn.Module):
@@ -122,7 +107,9 @@ class PanopticSegFormer(nn.Module):
         self.max_detections = max_detections
         self.mask_decoder_layers = mask_decoder_layers
         self.merge = merge
-        self.merge_kwargs = _merge_options(merge, dict(merge_kwargs or {}))
+        self.merge_kwargs = merge_options(
+            MERGERS[merge], dict(merge_kwargs or {}), f"merge={merge!r}"
+        )
         self.result_types = tuple(result_types)
         d_model = location_decoder.d_model
         num_levels = len(neck.lateral_convs) + len(neck.extra_convs)

@@ -12,7 +12,7 @@ are ReLU outputs compared with 0.5, not sigmoid probabilities.
 """
 
 import inspect
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ __all__ = [
     "mask_wise_candidates",
     "mask_wise_merging",
     "mask_wise_merging_resized",
+    "merge_options",
     "pixel_wise_argmax",
     "semantic_map",
 ]
@@ -258,19 +259,7 @@ def mask_wise_merging(
         mask_threshold=mask_threshold,
     )
     _check_merge_arguments(mask_logits, scores, labels, is_thing, options)
-
-    return _merge(
-        _mask_quality(mask_logits, mask_threshold),
-        scores,
-        labels,
-        is_thing,
-        alpha,
-        beta,
-        thing_score_threshold,
-        stuff_score_threshold,
-        thing_overlap_threshold,
-        stuff_overlap_threshold,
-    )
+    return _merge(_mask_quality(mask_logits, mask_threshold), scores, labels, is_thing, options)
 
 
 def mask_wise_merging_resized(
@@ -296,28 +285,34 @@ def mask_wise_merging_resized(
     Returns:
         as :func:`mask_wise_merging`.
     """
+    options = merge_options(mask_wise_merging, options, "mask_wise_merging")
+    _check_merge_arguments(mask_logits, scores, labels, is_thing, options)
+    quality = _mask_quality(mask_logits, options["mask_threshold"], tuple(output_size))
+    return _merge(quality, scores, labels, is_thing, options)
+
+
+def merge_options(
+    merger: Callable[..., object], overrides: Dict[str, float], context: str
+) -> Dict[str, float]:
+    """The keyword-only options of a merging function, its defaults filled in.
+
+    Args:
+        merger: :func:`mask_wise_merging` or :func:`pixel_wise_argmax`.
+        overrides: options to set.
+        context: names the caller in the error message.
+
+    Raises:
+        ValueError: naming the options ``merger`` does not take.
+    """
     defaults = {
         name: p.default
-        for name, p in inspect.signature(mask_wise_merging).parameters.items()
+        for name, p in inspect.signature(merger).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
-    unknown = sorted(set(options) - set(defaults))
+    unknown = sorted(set(overrides) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown options {unknown}; known: {sorted(defaults)}")
-    o = {**defaults, **options}
-    _check_merge_arguments(mask_logits, scores, labels, is_thing, o)
-    return _merge(
-        _mask_quality(mask_logits, o["mask_threshold"], tuple(output_size)),
-        scores,
-        labels,
-        is_thing,
-        o["alpha"],
-        o["beta"],
-        o["thing_score_threshold"],
-        o["stuff_score_threshold"],
-        o["thing_overlap_threshold"],
-        o["stuff_overlap_threshold"],
-    )
+        raise ValueError(f"unknown options {unknown} for {context}; known: {sorted(defaults)}")
+    return {**defaults, **overrides}
 
 
 def _check_merge_arguments(
@@ -338,22 +333,20 @@ def _merge(
     scores: Tensor,
     labels: Tensor,
     is_thing: Tensor,
-    alpha: float,
-    beta: float,
-    thing_score_threshold: float,
-    stuff_score_threshold: float,
-    thing_overlap_threshold: float,
-    stuff_overlap_threshold: float,
+    options: Dict[str, float],
 ) -> Tuple[Tensor, List[SegmentInfo]]:
-    """Algorithm 1 on precomputed mask statistics (see :func:`mask_wise_merging`)."""
+    """Algorithm 1 on precomputed mask statistics, with the checked keyword options of
+    :func:`mask_wise_merging`."""
     binary, areas, mask_scores = quality.binary, quality.areas, quality.mask_scores
     height, width = binary.shape[1:]
     panoptic_seg = torch.zeros(height, width, dtype=torch.int32, device=binary.device)
     if binary.shape[0] == 0:
         return panoptic_seg, []
     # Eq. (6) of the paper
-    confidence = scores.to(torch.float32).pow(alpha) * mask_scores.pow(beta)
-    score_threshold = _score_thresholds(is_thing, thing_score_threshold, stuff_score_threshold)
+    confidence = scores.to(torch.float32).pow(options["alpha"]) * mask_scores.pow(options["beta"])
+    score_threshold = _score_thresholds(
+        is_thing, options["thing_score_threshold"], options["stuff_score_threshold"]
+    )
     # The confidence and empty-mask tests need no painted state: apply them to all queries at
     # once, so the loop below touches pixels only for real candidates.
     candidate = (confidence >= score_threshold) & (areas > 0)
@@ -376,7 +369,9 @@ def _merge(
         window = (slice(y0, y1), slice(x0, x1))
         free = binary[query][window] & unassigned[window]
         overlap = area - int(free.count_nonzero())
-        overlap_threshold = thing_overlap_threshold if isthing else stuff_overlap_threshold
+        overlap_threshold = options[
+            "thing_overlap_threshold" if isthing else "stuff_overlap_threshold"
+        ]
         # the t_keep test of Algorithm 1, written as the authors' code writes it
         if overlap / area > overlap_threshold:
             continue
