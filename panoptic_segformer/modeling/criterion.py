@@ -340,17 +340,17 @@ class PanopticSegFormerCriterion(nn.Module):
             losses[name] = self.mask_weight * dice_loss(
                 pred, target_masks, num_normalizer=num_things
             )
+        # Rows that only pad the batch are not queries: no class loss there. (N, Qs, K) targets,
+        # the same for every layer.
+        valid = torch.zeros(logits[0].shape[:2], dtype=torch.bool, device=logits[0].device)
+        for i, q in enumerate(rows):
+            valid[i, : len(q)] = True
+        onehot = torch.zeros_like(logits[0])
+        onehot[batch_idx, row_idx, labels.to(onehot.device)] = 1
+        onehot = onehot[valid]
         for j, layer_logits in enumerate(logits):
-            # Rows that only pad the batch are not queries: no class loss there.
-            valid = torch.zeros(
-                layer_logits.shape[:2], dtype=torch.bool, device=layer_logits.device
-            )
-            for i, q in enumerate(rows):
-                valid[i, : len(q)] = True
-            onehot = torch.zeros_like(layer_logits)
-            onehot[batch_idx, row_idx, labels.to(layer_logits.device)] = 1
             focal = sigmoid_focal_loss(
-                layer_logits[valid], onehot[valid], self.focal_alpha, self.focal_gamma, num_things
+                layer_logits[valid], onehot, self.focal_alpha, self.focal_gamma, num_things
             )
             losses[f"t{j}.loss_cls_things"] = self.thing_class_weight * focal
         return losses
