@@ -1,13 +1,17 @@
-"""Installs panoptic_segformer; compiles the CUDA deformable-attention kernel when it can.
+"""Installs panoptic_segformer and compiles its kernels when it can.
 
-The kernel is built here when a GPU is visible (and nvcc found) or when FORCE_CUDA=1; otherwise
-the package installs without it and builds it on first CUDA use (JIT). Install with
-``pip install --no-build-isolation -e .`` so the build sees the installed torch.
+* The CUDA deformable-attention kernel is built here when a GPU is visible (and nvcc found) or
+  when FORCE_CUDA=1; otherwise the package installs without it and builds it on first CUDA use
+  (JIT).
+* The CPU post-processing kernel is built whenever a C++ compiler is found.
+
+Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
 """
 
 import importlib.util
 import os
 import re
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -29,34 +33,59 @@ def load_build_helpers():
     return module
 
 
-def get_extensions():
+def cuda_extension(torch, helpers):
+    """The CUDA kernel of multi-scale deformable attention, or None when it is left to JIT."""
+    from torch.utils.cpp_extension import CUDAExtension
+
     force = os.environ.get("FORCE_CUDA", "0") == "1"
-    try:
-        import torch
-        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-    except ImportError:
-        if force:
-            raise RuntimeError(
-                "FORCE_CUDA=1 needs torch installed first (and --no-build-isolation)"
-            )
-        return [], {}
-    helpers = load_build_helpers()
     if not (force or torch.cuda.is_available()):
         print("panoptic_segformer: no GPU visible; the CUDA kernel will be built on first CUDA use")
-        return [], {}
+        return None
     if helpers.cuda_toolkit_home() is None:
         message = "no CUDA toolkit found (no bin/nvcc under CUDA_HOME)"
         if force:
             raise RuntimeError(f"FORCE_CUDA=1 but {message}")
         print(f"panoptic_segformer: {message}; the CUDA kernel will be built on first CUDA use")
-        return [], {}
+        return None
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = helpers.DEFAULT_ARCH_LIST
     sources = [os.path.relpath(p, ROOT) for p in helpers.source_paths()]
-    extension = CUDAExtension(
+    return CUDAExtension(
         "panoptic_segformer._C", sources=sources, extra_compile_args=helpers.compile_args()
     )
-    return [extension], {"build_ext": BuildExtension}
+
+
+def cpu_extension(helpers):
+    """The fused CPU kernel of the merging's mask statistics, or None without a C++ compiler
+    (post-processing then uses PyTorch operations, or builds it on first use if one appears)."""
+    from torch.utils.cpp_extension import CppExtension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        print(f"panoptic_segformer: no C++ compiler ({compiler}); skipping the CPU kernel")
+        return None
+    sources = [os.path.relpath(p, ROOT) for p in helpers.cpu_source_paths()]
+    return CppExtension(
+        "panoptic_segformer._cpu",
+        sources=sources,
+        extra_compile_args=helpers.cpu_compile_args(),
+        extra_link_args=helpers.cpu_link_args(),
+    )
+
+
+def get_extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension
+    except ImportError:
+        if os.environ.get("FORCE_CUDA", "0") == "1":
+            raise RuntimeError(
+                "FORCE_CUDA=1 needs torch installed first (and --no-build-isolation)"
+            )
+        return [], {}
+    helpers = load_build_helpers()
+    extensions = [e for e in (cuda_extension(torch, helpers), cpu_extension(helpers)) if e]
+    return extensions, {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = get_extensions()

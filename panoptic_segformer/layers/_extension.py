@@ -1,40 +1,73 @@
-"""Building and loading the optional CUDA extension of multi-scale deformable attention.
+"""Building and loading the package's optional compiled extensions.
 
-The extension is compiled at install time when a GPU (or ``FORCE_CUDA=1``) is present, and
-otherwise on first CUDA use with ``torch.utils.cpp_extension.load`` (JIT), so users never run a
-separate build step. ``setup.py`` reads :data:`SOURCES` and :func:`compile_args` from here so the
-two builds cannot drift apart. Nothing here imports the extension at package import time.
+Two extensions, each compiled at install time by ``setup.py`` when it can be, and otherwise on
+first use with ``torch.utils.cpp_extension.load`` (JIT), so users never run a separate build
+step; the callers fall back to PyTorch operations where neither works:
+
+* ``panoptic_segformer._C``: the CUDA kernel of multi-scale deformable attention, built at
+  install time when a GPU (or ``FORCE_CUDA=1``) is present.
+* ``panoptic_segformer._cpu``: the fused CPU kernel of the merging's mask statistics
+  (``csrc/mask_statistics.cpp``), built at install time whenever a C++ compiler is found.
+
+``setup.py`` reads the sources and compiler flags from here so the two builds cannot drift
+apart. Nothing here imports an extension at package import time.
 """
 
 import contextlib
+import importlib
 import logging
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("ms_deform_attn.cpp", "ms_deform_attn_cuda.cu")
 JIT_NAME = "panoptic_segformer_msda"
+CPU_SOURCES = ("mask_statistics.cpp",)
+CPU_JIT_NAME = "panoptic_segformer_cpu"
 # Architectures compiled when no GPU is visible to pick from (CUDA 12 and 13 both support
 # these); override with TORCH_CUDA_ARCH_LIST as for any PyTorch extension.
 DEFAULT_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0+PTX"
 
-_extension: Optional[ModuleType] = None
-_unavailable_reason: Optional[str] = None
+# extension name -> (module, None) or (None, why it is unavailable), once tried
+_loaded: Dict[str, Tuple[Optional[ModuleType], Optional[str]]] = {}
 
 
 def source_paths() -> List[str]:
-    """Absolute paths of the extension's C++/CUDA sources."""
+    """Absolute paths of the CUDA extension's C++/CUDA sources."""
     return [str(CSRC_DIR / name) for name in SOURCES]
 
 
+def cpu_source_paths() -> List[str]:
+    """Absolute paths of the CPU extension's C++ sources."""
+    return [str(CSRC_DIR / name) for name in CPU_SOURCES]
+
+
 def compile_args() -> Dict[str, List[str]]:
-    """Compiler flags, as ``extra_compile_args`` of a ``CUDAExtension``."""
+    """Compiler flags of the CUDA extension, as ``extra_compile_args`` of a ``CUDAExtension``."""
     # No --use_fast_math: the kernel must match the PyTorch path to float32 precision.
     return {"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]}
+
+
+def _openmp_flags() -> List[str]:
+    # at::parallel_for runs its loop on PyTorch's OpenMP threads only when the extension is
+    # compiled with OpenMP (GCC on Linux; elsewhere it runs serially, still correct)
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
+def cpu_compile_args() -> List[str]:
+    """Compiler flags of the CPU extension. No -ffast-math or -march: the kernel must round as
+    PyTorch's own CPU kernels do, on any CPU of the architecture."""
+    return ["-O3", *_openmp_flags()]
+
+
+def cpu_link_args() -> List[str]:
+    """Linker flags of the CPU extension."""
+    return _openmp_flags()
 
 
 def cuda_toolkit_home() -> Optional[str]:
@@ -93,25 +126,58 @@ def build_extension(build_directory: Optional[str] = None, verbose: bool = False
         )
 
 
-def load_extension() -> Tuple[Optional[ModuleType], Optional[str]]:
-    """Returns ``(extension, None)``, or ``(None, reason)`` when the CUDA kernel is unavailable.
+def build_cpu_extension(build_directory: Optional[str] = None, verbose: bool = False) -> ModuleType:
+    """Compiles and loads the CPU extension with ``torch.utils.cpp_extension.load``.
 
-    Tries the extension built at install time, then a JIT build. The outcome is cached, so a
-    failed build is attempted once per process.
+    Args:
+        build_directory: where to build; PyTorch's extension cache by default.
+        verbose: print the compiler's commands and output.
+
+    Raises:
+        RuntimeError: when the build fails (e.g. no C++ compiler).
     """
-    global _extension, _unavailable_reason
-    if _extension is not None or _unavailable_reason is not None:
-        return _extension, _unavailable_reason
-    try:
-        from panoptic_segformer import _C
+    from torch.utils.cpp_extension import load
 
-        _extension = _C
-        return _extension, None
-    except ImportError as e:
-        logger.info("CUDA extension not built at install time (%s); building it now (JIT)", e)
+    return load(
+        name=CPU_JIT_NAME,
+        sources=cpu_source_paths(),
+        extra_cflags=cpu_compile_args(),
+        extra_ldflags=cpu_link_args(),
+        build_directory=build_directory,
+        verbose=verbose,
+    )
+
+
+def _load_once(
+    installed: str, build: Callable[[], ModuleType], what: str
+) -> Tuple[Optional[ModuleType], Optional[str]]:
+    """The extension built at install time, else a JIT build; the outcome is cached, so a failed
+    build is attempted once per process."""
+    if installed in _loaded:
+        return _loaded[installed]
     try:
-        _extension = build_extension()
+        _loaded[installed] = importlib.import_module(installed), None
+        return _loaded[installed]
+    except ImportError as e:
+        logger.info("%s not built at install time (%s); building it now (JIT)", what, e)
+    try:
+        _loaded[installed] = build(), None
     except (ImportError, OSError, RuntimeError) as e:
-        _unavailable_reason = f"the CUDA kernel could not be built: {e}"
-        logger.warning("multi-scale deformable attention: %s", _unavailable_reason)
-    return _extension, _unavailable_reason
+        reason = f"the {what} could not be built: {e}"
+        logger.warning("%s", reason)
+        _loaded[installed] = None, reason
+    return _loaded[installed]
+
+
+def load_extension() -> Tuple[Optional[ModuleType], Optional[str]]:
+    """Returns ``(extension, None)``, or ``(None, reason)`` when the CUDA kernel of multi-scale
+    deformable attention is unavailable. Tries the extension built at install time, then a JIT
+    build, once per process."""
+    return _load_once("panoptic_segformer._C", build_extension, "CUDA deformable-attention kernel")
+
+
+def load_cpu_extension() -> Tuple[Optional[ModuleType], Optional[str]]:
+    """Returns ``(extension, None)``, or ``(None, reason)`` when the CPU mask-statistics kernel
+    is unavailable. Tries the extension built at install time, then a JIT build, once per
+    process."""
+    return _load_once("panoptic_segformer._cpu", build_cpu_extension, "CPU mask-statistics kernel")
