@@ -296,9 +296,10 @@ def mask_wise_merging(
        "+1" taken from the authors' code; confidence s = p^alpha * maskscore^beta.
     2. Visit queries in descending confidence (ties: lower query index first). Skip a query whose
        confidence is below its score threshold (``thing_score_threshold`` or
-       ``stuff_score_threshold``, by ``is_thing``), whose binary area is zero, or whose overlap
+       ``stuff_score_threshold``, by ``is_thing``), whose binary area is zero, whose overlap
        with already painted pixels exceeds its overlap threshold times its area (things 0.4,
-       stuff 0.2, i.e. the paper's t_keep = 0.6 / 0.8). Otherwise paint its still unassigned
+       stuff 0.2, i.e. the paper's t_keep = 0.6 / 0.8), or that has no unassigned pixel left
+       (possible only with an overlap threshold of 1). Otherwise paint its still unassigned
        pixels.
     3. Each kept thing query gets a new segment. Stuff queries of one category share ONE segment
        (COCO panoptic allows a single segment per stuff category): a later stuff query of an
@@ -448,12 +449,15 @@ def _merge(
         x0, x1 = _extent(quality.cols[query])
         window = (slice(y0, y1), slice(x0, x1))
         free = binary[query][window] & unassigned[window]
-        overlap = area - int(free.count_nonzero())
+        free_area = int(free.count_nonzero())
+        overlap = area - free_area
         overlap_threshold = options[
             "thing_overlap_threshold" if isthing else "stuff_overlap_threshold"
         ]
-        # the t_keep test of Algorithm 1, written as the authors' code writes it
-        if overlap / area > overlap_threshold:
+        # the t_keep test of Algorithm 1, written as the authors' code writes it; a mask with
+        # nothing left to paint (only possible with an overlap threshold of 1) is skipped too,
+        # as a segment without pixels is invalid in COCO panoptic
+        if overlap / area > overlap_threshold or free_area == 0:
             continue
         segment_id = segments.id_for(category, isthing, confidence_list[query])
         panoptic_seg[window][free] = segment_id

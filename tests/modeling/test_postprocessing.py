@@ -53,7 +53,7 @@ def reference_merging(
             continue
         free = [(h, w) for h, w in pixels if seg[h][w] == 0]
         overlap_threshold = thing_overlap_threshold if thing else stuff_overlap_threshold
-        if (len(pixels) - len(free)) / len(pixels) > overlap_threshold:
+        if (len(pixels) - len(free)) / len(pixels) > overlap_threshold or not free:
             overlap_dropped += 1
             continue
         painted.append(q)
@@ -206,6 +206,22 @@ def test_overlap_rule(second_cols, isthing, kept):
         assert torch.equal(seg == 2, second.bool() & ~first.bool())
     else:
         assert len(infos) == 1 and int((seg > 0).sum()) == 100
+
+
+def test_a_mask_with_nothing_left_to_paint_makes_no_segment():
+    # with overlap threshold 1 the t_keep test keeps everything; a fully covered mask must
+    # still not make a segment (COCO panoptic rejects segments without pixels)
+    first = box_mask(10, 20, (0, 10), (0, 10), value=1.0)
+    inside = box_mask(10, 20, (2, 8), (2, 8), value=1.0)
+    seg, infos = mask_wise_merging(
+        torch.stack([first, inside]),
+        torch.tensor([0.9, 0.8]),
+        torch.tensor([1, 2]),
+        torch.tensor([True, True]),
+        thing_overlap_threshold=1.0,
+    )
+    assert [info["category_id"] for info in infos] == [1]
+    assert torch.equal(seg, first.to(torch.int32))
 
 
 def test_stuff_of_one_category_is_one_segment_things_are_not():
