@@ -48,7 +48,9 @@ class PanopticSegFormer(nn.Module):
     """Panoptic SegFormer from already built parts.
 
     Args:
-        backbone: images (N, 3, Hp, Wp) -> list of feature maps, finest first (C3, C4, C5).
+        backbone: images (N, 3, Hp, Wp) -> list of feature maps, finest first (C3, C4, C5);
+            None when the caller runs its own backbone and calls :meth:`forward_features`
+            (the detectron2 meta-architecture does).
         neck: the maps -> L maps of C channels.
         position_encoding: padding mask (N, H, W) -> (N, C, H, W) positions.
         encoder: the deformable encoder.
@@ -70,7 +72,7 @@ class PanopticSegFormer(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Optional[nn.Module],
         neck: ChannelMapper,
         position_encoding: PositionEmbeddingSine,
         encoder: DeformableEncoder,
@@ -133,6 +135,8 @@ class PanopticSegFormer(nn.Module):
             dict of weighted losses with targets, else the inference outputs of
             :meth:`forward_features`.
         """
+        if self.backbone is None:
+            raise RuntimeError("this model has no backbone: call forward_features with features")
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
         if padding_mask is None:
@@ -343,7 +347,7 @@ class PanopticSegFormer(nn.Module):
 
 
 def build_panoptic_segformer(
-    backbone: nn.Module,
+    backbone: Optional[nn.Module],
     in_channels: Sequence[int],
     num_thing_classes: int = 80,
     num_stuff_classes: int = 53,
@@ -367,7 +371,8 @@ def build_panoptic_segformer(
     """Builds Panoptic SegFormer with the authors' hyper-parameters as defaults.
 
     Args:
-        backbone: images -> feature maps, finest first, with ``in_channels`` channels.
+        backbone: images -> feature maps, finest first, with ``in_channels`` channels; None
+            for a model that is given the features (:meth:`PanopticSegFormer.forward_features`).
         in_channels: channels of the backbone maps (ResNet: 512, 1024, 2048).
         num_thing_classes, num_stuff_classes: K and Z (COCO: 80 and 53).
         d_model: channels C (256).
