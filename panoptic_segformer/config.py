@@ -1,0 +1,103 @@
+"""detectron2 config keys of Panoptic SegFormer: ``add_panoptic_segformer_config(cfg)``.
+
+Defaults follow the authors' code (mmdet, ``configs/panformer/base.py``), which produced the
+published numbers; the paper's variants are switches. Paper references: Sec. = section,
+Eq. = equation, Table = ablation table of Li et al., CVPR 2022.
+"""
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_panoptic_segformer_config"]
+
+
+def add_panoptic_segformer_config(cfg: CN) -> None:
+    """Adds the keys of Panoptic SegFormer (``MODEL.PANOPTIC_SEGFORMER``, ``MODEL.TIMM``,
+    ``INPUT``, ``SOLVER``) to a detectron2 config, in place."""
+    cfg.MODEL.PANOPTIC_SEGFORMER = CN()
+    ps = cfg.MODEL.PANOPTIC_SEGFORMER
+    ps.NUM_THING_CLASSES = 80  # K: classes of the location decoder's thing queries
+    ps.NUM_STUFF_CLASSES = 53  # Z: one stuff query per stuff class (Sec. 3.4)
+    ps.IN_FEATURES = ["res3", "res4", "res5"]  # C3, C4, C5 at strides 8, 16, 32 (Sec. 3.2)
+    ps.HIDDEN_DIM = 256  # C: channels of the neck, encoder and decoders (Sec. 3.2)
+    # encoder levels: 4 in the authors' code (a stride-64 level from C5), 3 in the paper's text
+    ps.NUM_FEATURE_LEVELS = 4
+    ps.NHEADS = 8  # heads of every attention
+    ps.N_POINTS = 4  # sampling points per head and level of deformable attention
+    ps.DIM_FEEDFORWARD = 1024  # FFN width of the encoder and location decoder
+    ps.DROPOUT = 0.1  # of the encoder and location decoder
+    ps.ENC_LAYERS = 6  # deformable encoder layers (Sec. 3.2)
+    ps.DEC_LAYERS = 6  # location decoder layers (Sec. 3.3)
+    ps.NUM_QUERIES = 300  # N_th: thing queries (Sec. 3.3)
+    ps.THING_MASK_LAYERS = 4  # mask decoder, things stack (authors' code; paper D_m = 6)
+    ps.STUFF_MASK_LAYERS = 6  # mask decoder, stuff stack (Sec. 3.4)
+    ps.MASK_MLP_RATIO = 4.0  # MLP ratio of the mask decoder layers
+    ps.BOX_FREE = False  # location decoder predicts mass centres, not boxes (Table 6)
+
+    # Losses (Sec. 3.5, Eq. 4-5); weights of focal, L1, GIoU and dice
+    ps.CLASS_WEIGHT = 2.0
+    ps.BBOX_WEIGHT = 5.0
+    ps.GIOU_WEIGHT = 2.0
+    ps.MASK_WEIGHT = 2.0  # dice
+    ps.STUFF_CLASS_FACTOR = 2.0  # extra factor on the stuff queries' focal loss (authors' code)
+    ps.THING_CLASS_WEIGHT = 0.0  # thing mask decoder's class loss (0 in the authors' code)
+    ps.FOCAL_ALPHA = 0.25
+    ps.FOCAL_GAMMA = 2.0
+    ps.MAX_PER_TARGET = 3  # "filter" matching: queries per thing reaching the mask decoder
+    ps.MAX_SELECTED = 100  # and at most this many per image
+    # lambda_things / lambda_stuff of Eq. 5: negative = per batch from the thing and stuff
+    # counts (authors' code); set both >= 0 for fixed weights
+    ps.LAMBDA_THINGS = -1.0
+    ps.LAMBDA_STUFF = -1.0
+
+    # Matching costs: location decoder (Hungarian) and mask decoder (filter + one-to-one)
+    ps.MATCHER = CN()
+    ps.MATCHER.CLASS_COST = 2.0
+    ps.MATCHER.BBOX_COST = 5.0
+    ps.MATCHER.GIOU_COST = 2.0
+    ps.MASK_MATCHER = CN()
+    ps.MASK_MATCHER.CLASS_COST = 4.0
+    ps.MASK_MATCHER.BBOX_COST = 5.0
+    ps.MASK_MATCHER.GIOU_COST = 2.0
+    ps.MASK_MATCHER.DICE_COST = 2.0
+
+    # Inference
+    ps.TEST = CN()
+    ps.TEST.PANOPTIC_ON = True  # "panoptic_seg" results
+    ps.TEST.INSTANCE_ON = True  # "instances" results (thing masks, boxes, scores, classes)
+    ps.TEST.SEMANTIC_ON = False  # "sem_seg" results (needs every mask at full size)
+    ps.TEST.MAX_DETECTIONS = 100  # thing queries kept: top scores over queries x classes
+    ps.TEST.MASK_DECODER_LAYERS = 0  # early exit after this many layers, 0 = all (Table 10)
+    ps.TEST.MERGE = "mask_wise"  # or "pixel_argmax" (Table 7)
+    ps.TEST.ALPHA = 1.0  # Eq. 6: confidence = p^alpha * mask score^beta
+    ps.TEST.BETA = 2.0
+    ps.TEST.THING_SCORE_THRESHOLD = 0.25  # Algorithm 1 (Swin-L, PVTv2-B5: 0.3)
+    ps.TEST.STUFF_SCORE_THRESHOLD = 0.25
+    ps.TEST.THING_OVERLAP_THRESHOLD = 0.4  # 1 - t_keep for things
+    ps.TEST.STUFF_OVERLAP_THRESHOLD = 0.2  # 1 - t_keep for stuff
+    ps.TEST.MASK_THRESHOLD = 0.5  # binarisation of the (ReLU) mask values
+    ps.TEST.PIXEL_SCORE_THRESHOLD = 0.25  # score threshold of MERGE = "pixel_argmax"
+
+    # timm backbones (Swin-L, PVTv2-B5) behind MODEL.BACKBONE.NAME = "D2TimmBackbone"
+    cfg.MODEL.TIMM = CN()
+    cfg.MODEL.TIMM.NAME = "swin_large"  # "swin_large", "swin_large_w12" or "pvt_v2_b5"
+    cfg.MODEL.TIMM.PRETRAINED = ""  # local ImageNet checkpoint; nothing is downloaded
+    cfg.MODEL.TIMM.DROP_PATH_RATE = -1.0  # negative: the authors' (Swin-L 0.3, PVTv2-B5 0.1)
+    cfg.MODEL.TIMM.OUT_FEATURES = ["res3", "res4", "res5"]
+
+    # Data (detectron2's INPUT.* keys are used as usual; these add the authors' recipe)
+    cfg.INPUT.DATASET_MAPPER_NAME = "panoptic_segformer"  # or "panoptic_segformer_lsj"
+    # DETR crop branch (INPUT.CROP.ENABLED, TYPE "absolute_range", SIZE [384, 600]): with
+    # probability 0.5 resize the short side to one of these first, then crop, then resize
+    cfg.INPUT.CROP.PRE_RESIZE_MIN_SIZES = [400, 500, 600]
+    cfg.INPUT.CROP.PRE_RESIZE_MAX_SIZE = 4200
+    # large-scale jitter (DATASET_MAPPER_NAME "panoptic_segformer_lsj")
+    cfg.INPUT.IMAGE_SIZE = 1024
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
+    cfg.INPUT.SIZE_DIVISIBILITY = 32  # pad the batch to a multiple of this
+
+    # Optimisation (AdamW; lr x BACKBONE_MULTIPLIER for the backbone, the sampling offsets and
+    # the reference points; clip the gradient norm of the full model)
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.LR_MULTIPLIER_KEYS = ["sampling_offsets", "reference_points"]

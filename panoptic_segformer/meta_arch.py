@@ -1,0 +1,317 @@
+"""The detectron2 meta-architecture: the model core behind detectron2's inputs and outputs.
+
+Training and inference take detectron2's list of per-image dicts (``image`` in
+``INPUT.FORMAT``, ``instances`` with ``gt_classes`` and ``gt_masks`` when training, ``height``
+and ``width`` for the output size) and return detectron2's formats: a loss dict when training,
+and per image ``panoptic_seg`` = (id map, segments_info), ``instances`` and ``sem_seg`` at the
+original image size.
+
+Class ids: datasets number categories contiguously in their own order (detectron2's
+``thing_dataset_id_to_contiguous_id`` and ``stuff_dataset_id_to_contiguous_id``); the model
+numbers things first ([0, K)) then stuff ([K, K + Z)). The meta-architecture converts between
+the two, so inputs and outputs always use the dataset's contiguous ids.
+"""
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import Tensor, nn
+
+from panoptic_segformer.modeling import PanopticSegFormer as PanopticSegFormerModel
+from panoptic_segformer.modeling import (
+    PanopticSegFormerCriterion,
+    build_panoptic_segformer,
+    split_targets,
+)
+from panoptic_segformer.modeling.matcher import HungarianMatcher, MaskDecoderMatcher
+
+__all__ = ["PanopticSegFormer", "class_id_maps"]
+
+
+def class_id_maps(metadata, num_things: int, num_stuff: int) -> Tuple[List[int], List[int]]:
+    """The dataset's contiguous ids of the model's thing and stuff classes, in model order.
+
+    Args:
+        metadata: detectron2 ``Metadata`` of the dataset; without
+            ``thing_dataset_id_to_contiguous_id`` the ids are taken as things first
+            ([0, K) then [K, K + Z)).
+        num_things, num_stuff: K and Z of the model.
+
+    Raises:
+        ValueError: when the dataset's thing or stuff category counts are not K and Z.
+    """
+    things = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
+    stuff = getattr(metadata, "stuff_dataset_id_to_contiguous_id", None)
+    if things is None or stuff is None:
+        return list(range(num_things)), list(range(num_things, num_things + num_stuff))
+    thing_ids, stuff_ids = sorted(things.values()), sorted(stuff.values())
+    if len(thing_ids) != num_things or len(stuff_ids) != num_stuff:
+        raise ValueError(
+            f"dataset {metadata.name!r} has {len(thing_ids)} thing and {len(stuff_ids)} stuff "
+            f"categories but the model has MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES="
+            f"{num_things} and NUM_STUFF_CLASSES={num_stuff}"
+        )
+    return thing_ids, stuff_ids
+
+
+def _check_in_features(in_features: Sequence[str], backbone: Backbone) -> None:
+    missing = [name for name in in_features if name not in backbone.output_shape()]
+    if missing:
+        raise ValueError(
+            f"MODEL.PANOPTIC_SEGFORMER.IN_FEATURES {list(in_features)} names {missing}, which the "
+            f"backbone does not output (it has {sorted(backbone.output_shape())})"
+        )
+
+
+class _Normalize(nn.Module):
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(-1, 1, 1), persistent=False)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return (image - self.mean) / self.std
+
+
+@META_ARCH_REGISTRY.register()
+class PanopticSegFormer(nn.Module):
+    """Panoptic SegFormer as a detectron2 meta-architecture.
+
+    Args:
+        backbone: a detectron2 backbone returning ``in_features``.
+        in_features: the backbone outputs fed to the neck, finest first (C3, C4, C5).
+        model: the model core, built without a backbone (``build_panoptic_segformer(None, ...)``).
+        pixel_mean, pixel_std: per-channel normalisation in ``INPUT.FORMAT`` order.
+        size_divisibility: pad batches to a multiple of this.
+        thing_ids, stuff_ids: the dataset's contiguous ids of the model's thing and stuff
+            classes (:func:`class_id_maps`).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        in_features: Sequence[str],
+        model: PanopticSegFormerModel,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        size_divisibility: int = 32,
+        thing_ids: Sequence[int],
+        stuff_ids: Sequence[int],
+    ) -> None:
+        super().__init__()
+        _check_in_features(in_features, backbone)
+        if len(thing_ids) != model.num_thing_classes or len(stuff_ids) != model.num_stuff_classes:
+            raise ValueError(
+                f"{len(thing_ids)} thing and {len(stuff_ids)} stuff ids for a model of "
+                f"{model.num_thing_classes} and {model.num_stuff_classes} classes"
+            )
+        self.backbone = backbone
+        self.in_features = list(in_features)
+        self.model = model
+        self.normalize = _Normalize(pixel_mean, pixel_std)
+        self.size_divisibility = max(size_divisibility, backbone.size_divisibility)
+        model_to_dataset = torch.tensor([*thing_ids, *stuff_ids], dtype=torch.long)
+        dataset_to_model = torch.full((int(model_to_dataset.max()) + 1,), -1, dtype=torch.long)
+        dataset_to_model[model_to_dataset] = torch.arange(len(model_to_dataset))
+        self.register_buffer("model_to_dataset", model_to_dataset, persistent=False)
+        self.register_buffer("dataset_to_model", dataset_to_model, persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, object]:
+        ps = cfg.MODEL.PANOPTIC_SEGFORMER
+        backbone = build_backbone(cfg)
+        _check_in_features(ps.IN_FEATURES, backbone)
+        shapes = backbone.output_shape()
+        datasets = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
+        metadata = MetadataCatalog.get(datasets[0]) if datasets else None
+        thing_ids, stuff_ids = class_id_maps(metadata, ps.NUM_THING_CLASSES, ps.NUM_STUFF_CLASSES)
+        result_types = [
+            name
+            for name, on in (
+                ("panoptic_seg", ps.TEST.PANOPTIC_ON),
+                ("instances", ps.TEST.INSTANCE_ON),
+                ("sem_seg", ps.TEST.SEMANTIC_ON),
+            )
+            if on
+        ]
+        if ps.TEST.MERGE == "pixel_argmax":
+            merge_kwargs = dict(
+                score_threshold=ps.TEST.PIXEL_SCORE_THRESHOLD,
+                mask_threshold=ps.TEST.MASK_THRESHOLD,
+            )
+        else:
+            merge_kwargs = dict(
+                alpha=ps.TEST.ALPHA,
+                beta=ps.TEST.BETA,
+                thing_score_threshold=ps.TEST.THING_SCORE_THRESHOLD,
+                stuff_score_threshold=ps.TEST.STUFF_SCORE_THRESHOLD,
+                thing_overlap_threshold=ps.TEST.THING_OVERLAP_THRESHOLD,
+                stuff_overlap_threshold=ps.TEST.STUFF_OVERLAP_THRESHOLD,
+                mask_threshold=ps.TEST.MASK_THRESHOLD,
+            )
+        model = build_panoptic_segformer(
+            None,
+            [shapes[name].channels for name in ps.IN_FEATURES],
+            num_thing_classes=ps.NUM_THING_CLASSES,
+            num_stuff_classes=ps.NUM_STUFF_CLASSES,
+            d_model=ps.HIDDEN_DIM,
+            num_feature_levels=ps.NUM_FEATURE_LEVELS,
+            n_heads=ps.NHEADS,
+            n_points=ps.N_POINTS,
+            d_ffn=ps.DIM_FEEDFORWARD,
+            dropout=ps.DROPOUT,
+            num_encoder_layers=ps.ENC_LAYERS,
+            num_decoder_layers=ps.DEC_LAYERS,
+            num_queries=ps.NUM_QUERIES,
+            num_thing_mask_layers=ps.THING_MASK_LAYERS,
+            num_stuff_mask_layers=ps.STUFF_MASK_LAYERS,
+            mask_mlp_ratio=ps.MASK_MLP_RATIO,
+            box_free=ps.BOX_FREE,
+            criterion=build_criterion(cfg),
+            max_detections=ps.TEST.MAX_DETECTIONS,
+            mask_decoder_layers=ps.TEST.MASK_DECODER_LAYERS or None,
+            merge=ps.TEST.MERGE,
+            merge_kwargs=merge_kwargs,
+            result_types=result_types,
+        )
+        return {
+            "backbone": backbone,
+            "in_features": list(ps.IN_FEATURES),
+            "model": model,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+            "thing_ids": thing_ids,
+            "stuff_ids": stuff_ids,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.model_to_dataset.device
+
+    def forward(self, batched_inputs: List[Dict[str, object]]):
+        """
+        Args:
+            batched_inputs: detectron2's per-image dicts: ``image`` (3, H, W) in
+                ``INPUT.FORMAT``; when training ``instances`` with ``gt_classes`` (dataset
+                contiguous ids) and ``gt_masks``; at inference optionally ``height`` and
+                ``width``, the size to predict at (default: the input image's).
+
+        Returns:
+            Training: a dict of weighted losses. Inference: per image a dict with the enabled
+            results (``MODEL.PANOPTIC_SEGFORMER.TEST.*_ON``): ``panoptic_seg`` = ((H, W) int32
+            segment ids, 0 = void; segments_info list of dicts with id, category_id, isthing,
+            score), ``instances`` (``pred_masks``, ``pred_boxes``, ``scores``,
+            ``pred_classes``) and ``sem_seg`` ((num classes, H, W) scores).
+        """
+        images = ImageList.from_tensors(
+            [self.normalize(x["image"].to(self.device).float()) for x in batched_inputs],
+            self.size_divisibility,
+        )
+        padded = tuple(images.tensor.shape[-2:])
+        padding_mask = torch.ones((len(images), *padded), dtype=torch.bool, device=self.device)
+        for mask, (h, w) in zip(padding_mask, images.image_sizes):
+            mask[:h, :w] = False
+        features = self.backbone(images.tensor)
+        features = [features[name] for name in self.in_features]
+        if self.training:
+            targets = [self._targets(x, padded) for x in batched_inputs]
+            return self.model.forward_features(features, padding_mask, targets)
+        outputs = self.model.forward_features(features, padding_mask)
+        output_sizes = [
+            (int(x.get("height", h)), int(x.get("width", w)))
+            for x, (h, w) in zip(batched_inputs, images.image_sizes)
+        ]
+        results = self.model.postprocess(outputs, padded, images.image_sizes, output_sizes)
+        return [self._to_detectron2(r, size) for r, size in zip(results, output_sizes)]
+
+    def _targets(self, batched_input: Dict[str, object], padded: Tuple[int, int]) -> Dict:
+        if "instances" not in batched_input:
+            raise ValueError(
+                "training needs 'instances' in every input dict (use the panoptic dataset mapper)"
+            )
+        instances = batched_input["instances"].to(self.device)
+        h, w = instances.image_size
+        classes = instances.gt_classes
+        bad = (classes < 0) | (classes >= len(self.dataset_to_model))
+        labels = self.dataset_to_model[classes.clamp(0, len(self.dataset_to_model) - 1)]
+        if bool((bad | (labels < 0)).any()):
+            raise ValueError(
+                f"gt_classes {sorted(set(classes[bad | (labels < 0)].tolist()))} of "
+                f"{batched_input.get('file_name', 'an image')} are not categories of the model"
+            )
+        masks = getattr(instances.gt_masks, "tensor", instances.gt_masks).bool()
+        padded_masks = masks.new_zeros((len(masks), *padded))
+        padded_masks[:, :h, :w] = masks
+        return split_targets(
+            labels,
+            padded_masks,
+            (h, w),
+            self.model.num_thing_classes,
+            self.model.num_stuff_classes,
+            box_free=self.model.location_decoder.box_free,
+        )
+
+    def _to_detectron2(self, result: Dict[str, object], size: Tuple[int, int]) -> Dict:
+        out = {}
+        if "panoptic_seg" in result:
+            seg, segments = result["panoptic_seg"]
+            ids = self.model_to_dataset.tolist()
+            for info in segments:
+                info["category_id"] = ids[info["category_id"]]
+            out["panoptic_seg"] = (seg, segments)
+        if "instances" in result:
+            found = result["instances"]
+            instances = Instances(size)
+            instances.pred_masks = found.masks
+            instances.pred_boxes = Boxes(found.boxes)
+            instances.scores = found.scores
+            instances.pred_classes = self.model_to_dataset[found.classes]
+            out["instances"] = instances
+        if "sem_seg" in result:
+            scores = result["sem_seg"]
+            sem_seg = scores.new_zeros((int(self.model_to_dataset.max()) + 1, *size))
+            sem_seg[self.model_to_dataset] = scores
+            out["sem_seg"] = sem_seg
+        return out
+
+
+def build_criterion(cfg) -> PanopticSegFormerCriterion:
+    """The losses and matchers of ``MODEL.PANOPTIC_SEGFORMER``."""
+    ps = cfg.MODEL.PANOPTIC_SEGFORMER
+    fixed = ps.LAMBDA_THINGS >= 0 or ps.LAMBDA_STUFF >= 0
+    focal = dict(focal_alpha=ps.FOCAL_ALPHA, focal_gamma=ps.FOCAL_GAMMA)
+    return PanopticSegFormerCriterion(
+        ps.NUM_THING_CLASSES,
+        ps.NUM_STUFF_CLASSES,
+        matcher=HungarianMatcher(
+            cost_class=ps.MATCHER.CLASS_COST,
+            cost_bbox=ps.MATCHER.BBOX_COST,
+            cost_giou=ps.MATCHER.GIOU_COST,
+            **focal,
+        ),
+        mask_matcher=MaskDecoderMatcher(
+            cost_class=ps.MASK_MATCHER.CLASS_COST,
+            cost_bbox=ps.MASK_MATCHER.BBOX_COST,
+            cost_giou=ps.MASK_MATCHER.GIOU_COST,
+            cost_dice=ps.MASK_MATCHER.DICE_COST,
+            **focal,
+        ),
+        class_weight=ps.CLASS_WEIGHT,
+        bbox_weight=ps.BBOX_WEIGHT,
+        giou_weight=ps.GIOU_WEIGHT,
+        mask_weight=ps.MASK_WEIGHT,
+        stuff_class_factor=ps.STUFF_CLASS_FACTOR,
+        thing_class_weight=ps.THING_CLASS_WEIGHT,
+        max_per_target=ps.MAX_PER_TARGET,
+        max_selected=ps.MAX_SELECTED,
+        lambda_things=ps.LAMBDA_THINGS if fixed else None,
+        lambda_stuff=ps.LAMBDA_STUFF if fixed else None,
+        **focal,
+    )
