@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Panoptic SegFormer on images, a video or a webcam, drawn with detectron2's Visualizer.
+
+Examples:
+    python demo/demo.py --config-file configs/r50.yaml --input img.jpg --output out.jpg \
+        --opts MODEL.WEIGHTS model.pth
+    python demo/demo.py --config-file configs/r50.yaml --input "photos/*.jpg" photos2/ \
+        --output drawn/ --opts MODEL.WEIGHTS model.pth
+    python demo/demo.py --config-file configs/r50.yaml --video-input in.mp4 --output out.mp4 \
+        --opts MODEL.WEIGHTS model.pth
+    python demo/demo.py --config-file configs/r50.yaml --webcam --opts MODEL.WEIGHTS model.pth
+
+Runs on the GPU when one is visible, else on the CPU (or as MODEL.DEVICE says).
+"""
+
+import argparse
+import glob
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import cv2
+import torch
+import tqdm
+from detectron2.config import get_cfg
+from detectron2.data.detection_utils import read_image
+from detectron2.utils.logger import setup_logger
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a source tree
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from predictor import VisualizationDemo  # noqa: E402
+
+from panoptic_segformer import add_panoptic_segformer_config  # noqa: E402
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+WINDOW = "Panoptic SegFormer"
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="config file")
+    parser.add_argument("--input", nargs="+", help="images: files, globs ('*.jpg') or directories")
+    parser.add_argument("--video-input", help="a video file")
+    parser.add_argument("--webcam", action="store_true", help="the webcam (camera 0)")
+    parser.add_argument(
+        "--output",
+        help="where to save: a directory, or a file for one image or a video; shown in a "
+        "window when omitted",
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="draw only segments and instances scoring at least this",
+    )
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
+    )
+    return parser
+
+
+def setup_cfg(args):
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def expand_inputs(patterns: List[str]) -> List[str]:
+    """Files, glob matches and the images of directories, in order.
+
+    Raises:
+        FileNotFoundError: naming a pattern that matches nothing.
+    """
+    paths = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        if os.path.isdir(pattern):
+            found = sorted(
+                os.path.join(pattern, f)
+                for f in os.listdir(pattern)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
+        else:
+            found = sorted(glob.glob(pattern))
+        if not found:
+            raise FileNotFoundError(f"--input {pattern!r} matches no image")
+        paths.extend(found)
+    return paths
+
+
+def output_path(output: str, image_path: str, many: bool) -> str:
+    if many or os.path.isdir(output) or output.endswith(os.sep):
+        os.makedirs(output, exist_ok=True)
+        return os.path.join(output, os.path.basename(image_path))
+    return output
+
+
+def run_images(demo: VisualizationDemo, args, logger: logging.Logger) -> None:
+    paths = expand_inputs(args.input)
+    for path in tqdm.tqdm(paths, disable=len(paths) == 1 or not args.output):
+        image = read_image(path, format="BGR")
+        start = time.perf_counter()
+        predictions, drawing = demo.run_on_image(image)
+        found = len(predictions["panoptic_seg"][1]) if "panoptic_seg" in predictions else "-"
+        logger.info(f"{path}: {found} segments in {time.perf_counter() - start:.2f} s")
+        if args.output:
+            drawing.save(output_path(args.output, path, len(paths) > 1))
+        else:
+            cv2.namedWindow(WINDOW, cv2.WINDOW_NORMAL)
+            cv2.imshow(WINDOW, drawing.get_image()[:, :, ::-1])
+            if cv2.waitKey(0) == 27:  # Esc
+                break
+
+
+def run_video(demo: VisualizationDemo, args) -> None:
+    source = 0 if args.webcam else args.video_input
+    video = cv2.VideoCapture(source)
+    if not video.isOpened():
+        raise FileNotFoundError(f"cannot open {'the webcam' if args.webcam else source!r}")
+    writer = None
+    if args.output and not args.webcam:
+        out = args.output
+        if os.path.isdir(out):
+            out = os.path.join(out, os.path.splitext(os.path.basename(source))[0] + ".mp4")
+        fps = video.get(cv2.CAP_PROP_FPS) or 30.0
+        size = (int(video.get(cv2.CAP_PROP_FRAME_WIDTH)), int(video.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    try:
+        for frame in tqdm.tqdm(demo.run_on_video(video), total=frames, disable=args.webcam):
+            if writer is not None:
+                writer.write(frame)
+            else:
+                cv2.namedWindow(WINDOW, cv2.WINDOW_NORMAL)
+                cv2.imshow(WINDOW, frame)
+                if cv2.waitKey(1) == 27:  # Esc
+                    break
+    finally:
+        video.release()
+        if writer is not None:
+            writer.release()
+        cv2.destroyAllWindows()
+
+
+def main(argv=None) -> None:
+    args = get_parser().parse_args(argv)
+    sources = [bool(args.input), bool(args.video_input), args.webcam]
+    if sum(sources) != 1:
+        raise SystemExit("give exactly one of --input, --video-input and --webcam")
+    setup_logger(name="fvcore")
+    logger = setup_logger()
+    logger.info(f"Arguments: {args}")
+    demo = VisualizationDemo(setup_cfg(args), args.confidence_threshold)
+    if args.input:
+        run_images(demo, args, logger)
+    else:
+        run_video(demo, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Drawing Panoptic SegFormer's predictions with detectron2's Visualizer (images, videos)."""
+
+from typing import Dict, Iterator, Tuple
+
+import cv2
+import numpy as np
+import torch
+from detectron2.utils.video_visualizer import VideoVisualizer
+from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
+
+from panoptic_segformer.predictor import Predictor
+
+
+def keep_confident(predictions: Dict, threshold: float) -> Dict:
+    """The predictions without panoptic segments and instances scoring under ``threshold``
+    (their pixels are drawn as void)."""
+    kept = dict(predictions)
+    if "panoptic_seg" in kept:
+        seg, segments = kept["panoptic_seg"]
+        kept["panoptic_seg"] = (seg, [s for s in segments if s.get("score", 1.0) >= threshold])
+    if "instances" in kept:
+        instances = kept["instances"]
+        kept["instances"] = instances[instances.scores >= threshold]
+    return kept
+
+
+class VisualizationDemo:
+    """Runs :class:`Predictor` and draws the panoptic segmentation (or, when the model returns
+    no panoptic result, the semantic map or the instances)."""
+
+    def __init__(self, cfg, confidence_threshold: float = 0.5, instance_mode=ColorMode.IMAGE):
+        self.predictor = Predictor(cfg)
+        self.metadata = self.predictor.metadata
+        self.confidence_threshold = confidence_threshold
+        self.instance_mode = instance_mode
+        self.input_format = cfg.INPUT.FORMAT
+
+    def run_on_image(self, image: np.ndarray) -> Tuple[Dict, VisImage]:
+        """
+        Args:
+            image: (H, W, 3) uint8 BGR image (as ``cv2.imread`` gives).
+
+        Returns:
+            the raw predictions and the drawing.
+        """
+        predictions = self.predictor(image)
+        shown = keep_confident(predictions, self.confidence_threshold)
+        visualizer = Visualizer(image[:, :, ::-1], self.metadata, instance_mode=self.instance_mode)
+        cpu = torch.device("cpu")
+        if "panoptic_seg" in shown:
+            seg, segments = shown["panoptic_seg"]
+            drawing = visualizer.draw_panoptic_seg(seg.to(cpu), segments)
+        elif "sem_seg" in shown:
+            drawing = visualizer.draw_sem_seg(shown["sem_seg"].argmax(dim=0).to(cpu))
+        else:
+            drawing = visualizer.draw_instance_predictions(shown["instances"].to(cpu))
+        return predictions, drawing
+
+    def run_on_video(self, video: cv2.VideoCapture) -> Iterator[np.ndarray]:
+        """Drawn BGR frames of a video or webcam stream, one per input frame."""
+        video_visualizer = VideoVisualizer(self.metadata, self.instance_mode)
+        cpu = torch.device("cpu")
+        while video.isOpened():
+            success, frame = video.read()
+            if not success:
+                break
+            shown = keep_confident(self.predictor(frame), self.confidence_threshold)
+            rgb = frame[:, :, ::-1]
+            if "panoptic_seg" in shown:
+                seg, segments = shown["panoptic_seg"]
+                drawing = video_visualizer.draw_panoptic_seg(rgb, seg.to(cpu), segments)
+            elif "sem_seg" in shown:
+                drawing = video_visualizer.draw_sem_seg(rgb, shown["sem_seg"].argmax(0).to(cpu))
+            else:
+                drawing = video_visualizer.draw_instance_predictions(
+                    rgb, shown["instances"].to(cpu)
+                )
+            yield cv2.cvtColor(drawing.get_image(), cv2.COLOR_RGB2BGR)

@@ -1,0 +1,45 @@
+"""Shared helpers of the detectron2-layer tests (each test module skips without detectron2)."""
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+SAMPLE = ROOT.parent / "shared" / "data" / "coco_panoptic_sample"
+
+# A small model for CPU tests: ResNet-18, 64 channels, one layer per stack, 20 queries.
+TINY = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.WEIGHTS", "",
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM", "64",
+    "MODEL.PANOPTIC_SEGFORMER.NHEADS", "4",
+    "MODEL.PANOPTIC_SEGFORMER.DIM_FEEDFORWARD", "128",
+    "MODEL.PANOPTIC_SEGFORMER.ENC_LAYERS", "1",
+    "MODEL.PANOPTIC_SEGFORMER.DEC_LAYERS", "2",
+    "MODEL.PANOPTIC_SEGFORMER.NUM_QUERIES", "20",
+    "MODEL.PANOPTIC_SEGFORMER.THING_MASK_LAYERS", "1",
+    "MODEL.PANOPTIC_SEGFORMER.STUFF_MASK_LAYERS", "1",
+]  # fmt: skip
+
+
+def make_cfg(config_file, *opts):
+    """The config of ``config_file`` with Panoptic SegFormer's keys and the given overrides."""
+    from detectron2.config import get_cfg
+
+    from panoptic_segformer import add_panoptic_segformer_config
+
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def needs_sample():
+    return pytest.mark.skipif(
+        not (SAMPLE / "panoptic.json").is_file(),
+        reason=f"the COCO panoptic sample is missing ({SAMPLE})",
+    )

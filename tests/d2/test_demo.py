@@ -1,0 +1,64 @@
+"""demo/demo.py draws a prediction on a real photo, on the CPU."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
+pytest.importorskip("cv2", reason="the demo draws with OpenCV")
+
+import cv2  # noqa: E402
+from d2_helpers import CONFIGS, ROOT, SAMPLE, TINY, needs_sample  # noqa: E402
+
+PHOTO = SAMPLE / "images" / "000000142238.jpg"  # 640 x 427
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("psf_demo", ROOT / "demo" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_sample()
+def test_demo_writes_a_drawn_image(tmp_path):
+    out = tmp_path / "drawn.jpg"
+    command = [
+        sys.executable,
+        str(ROOT / "demo" / "demo.py"),
+        "--config-file", str(CONFIGS[0].parent / "r50.yaml"),
+        "--input", str(PHOTO),
+        "--output", str(out),
+        "--confidence-threshold", "0.0",
+        "--opts", *TINY, "MODEL.PANOPTIC_SEGFORMER.TEST.THING_SCORE_THRESHOLD", "0.0",
+        "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_SCORE_THRESHOLD", "0.0",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    drawn = cv2.imread(str(out))
+    assert drawn is not None and drawn.shape == (427, 640, 3)
+    photo = cv2.imread(str(PHOTO))
+    assert (abs(drawn.astype(int) - photo.astype(int)) > 30).mean() > 0.05  # something drawn
+    assert "MODEL.WEIGHTS is empty" in done.stdout + done.stderr
+
+
+@needs_sample()
+def test_input_expansion(tmp_path):
+    demo = load_demo()
+    images = str(SAMPLE / "images")
+    assert demo.expand_inputs([images]) == sorted(str(p) for p in (SAMPLE / "images").glob("*.jpg"))
+    assert demo.expand_inputs([os.path.join(images, "*439180.jpg")]) == [
+        str(SAMPLE / "images" / "000000439180.jpg")
+    ]
+    with pytest.raises(FileNotFoundError, match=r"--input '.*nothing\*.png' matches no image"):
+        demo.expand_inputs([str(tmp_path / "nothing*.png")])
+    assert demo.output_path(str(tmp_path / "out"), "/a/b.jpg", many=True) == str(
+        tmp_path / "out" / "b.jpg"
+    )
+    assert demo.output_path(str(tmp_path / "one.jpg"), "/a/b.jpg", many=False) == str(
+        tmp_path / "one.jpg"
+    )

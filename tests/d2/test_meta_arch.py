@@ -1,0 +1,154 @@
+"""The meta-architecture: detectron2's input and output formats, class ids, errors."""
+
+import pytest
+
+pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from d2_helpers import CONFIGS, TINY, make_cfg  # noqa: E402
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
+from detectron2.utils.visualizer import Visualizer  # noqa: E402
+
+from panoptic_segformer.meta_arch import class_id_maps  # noqa: E402
+
+BASE = CONFIGS[0].parent / "r50.yaml"
+# every query passes the merging: an untrained model then still paints segments
+PERMISSIVE = [
+    "MODEL.PANOPTIC_SEGFORMER.TEST.THING_SCORE_THRESHOLD", "0.0",
+    "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_SCORE_THRESHOLD", "0.0",
+    "MODEL.PANOPTIC_SEGFORMER.TEST.MASK_THRESHOLD", "0.0",
+    "MODEL.PANOPTIC_SEGFORMER.TEST.THING_OVERLAP_THRESHOLD", "1.0",
+    "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_OVERLAP_THRESHOLD", "1.0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def interleaved_dataset():
+    # a dataset whose contiguous ids interleave things (1, 3, 4) and stuff (0, 2), as ADE20K's
+    name = "psf_test_interleaved"
+    if name not in MetadataCatalog.list():
+        MetadataCatalog.get(name).set(
+            thing_dataset_id_to_contiguous_id={11: 1, 13: 3, 14: 4},
+            stuff_dataset_id_to_contiguous_id={10: 0, 12: 2},
+            thing_classes=["s0", "t1", "s2", "t3", "t4"],
+            stuff_classes=["s0", "t1", "s2", "t3", "t4"],
+        )
+    return name
+
+
+def tiny_model(*opts):
+    torch.manual_seed(0)
+    cfg = make_cfg(BASE, *TINY, *opts)
+    return build_model(cfg), cfg
+
+
+def image(h=64, w=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+
+
+def test_inference_outputs_detectron2_formats():
+    model, _ = tiny_model(*PERMISSIVE, "MODEL.PANOPTIC_SEGFORMER.TEST.SEMANTIC_ON", "True")
+    model.eval()
+    inputs = [{"image": image(), "height": 128, "width": 192}, {"image": image(48, 80, 1)}]
+    with torch.no_grad():
+        outputs = model(inputs)
+    for out, size in zip(outputs, [(128, 192), (48, 80)]):
+        seg, segments = out["panoptic_seg"]
+        assert seg.shape == size and seg.dtype == torch.int32
+        assert segments and set(torch.unique(seg).tolist()) - {0} == {s["id"] for s in segments}
+        for info in segments:
+            assert set(info) == {"id", "category_id", "isthing", "score"}
+            assert info["isthing"] == (info["category_id"] < 80)
+        instances = out["instances"]
+        assert instances.image_size == size and len(instances) == 100
+        assert (
+            instances.pred_masks.shape == (100, *size) and instances.pred_masks.dtype == torch.bool
+        )
+        assert isinstance(instances.pred_boxes, Boxes)
+        assert int(instances.pred_classes.max()) < 80
+        assert torch.all(instances.scores[:-1] >= instances.scores[1:])
+        assert out["sem_seg"].shape == (133, *size)
+    # detectron2's Visualizer draws all three
+    metadata = MetadataCatalog.get("coco_2017_val_panoptic")
+    rgb = np.zeros((128, 192, 3), dtype=np.uint8)
+    Visualizer(rgb, metadata).draw_panoptic_seg(*outputs[0]["panoptic_seg"])
+    Visualizer(rgb, metadata).draw_instance_predictions(outputs[0]["instances"])
+    Visualizer(rgb, metadata).draw_sem_seg(outputs[0]["sem_seg"].argmax(0))
+
+
+def test_class_ids_are_converted_both_ways(interleaved_dataset):
+    opts = [
+        "DATASETS.TRAIN", f"('{interleaved_dataset}',)",
+        "MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES", "3",
+        "MODEL.PANOPTIC_SEGFORMER.NUM_STUFF_CLASSES", "2",
+        "MODEL.PANOPTIC_SEGFORMER.TEST.SEMANTIC_ON", "True",
+    ]  # fmt: skip
+    model, _ = tiny_model(*PERMISSIVE, *opts)
+    assert model.model_to_dataset.tolist() == [1, 3, 4, 0, 2]
+    # training targets: dataset ids -> model ids (things first)
+    instances = Instances((64, 96))
+    masks = torch.zeros(3, 64, 96, dtype=torch.bool)
+    masks[0, :10], masks[1, 10:30], masks[2, 30:] = True, True, True
+    instances.gt_masks = BitMasks(masks)
+    instances.gt_classes = torch.tensor([3, 2, 0])
+    targets = model._targets({"image": image(), "instances": instances}, (64, 96))
+    assert targets["thing_labels"].tolist() == [1]  # dataset 3 is the model's second thing
+    assert targets["stuff_labels"].tolist() == [1, 0]  # dataset 2 and 0 are stuff 1 and 0
+    # inference: model ids -> dataset ids
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([{"image": image()}])
+    for info in out["panoptic_seg"][1]:
+        assert info["category_id"] in ((1, 3, 4) if info["isthing"] else (0, 2))
+    assert set(out["instances"].pred_classes.tolist()) <= {1, 3, 4}
+    assert out["sem_seg"].shape == (5, 64, 96)
+
+
+def test_training_returns_losses_that_reach_the_model():
+    model, _ = tiny_model()
+    model.train()
+    instances = Instances((64, 96))
+    masks = torch.zeros(2, 64, 96, dtype=torch.bool)
+    masks[0, 5:30, 10:40], masks[1, 40:] = True, True
+    instances.gt_masks = BitMasks(masks)
+    instances.gt_classes = torch.tensor([7, 90])
+    empty = Instances((48, 80))
+    empty.gt_masks = BitMasks(torch.zeros(0, 48, 80, dtype=torch.bool))
+    empty.gt_classes = torch.zeros(0, dtype=torch.long)
+    losses = model(
+        [{"image": image(), "instances": instances}, {"image": image(48, 80), "instances": empty}]
+    )
+    assert {"loss_cls", "loss_bbox", "loss_giou", "loss_mask_things", "loss_mask_stuff"} <= set(
+        losses
+    )
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.backbone.res5[0].conv1.weight.grad.abs().sum() > 0
+    assert model.model.encoder.layers[0].self_attn.sampling_offsets.weight.grad is not None
+
+
+def test_bad_configurations_and_inputs_raise(interleaved_dataset):
+    with pytest.raises(
+        ValueError, match=r"IN_FEATURES \['res3', 'res4', 'res6'\] names \['res6'\]"
+    ):
+        tiny_model("MODEL.PANOPTIC_SEGFORMER.IN_FEATURES", "['res3', 'res4', 'res6']")
+    with pytest.raises(ValueError, match="has 3 thing and 2 stuff categories but the model has"):
+        tiny_model("DATASETS.TRAIN", f"('{interleaved_dataset}',)")
+    model, _ = tiny_model()
+    model.train()
+    instances = Instances((64, 96))
+    instances.gt_masks = BitMasks(torch.ones(1, 64, 96, dtype=torch.bool))
+    instances.gt_classes = torch.tensor([133])
+    with pytest.raises(ValueError, match=r"gt_classes \[133\] of x.jpg are not categories"):
+        model([{"image": image(), "instances": instances, "file_name": "x.jpg"}])
+    with pytest.raises(ValueError, match="training needs 'instances'"):
+        model([{"image": image()}])
+
+
+def test_class_id_maps_without_metadata_is_things_first():
+    assert class_id_maps(None, 2, 3) == ([0, 1], [2, 3, 4])
