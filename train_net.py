@@ -24,7 +24,6 @@ from detectron2.data import (
 )
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import (
-    COCOEvaluator,
     COCOPanopticEvaluator,
     DatasetEvaluators,
     SemSegEvaluator,
@@ -34,6 +33,7 @@ from detectron2.utils import comm
 
 from panoptic_segformer import PanopticSegFormerCheckpointer, add_panoptic_segformer_config
 from panoptic_segformer.data import PanopticSegFormerDatasetMapper
+from panoptic_segformer.evaluation import PanopticInstanceEvaluator
 from panoptic_segformer.solver import build_optimizer
 
 PANOPTIC_EVALUATOR_TYPES = ("coco_panoptic_seg", "ade20k_panoptic_seg")
@@ -65,9 +65,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """COCOPanopticEvaluator, COCOEvaluator (instance masks, where the dataset has an
-        instances json) and SemSegEvaluator (where it has semantic ground truth), as the
-        results enabled by MODEL.PANOPTIC_SEGFORMER.TEST.*_ON."""
+        """COCOPanopticEvaluator, COCOEvaluator (instance masks and boxes, where the dataset
+        has an instances json; :class:`PanopticInstanceEvaluator`) and SemSegEvaluator (where
+        it has semantic ground truth), as the results enabled by
+        MODEL.PANOPTIC_SEGFORMER.TEST.*_ON."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         metadata = MetadataCatalog.get(dataset_name)
         evaluator_type = metadata.get("evaluator_type", None)
@@ -81,7 +82,7 @@ class Trainer(DefaultTrainer):
         if test.PANOPTIC_ON:
             evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
         if test.INSTANCE_ON and metadata.get("json_file", None):
-            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+            evaluators.append(PanopticInstanceEvaluator(dataset_name, output_dir=output_folder))
         if test.SEMANTIC_ON and metadata.get("sem_seg_root", None):
             evaluators.append(SemSegEvaluator(dataset_name, output_dir=output_folder))
         if not evaluators:

@@ -147,7 +147,8 @@ def run_video(demo: VisualizationDemo, args) -> None:
         video.release()
         if writer is not None:
             writer.release()
-        cv2.destroyAllWindows()
+        else:  # a window was shown (headless OpenCV builds have no windows to close)
+            cv2.destroyAllWindows()
 
 
 def main(argv=None) -> None:

@@ -68,7 +68,7 @@ class VisualizationDemo:
             rgb = frame[:, :, ::-1]
             if "panoptic_seg" in shown:
                 seg, segments = shown["panoptic_seg"]
-                drawing = video_visualizer.draw_panoptic_seg(rgb, seg.to(cpu), segments)
+                drawing = video_visualizer.draw_panoptic_seg_predictions(rgb, seg.to(cpu), segments)
             elif "sem_seg" in shown:
                 drawing = video_visualizer.draw_sem_seg(rgb, shown["sem_seg"].argmax(0).to(cpu))
             else:

@@ -11,6 +11,7 @@ pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 
 pytest.importorskip("cv2", reason="the demo draws with OpenCV")
 
 import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 from d2_helpers import CONFIGS, ROOT, SAMPLE, TINY, needs_sample  # noqa: E402
 
 PHOTO = SAMPLE / "images" / "000000142238.jpg"  # 640 x 427
@@ -44,6 +45,32 @@ def test_demo_writes_a_drawn_image(tmp_path):
     photo = cv2.imread(str(PHOTO))
     assert (abs(drawn.astype(int) - photo.astype(int)) > 30).mean() > 0.05  # something drawn
     assert "MODEL.WEIGHTS is empty" in done.stdout + done.stderr
+
+
+def test_demo_draws_every_frame_of_a_video(tmp_path):
+    video = tmp_path / "in.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (96, 64))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write mp4 videos")
+    for i in range(3):
+        writer.write(np.full((64, 96, 3), 40 * i, dtype=np.uint8))
+    writer.release()
+    out = tmp_path / "out.mp4"
+    command = [
+        sys.executable,
+        str(ROOT / "demo" / "demo.py"),
+        "--config-file", str(CONFIGS[0].parent / "r50.yaml"),
+        "--video-input", str(video),
+        "--output", str(out),
+        "--opts", *TINY,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    drawn = cv2.VideoCapture(str(out))
+    assert int(drawn.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    assert (drawn.get(cv2.CAP_PROP_FRAME_WIDTH), drawn.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (96, 64)
+    drawn.release()
 
 
 @needs_sample()

@@ -1,6 +1,7 @@
 """train_net.py end to end on the two real COCO images: a few training iterations through
 detectron2's trainer, a checkpoint, then inference and COCOPanopticEvaluator."""
 
+import json
 import math
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
 pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panopticapi installed")
 
+import numpy as np  # noqa: E402
 from d2_helpers import CONFIGS, ROOT, SAMPLE, TINY, needs_sample  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
@@ -21,11 +23,49 @@ import train_net  # noqa: E402
 DATASET = "psf_test_coco_sample"
 
 
+def write_instances_json(path):
+    """The sample's thing segments as a COCO instances json (what COCOEvaluator reads)."""
+    from panopticapi.utils import rgb2id
+    from PIL import Image
+    from pycocotools import mask as mask_util
+
+    panoptic = json.loads((SAMPLE / "panoptic.json").read_text())
+    things = [c for c in panoptic["categories"] if c["isthing"]]
+    thing_ids = {c["id"] for c in things}
+    annotations = []
+    for ann in panoptic["annotations"]:
+        ids = rgb2id(np.asarray(Image.open(SAMPLE / "panoptic" / ann["file_name"])))
+        for segment in ann["segments_info"]:
+            if segment["category_id"] not in thing_ids:
+                continue
+            rle = mask_util.encode(np.asfortranarray(ids == segment["id"]).astype(np.uint8))
+            rle["counts"] = rle["counts"].decode()
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": ann["image_id"],
+                    "category_id": segment["category_id"],
+                    "segmentation": rle,
+                    "area": segment["area"],
+                    "bbox": segment["bbox"],
+                    "iscrowd": segment["iscrowd"],
+                }
+            )
+    data = {"images": panoptic["images"], "annotations": annotations, "categories": things}
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
-def sample_dataset():
+def sample_dataset(tmp_path_factory):
     if DATASET not in DatasetCatalog.list():
+        instances = write_instances_json(tmp_path_factory.mktemp("sample") / "instances.json")
         register_panoptic_dataset(
-            DATASET, str(SAMPLE / "images"), str(SAMPLE / "panoptic"), str(SAMPLE / "panoptic.json")
+            DATASET,
+            str(SAMPLE / "images"),
+            str(SAMPLE / "panoptic"),
+            str(SAMPLE / "panoptic.json"),
+            instances_json=instances,
         )
     return DATASET
 
@@ -61,11 +101,14 @@ def test_train_then_evaluate(tmp_path, sample_dataset):
     panoptic = results["panoptic_seg"]
     for key in ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"):
         assert math.isfinite(panoptic[key]) and 0 <= panoptic[key] <= 100, key
+    # COCOEvaluator read the instance masks and boxes (AP is nan where nothing matches)
+    assert {"AP", "AP50", "APs"} <= set(results["segm"]) and "AP" in results["bbox"]
     # the trained weights evaluate the same way with --eval-only
     again = train_net.main(
         args_for(tmp_path, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), eval_only=True)
     )
     assert again["panoptic_seg"] == pytest.approx(panoptic)
+    assert again["segm"] == pytest.approx(results["segm"], nan_ok=True)
 
 
 @needs_sample()
