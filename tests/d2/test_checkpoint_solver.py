@@ -115,3 +115,28 @@ def test_bad_solver_settings_raise():
         ValueError, match="CLIP_TYPE must be 'full_model', 'value' or 'norm', got 'x'"
     ):
         build_optimizer(make_cfg(BASE, *TINY, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "x"), model)
+
+
+def test_imagenet_pkl_is_matched_by_name_heuristics(tmp_path):
+    # the format of detectron2://ImageNetPretrained/torchvision/R-50.pkl: numpy arrays under the
+    # backbone's own names, matched onto the model by detectron2's heuristics
+    import pickle
+
+    source = tiny(seed=4)
+    weights = {
+        k[len("backbone.") :]: v.numpy()
+        for k, v in source.state_dict().items()
+        if k.startswith("backbone.")
+    }
+    weights["fc.weight"] = torch.zeros(1000, 512).numpy()  # an ImageNet classifier: unused
+    payload = {"model": weights, "__author__": "torchvision", "matching_heuristics": True}
+    (tmp_path / "R-18.pkl").write_bytes(pickle.dumps(payload))
+    model = tiny(seed=5)
+    PanopticSegFormerCheckpointer(model).load(str(tmp_path / "R-18.pkl"))
+    assert torch.equal(model.backbone.res5[1].conv2.weight, source.backbone.res5[1].conv2.weight)
+    del weights["res5.1.conv2.weight"]
+    (tmp_path / "R-18-partial.pkl").write_bytes(pickle.dumps(payload))
+    with pytest.raises(
+        RuntimeError, match=r"backbone weights are missing: backbone\.res5\.1\.conv2"
+    ):
+        PanopticSegFormerCheckpointer(tiny()).load(str(tmp_path / "R-18-partial.pkl"))
