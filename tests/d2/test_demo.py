@@ -24,22 +24,32 @@ def load_demo():
     return module
 
 
-@needs_sample()
-def test_demo_writes_a_drawn_image(tmp_path):
-    out = tmp_path / "drawn.jpg"
+def run_demo(workdir, *arguments):
+    """Runs demo/demo.py with the R50 config (and ``arguments``) as a user would; must succeed."""
     command = [
         sys.executable,
         str(ROOT / "demo" / "demo.py"),
-        "--config-file", str(CONFIGS[0].parent / "r50.yaml"),
+        "--config-file",
+        str(CONFIGS[0].parent / "r50.yaml"),
+        *arguments,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@needs_sample()
+def test_demo_writes_a_drawn_image(tmp_path):
+    out = tmp_path / "drawn.jpg"
+    done = run_demo(
+        tmp_path,
         "--input", str(PHOTO),
         "--output", str(out),
         "--confidence-threshold", "0.0",
         "--opts", *TINY, "MODEL.PANOPTIC_SEGFORMER.TEST.THING_SCORE_THRESHOLD", "0.0",
         "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_SCORE_THRESHOLD", "0.0",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    )  # fmt: skip
     drawn = cv2.imread(str(out))
     assert drawn is not None and drawn.shape == (427, 640, 3)
     photo = cv2.imread(str(PHOTO))
@@ -56,17 +66,7 @@ def test_demo_draws_every_frame_of_a_video(tmp_path):
         writer.write(np.full((64, 96, 3), 40 * i, dtype=np.uint8))
     writer.release()
     out = tmp_path / "out.mp4"
-    command = [
-        sys.executable,
-        str(ROOT / "demo" / "demo.py"),
-        "--config-file", str(CONFIGS[0].parent / "r50.yaml"),
-        "--video-input", str(video),
-        "--output", str(out),
-        "--opts", *TINY,
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_demo(tmp_path, "--video-input", str(video), "--output", str(out), "--opts", *TINY)
     drawn = cv2.VideoCapture(str(out))
     assert int(drawn.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
     assert (drawn.get(cv2.CAP_PROP_FRAME_WIDTH), drawn.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (96, 64)
