@@ -13,6 +13,7 @@ detectron2's trainer does the rest (logging, ETA, checkpoints every SOLVER.CHECK
 evaluation at the end or every TEST.EVAL_PERIOD iterations, AMP with SOLVER.AMP.ENABLED).
 """
 
+import logging
 import os
 import weakref
 
@@ -49,6 +50,13 @@ class Trainer(DefaultTrainer):
         self.checkpointer = PanopticSegFormerCheckpointer(
             self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
+
+    def resume_or_load(self, resume=True):
+        if not (resume and self.checkpointer.has_checkpoint()):
+            message = random_init_warning(self.cfg)
+            if message:
+                logging.getLogger("detectron2").warning(message)
+        super().resume_or_load(resume=resume)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -92,6 +100,22 @@ class Trainer(DefaultTrainer):
                 "ground truth)"
             )
         return DatasetEvaluators(evaluators)
+
+
+def random_init_warning(cfg):
+    """What starts from random weights when training begins without a checkpoint, or None."""
+    if cfg.MODEL.WEIGHTS:
+        return None
+    if cfg.MODEL.BACKBONE.NAME == "D2TimmBackbone":
+        if cfg.MODEL.TIMM.PRETRAINED:
+            return None
+        hint = "set MODEL.TIMM.PRETRAINED to a local ImageNet checkpoint of " + cfg.MODEL.TIMM.NAME
+    else:
+        hint = "set MODEL.WEIGHTS, e.g. detectron2://ImageNetPretrained/torchvision/R-50.pkl"
+    return (
+        "MODEL.WEIGHTS is empty and no pretrained backbone is given: the whole model, backbone "
+        f"included, starts from random weights ({hint})"
+    )
 
 
 def setup(args):

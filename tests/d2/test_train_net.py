@@ -123,3 +123,18 @@ def test_non_panoptic_datasets_are_refused():
     cfg = make_cfg(CONFIGS[0].parent / "r50.yaml")
     with pytest.raises(ValueError, match=r"'coco_2017_val' has evaluator_type 'coco'"):
         train_net.Trainer.build_evaluator(cfg, "coco_2017_val")
+
+
+def test_training_from_random_weights_is_said():
+    from d2_helpers import make_cfg
+
+    r50 = make_cfg(CONFIGS[0].parent / "r50.yaml")
+    assert train_net.random_init_warning(r50) is None  # the ImageNet R50 of detectron2
+    r50.MODEL.WEIGHTS = ""
+    assert "R-50.pkl" in train_net.random_init_warning(r50)
+    swin = make_cfg(CONFIGS[0].parent / "swin_l.yaml")
+    assert "MODEL.TIMM.PRETRAINED to a local ImageNet checkpoint of swin_large" in (
+        train_net.random_init_warning(swin)
+    )
+    swin.MODEL.TIMM.PRETRAINED = "swin_large_22k.pth"
+    assert train_net.random_init_warning(swin) is None
