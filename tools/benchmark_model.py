@@ -35,7 +35,6 @@ Examples:
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -51,17 +50,23 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from panoptic_segformer.layers.ms_deform_attn_func import IMPLEMENTATION_ENV  # noqa: E402
-from panoptic_segformer.modeling.backbone import build_backbone, count_parameters  # noqa: E402
+from panoptic_segformer.modeling.analysis import (  # noqa: E402
+    FLOP_HANDLES,
+    PAPER_TABLE1,
+    PARTS,
+    parameter_parts,
+)
+from panoptic_segformer.modeling.backbone import build_backbone  # noqa: E402
 from panoptic_segformer.modeling.panoptic_segformer import (  # noqa: E402
     RESULT_TYPES,
     PanopticSegFormer,
     build_panoptic_segformer,
 )
 
-# Table 1 of the paper: millions of parameters, and GFLOPs at 800x1333 (given for R50 only).
-PAPER_PARAMS = {"resnet50": 51.0, "resnet101": 69.9, "swin_large": 221.4, "pvt_v2_b5": 104.9}
-PAPER_GFLOPS = {"resnet50": 214.0}
-STAGES = ["backbone", "neck + encoder", "location decoder", "mask decoder"]
+# Table 1 of the paper: millions of parameters and GFLOPs at 800x1333
+PAPER_PARAMS = {name: row["params"] for name, row in PAPER_TABLE1.items()}
+PAPER_GFLOPS = {name: row["gflops"] for name, row in PAPER_TABLE1.items()}
+STAGES = list(PARTS)
 POSTPROCESS = "post-processing"
 # thing queries kept at inference: the authors' 100, and 300 for the 353-query acceptance bar
 DETECTIONS = (100, 300)
@@ -77,16 +82,8 @@ def build_model(backbone: str, **inference_kwargs: object) -> PanopticSegFormer:
 
 
 def parameter_row(backbone: str, model: PanopticSegFormer) -> Dict[str, object]:
-    parts = {
-        "backbone": count_parameters(model.backbone),
-        "neck + encoder": count_parameters(model.neck)
-        + count_parameters(model.encoder)
-        + model.level_embed.numel(),
-        "location decoder": count_parameters(model.location_decoder),
-        "mask decoder": count_parameters(model.mask_decoder),
-    }
+    parts = parameter_parts(model.backbone, model)
     row = {"backbone_name": backbone, **{k: v / 1e6 for k, v in parts.items()}}
-    row["total"] = count_parameters(model) / 1e6
     row["paper"] = PAPER_PARAMS.get(backbone)
     return row
 
@@ -114,35 +111,6 @@ def print_parameters(rows: List[Dict[str, object]]) -> None:
         for r in rows
     ]
     _print_markdown(header, lines)
-
-
-def _sizes(value) -> List[int]:
-    return value.type().sizes()  # shape of a traced value
-
-
-def _sampler_flops(inputs, outputs) -> int:
-    # bilinear: 4 multiply-adds per output element, N * C * out_points * 4 (fvcore's default too)
-    return 4 * math.prod(_sizes(outputs[0]))
-
-
-def _sdpa_flops(inputs, outputs) -> int:
-    # softmax(Q K^T) V: L * S * (E + Ev) multiply-adds per batch and head
-    q, k, v = (_sizes(x) for x in inputs[:3])
-    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
-
-
-def _native_mha_flops(inputs, outputs) -> int:
-    # nn.MultiheadAttention's inference fast path: in-projections, attention, out-projection
-    (n, lq, e), (_, s, _) = _sizes(inputs[0]), _sizes(inputs[1])
-    return n * ((lq + 2 * s) * e * e + 2 * lq * s * e + lq * e * e)
-
-
-# ops of this model that fvcore (0.1.5) has no handle for, or counts another way
-FLOP_HANDLES = {
-    "aten::grid_sampler": _sampler_flops,
-    "aten::scaled_dot_product_attention": _sdpa_flops,
-    "aten::_native_multi_head_attention": _native_mha_flops,
-}
 
 
 def count_flops(model: PanopticSegFormer, images: Tensor, mask: Tensor) -> Optional[Dict]:

@@ -1,0 +1,72 @@
+"""Model analysis shared by the tools: the paper's Table 1, parameters per part, fvcore FLOP
+handles for the ops fvcore does not count itself."""
+
+import math
+from typing import Dict, List
+
+from torch import nn
+
+from panoptic_segformer.modeling.backbone import count_parameters
+
+__all__ = ["FLOP_HANDLES", "PAPER_TABLE1", "PARTS", "parameter_parts"]
+
+# Paper Table 1: millions of parameters and GFLOPs (the authors' mmcv counter, 800x1333 inputs)
+PAPER_TABLE1 = {
+    "resnet50": {"params": 51.0, "gflops": 214.0},
+    "resnet101": {"params": 69.9, "gflops": 286.0},
+    "swin_large": {"params": 221.4, "gflops": 816.0},
+    "pvt_v2_b5": {"params": 104.9, "gflops": 349.0},
+}
+PARTS = ("backbone", "neck + encoder", "location decoder", "mask decoder")
+
+
+def parameter_parts(backbone: nn.Module, model: nn.Module) -> Dict[str, int]:
+    """Parameters of each part and the total, frozen-BN affine weights included (as mmdet and
+    the paper count them).
+
+    Args:
+        backbone: the backbone.
+        model: the model core (:class:`~panoptic_segformer.modeling.PanopticSegFormer`), with or
+            without the backbone inside.
+    """
+    parts = {
+        "backbone": count_parameters(backbone),
+        "neck + encoder": count_parameters(model.neck)
+        + count_parameters(model.encoder)
+        + model.level_embed.numel(),
+        "location decoder": count_parameters(model.location_decoder),
+        "mask decoder": count_parameters(model.mask_decoder),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _sizes(value) -> List[int]:
+    return value.type().sizes()  # shape of a traced value
+
+
+def _sampler_flops(inputs, outputs) -> int:
+    # bilinear: 4 multiply-adds per output element, N * C * out_points * 4 (fvcore's default too)
+    return 4 * math.prod(_sizes(outputs[0]))
+
+
+def _sdpa_flops(inputs, outputs) -> int:
+    # softmax(Q K^T) V: L * S * (E + Ev) multiply-adds per batch and head
+    q, k, v = (_sizes(x) for x in inputs[:3])
+    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def _native_mha_flops(inputs, outputs) -> int:
+    # nn.MultiheadAttention's inference fast path: in-projections, attention, out-projection
+    (n, lq, e), (_, s, _) = _sizes(inputs[0]), _sizes(inputs[1])
+    return n * ((lq + 2 * s) * e * e + 2 * lq * s * e + lq * e * e)
+
+
+# ops of this model that fvcore (0.1.5) has no handle for, or counts another way; trace with
+# the PyTorch deformable-attention path, whose grid_sample fvcore can see (a CUDA kernel is
+# opaque to it)
+FLOP_HANDLES = {
+    "aten::grid_sampler": _sampler_flops,
+    "aten::scaled_dot_product_attention": _sdpa_flops,
+    "aten::_native_multi_head_attention": _native_mha_flops,
+}
