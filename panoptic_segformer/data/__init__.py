@@ -12,6 +12,7 @@ from .datasets import (
     metadata_from_categories,
     register_all_ade20k_panoptic,
     register_panoptic_dataset,
+    register_subset,
 )
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "metadata_from_categories",
     "register_all_ade20k_panoptic",
     "register_panoptic_dataset",
+    "register_subset",
     "rgb_to_segment_ids",
 ]
 

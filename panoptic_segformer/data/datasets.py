@@ -5,6 +5,7 @@ equal to its index in the json's ``categories`` list; ``thing_classes`` and ``st
 both list every category name, so that detectron2's visualiser and panoptic evaluator work.
 """
 
+import copy
 import json
 import os
 from functools import partial
@@ -274,3 +275,50 @@ def register_all_ade20k_panoptic(root: str) -> None:
             ignore_label=255,
             label_divisor=1000,
         )
+
+
+def register_subset(name: str, num_images: int, output_dir: str) -> str:
+    """Registers the first ``num_images`` images of a registered panoptic dataset as a dataset
+    of its own, for evaluating on part of a dataset (panopticapi scores every image of its
+    json, so the subset gets its own json, written to ``output_dir``).
+
+    Args:
+        name: a registered dataset with ``panoptic_json`` metadata.
+        num_images: how many images, in the dataset's order.
+        output_dir: where the subset's json files go.
+
+    Returns:
+        the subset's name, ``f"{name}_first{num_images}"``.
+
+    Raises:
+        ValueError: for a non-positive ``num_images`` or a dataset without ``panoptic_json``.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be positive, got {num_images}")
+    metadata = MetadataCatalog.get(name)
+    if not metadata.get("panoptic_json", None):
+        raise ValueError(f"dataset {name!r} has no panoptic_json metadata to take a subset of")
+    dicts = DatasetCatalog.get(name)[:num_images]
+    image_ids = {d["image_id"] for d in dicts}
+    subset = f"{name}_first{num_images}"
+    os.makedirs(output_dir, exist_ok=True)
+
+    def write_subset(source: str, suffix: str) -> str:
+        data = _read_json(source)
+        data["images"] = [im for im in data["images"] if im["id"] in image_ids]
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] in image_ids]
+        path = os.path.join(output_dir, f"{subset}_{suffix}.json")
+        with open(path, "w") as f:
+            json.dump(data, f)
+        return path
+
+    extra = {"panoptic_json": write_subset(metadata.panoptic_json, "panoptic")}
+    if metadata.get("json_file", None):
+        extra["json_file"] = write_subset(metadata.json_file, "instances")
+    if subset in DatasetCatalog.list():
+        DatasetCatalog.remove(subset)
+        MetadataCatalog.remove(subset)
+    DatasetCatalog.register(subset, lambda: copy.deepcopy(dicts))
+    fields = {k: v for k, v in metadata.as_dict().items() if k != "name"}
+    MetadataCatalog.get(subset).set(**{**fields, **extra})
+    return subset

@@ -1,0 +1,111 @@
+"""tools/analyze_model.py and tools/ablate_inference.py on tiny inputs."""
+
+import importlib.util
+import json
+
+import pytest
+
+pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
+pytest.importorskip("fvcore", reason="FLOPs are counted with fvcore")
+
+from d2_helpers import CONFIGS, ROOT, SAMPLE, TINY, needs_sample  # noqa: E402
+from detectron2.data import DatasetCatalog  # noqa: E402
+
+from panoptic_segformer.data import register_panoptic_dataset, register_subset  # noqa: E402
+
+R50 = str(CONFIGS[0].parent / "r50.yaml")
+DATASET = "psf_test_tools_sample"
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sample_dataset():
+    if DATASET not in DatasetCatalog.list():
+        register_panoptic_dataset(
+            DATASET, str(SAMPLE / "images"), str(SAMPLE / "panoptic"), str(SAMPLE / "panoptic.json")
+        )
+    return DATASET
+
+
+def test_analyze_model_at_a_size(tmp_path, capsys):
+    tool = load_tool("analyze_model")
+    out = tmp_path / "analysis.json"
+    result = tool.main(["--config-file", R50, "--size", "64", "96", "--output", str(out), *TINY])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    params, gflops = result["params_m"], result["gflops"]
+    parts = ["backbone", "neck + encoder", "location decoder", "mask decoder"]
+    assert params["total"] == pytest.approx(sum(params[p] for p in parts))
+    assert gflops["total"] == pytest.approx(sum(gflops[p] for p in parts))
+    assert all(gflops[p] > 0 for p in parts) and result["input_sizes"] == [[64, 96]]
+    # the tiny ResNet-18 has no Table 1 row; the R50 config does
+    assert result["paper_table1"] == {"backbone": None}
+    assert tool.paper_key(__import__("d2_helpers").make_cfg(R50)) == "resnet50"
+    assert "| total |" in capsys.readouterr().out
+
+
+def test_flops_grow_with_the_input(tmp_path):
+    tool = load_tool("analyze_model")
+    small = tool.main(["--config-file", R50, "--size", "64", "96", "--output", str(tmp_path / "a")])
+    large = tool.main(
+        ["--config-file", R50, "--size", "128", "192", "--output", str(tmp_path / "b")]
+    )
+    # the convolutional backbone's FLOPs scale with the pixels
+    assert large["gflops"]["backbone"] == pytest.approx(4 * small["gflops"]["backbone"], rel=0.02)
+    assert large["paper_table1"] == {"backbone": "resnet50", "params": 51.0, "gflops": 214.0}
+
+
+@needs_sample()
+def test_analyze_model_over_dataset_images(tmp_path, sample_dataset):
+    tool = load_tool("analyze_model")
+    opts = [*TINY, "DATASETS.TEST", f"('{sample_dataset}',)", "INPUT.MIN_SIZE_TEST", "96"]
+    result = tool.main(
+        ["--config-file", R50, "--num-inputs", "2", "--output", str(tmp_path / "a"), *opts]
+    )
+    assert result["inputs"] == 2
+    assert sorted(result["input_sizes"]) == [
+        [96, 144],
+        [96, 171],
+    ]  # the test-time resize (640x427, 640x360)
+
+
+@needs_sample()
+def test_ablate_inference_table(tmp_path, sample_dataset):
+    tool = load_tool("ablate_inference")
+    opts = [*TINY, "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "200",
+            "MODEL.PANOPTIC_SEGFORMER.THING_MASK_LAYERS", "2",
+            "MODEL.PANOPTIC_SEGFORMER.STUFF_MASK_LAYERS", "2"]  # fmt: skip
+    result = tool.main(
+        ["--config-file", R50, "--dataset", sample_dataset, "--num-images", "1",
+         "--variants", "mask_wise,pixel_argmax,exit_1,exit_3",
+         "--output", str(tmp_path), *opts]
+    )  # fmt: skip
+    rows = result["variants"]
+    assert list(rows) == ["mask_wise", "pixel_argmax", "exit_1"]  # exit_3 > 2 layers: skipped
+    for row in rows.values():
+        assert set(row) == {*tool.METRICS, "images_per_second"} and row["images_per_second"] > 0
+        assert all(0 <= row[m] <= 100 for m in tool.METRICS)
+    assert result["dataset"] == f"{sample_dataset}_first1"
+    assert (
+        json.loads((tmp_path / "ablate_inference.json").read_text())["variants"].keys()
+        == rows.keys()
+    )
+    with pytest.raises(SystemExit, match=r"unknown variants \['exit_9'\]"):
+        tool.main(["--config-file", R50, "--variants", "exit_9", *TINY])
+
+
+@needs_sample()
+def test_subset_has_its_own_json(tmp_path, sample_dataset):
+    name = register_subset(sample_dataset, 1, str(tmp_path))
+    (first,) = DatasetCatalog.get(name)
+    assert first == DatasetCatalog.get(sample_dataset)[0]
+    subset = json.loads((tmp_path / f"{name}_panoptic.json").read_text())
+    assert [im["id"] for im in subset["images"]] == [first["image_id"]]
+    assert [a["image_id"] for a in subset["annotations"]] == [first["image_id"]]
+    with pytest.raises(ValueError, match="num_images must be positive, got 0"):
+        register_subset(sample_dataset, 0, str(tmp_path))

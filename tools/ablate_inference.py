@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Inference ablations of one checkpoint on one dataset: mask-wise merging vs pixel-wise argmax
+(paper Table 7) and early exit after the first 1, 2, 3 or all mask-decoder layers (Table 10).
+
+Every variant runs the same weights on the same images through detectron2's
+COCOPanopticEvaluator; only the inference switches change (``MERGE`` and
+``MASK_DECODER_LAYERS`` of ``MODEL.PANOPTIC_SEGFORMER.TEST``). Images per second count the
+model's forward and post-processing, not data loading or evaluation.
+
+    python tools/ablate_inference.py --config-file configs/r50.yaml \
+        --output output/ablation MODEL.WEIGHTS model.pth
+    python tools/ablate_inference.py --config-file configs/r50.yaml --num-images 500 \
+        --variants mask_wise,pixel_argmax --output output/ablation MODEL.WEIGHTS model.pth
+
+Prints one table (PQ, SQ, RQ of all / things / stuff and images per second per variant) and
+writes it as JSON to --output/ablate_inference.json.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# variant name -> (merge, mask-decoder layers at inference; None = all)
+VARIANTS = OrderedDict(
+    [
+        ("mask_wise", ("mask_wise", None)),
+        ("pixel_argmax", ("pixel_argmax", None)),
+        ("exit_1", ("mask_wise", 1)),
+        ("exit_2", ("mask_wise", 2)),
+        ("exit_3", ("mask_wise", 3)),
+    ]
+)
+METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument(
+        "--dataset", help="a registered panoptic dataset (default: DATASETS.TEST[0])"
+    )
+    parser.add_argument("--num-images", type=int, help="only the first N images of the dataset")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated, any of {','.join(VARIANTS)} (default: all)",
+    )
+    parser.add_argument("--output", default="output/ablate_inference", help="folder of the JSON")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser
+
+
+class _Timed(torch.nn.Module):
+    """Counts the seconds spent in the model (forward and post-processing)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.seconds = 0.0
+        self.images = 0
+
+    def forward(self, inputs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = self.model(inputs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        self.images += len(inputs)
+        return outputs
+
+
+def set_variant(meta: torch.nn.Module, cfg, merge: str, layers: Optional[int]) -> None:
+    """Switches the inference of a built meta-architecture in place."""
+    from panoptic_segformer.modeling.panoptic_segformer import MERGERS
+    from panoptic_segformer.modeling.postprocessing import merge_options
+
+    test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
+    if merge == "pixel_argmax":
+        kwargs = {"score_threshold": test.PIXEL_SCORE_THRESHOLD}
+    else:
+        kwargs = {
+            "alpha": test.ALPHA,
+            "beta": test.BETA,
+            "thing_score_threshold": test.THING_SCORE_THRESHOLD,
+            "stuff_score_threshold": test.STUFF_SCORE_THRESHOLD,
+            "thing_overlap_threshold": test.THING_OVERLAP_THRESHOLD,
+            "stuff_overlap_threshold": test.STUFF_OVERLAP_THRESHOLD,
+        }
+    kwargs["mask_threshold"] = test.MASK_THRESHOLD
+    meta.model.merge = merge
+    meta.model.merge_kwargs = merge_options(MERGERS[merge], kwargs, f"merge={merge!r}")
+    meta.model.mask_decoder_layers = layers
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    args = get_parser().parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+
+    from detectron2.config import get_cfg
+    from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
+    from detectron2.utils.logger import setup_logger
+
+    import train_net
+    from panoptic_segformer import add_panoptic_segformer_config
+    from panoptic_segformer.data import register_subset
+    from panoptic_segformer.predictor import Predictor
+
+    setup_logger(name="panoptic_segformer")
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    # panoptic results only: no time spent on instance or semantic results
+    cfg.merge_from_list(
+        [
+            "MODEL.PANOPTIC_SEGFORMER.TEST.PANOPTIC_ON", "True",
+            "MODEL.PANOPTIC_SEGFORMER.TEST.INSTANCE_ON", "False",
+            "MODEL.PANOPTIC_SEGFORMER.TEST.SEMANTIC_ON", "False",
+        ]
+    )  # fmt: skip
+    cfg.freeze()
+    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
+    if dataset is None:
+        raise SystemExit("no dataset: give --dataset or set DATASETS.TEST")
+    os.makedirs(args.output, exist_ok=True)
+    if args.num_images is not None:
+        dataset = register_subset(dataset, args.num_images, args.output)
+
+    meta = Predictor(cfg).model  # builds, loads MODEL.WEIGHTS (raising on a mismatch)
+    depth = len(meta.model.mask_decoder.thing_class_heads)  # layers of the thing stack
+    loader = train_net.Trainer.build_test_loader(cfg, dataset)
+    rows = OrderedDict()
+    for name in args.variants:
+        merge, layers = VARIANTS[name]
+        if layers is not None and layers > depth:
+            print(f"skipping {name}: the thing mask decoder has only {depth} layers")
+            continue
+        set_variant(meta, cfg, merge, layers)
+        timed = _Timed(meta)
+        evaluator = COCOPanopticEvaluator(dataset, os.path.join(args.output, name))
+        results = inference_on_dataset(timed, loader, evaluator)["panoptic_seg"]
+        rows[name] = {m: results[m] for m in METRICS}
+        rows[name]["images_per_second"] = timed.images / timed.seconds
+    result = {
+        "config": args.config_file,
+        "weights": cfg.MODEL.WEIGHTS,
+        "dataset": dataset,
+        "device": cfg.MODEL.DEVICE,
+        "variants": rows,
+    }
+    print_table(result)
+    path = os.path.join(args.output, "ablate_inference.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"written: {path}")
+    return result
+
+
+def print_table(result: Dict[str, object]) -> None:
+    print(f"\n{result['config']} on {result['dataset']} ({result['device']})")
+    print("| variant | " + " | ".join(METRICS) + " | images/s |")
+    print("|---" * (len(METRICS) + 2) + "|")
+    for name, row in result["variants"].items():
+        cells = [f"{row[m]:.1f}" for m in METRICS] + [f"{row['images_per_second']:.2f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Parameters and FLOPs of any config, beside the paper's Table 1 (as detectron2's
+tools/analyze_model.py, for Panoptic SegFormer).
+
+FLOPs are fvcore's (1 FLOP = 1 multiply-add, as the mmcv counter the paper used) of the
+network, backbone to mask decoder (post-processing excluded), either at one input size or
+averaged over the first N test images of the config's dataset, resized as at test time.
+
+    python tools/analyze_model.py --config-file configs/r50.yaml                # 800 x 1333
+    python tools/analyze_model.py --config-file configs/swin_l.yaml --size 800 1216
+    python tools/analyze_model.py --config-file configs/r50.yaml --num-inputs 100 \
+        --output output/r50_analysis.json
+
+Prints one table (parameters and GFLOPs per part, the total, Table 1's value and the
+difference) and writes the same as JSON (--output).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+from unittest import mock
+
+import torch
+import tqdm
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from panoptic_segformer.layers.ms_deform_attn_func import IMPLEMENTATION_ENV  # noqa: E402
+from panoptic_segformer.modeling.analysis import (  # noqa: E402
+    FLOP_HANDLES,
+    PAPER_TABLE1,
+    PARTS,
+    parameter_parts,
+)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--size", type=int, nargs=2, metavar=("H", "W"), help="one input of this size"
+    )
+    group.add_argument(
+        "--num-inputs", type=int, help="average over the first N images of DATASETS.TEST[0]"
+    )
+    parser.add_argument("--output", default="output/analyze_model.json", help="JSON of results")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser
+
+
+def paper_key(cfg) -> Optional[str]:
+    """The Table 1 row of the config's backbone, or None."""
+    if cfg.MODEL.BACKBONE.NAME == "build_resnet_backbone":
+        key = f"resnet{cfg.MODEL.RESNETS.DEPTH}"
+    elif cfg.MODEL.BACKBONE.NAME == "D2TimmBackbone":
+        key = cfg.MODEL.TIMM.NAME
+    else:
+        return None
+    return key if key in PAPER_TABLE1 else None
+
+
+class _Network(nn.Module):
+    """The meta-architecture's network on one (3, H, W) image: normalisation, padding, backbone,
+    neck, encoder and decoders; no post-processing."""
+
+    def __init__(self, meta: nn.Module) -> None:
+        super().__init__()
+        self.meta = meta
+
+    def forward(self, image: torch.Tensor):
+        from detectron2.structures import ImageList
+
+        images = ImageList.from_tensors(
+            [self.meta.normalize(image.float())], self.meta.size_divisibility
+        )
+        padding_mask = torch.zeros(
+            (1, *images.tensor.shape[-2:]), dtype=torch.bool, device=image.device
+        )
+        h, w = images.image_sizes[0]
+        padding_mask[:, h:] = True
+        padding_mask[:, :, w:] = True
+        features = self.meta.backbone(images.tensor)
+        features = [features[name] for name in self.meta.in_features]
+        outputs = self.meta.model.forward_features(features, padding_mask)
+        return tuple(outputs[key] for key in sorted(outputs))
+
+
+def count_flops(meta: nn.Module, image: torch.Tensor) -> Dict[str, float]:
+    """GFLOPs of each part and the total for one (3, H, W) image."""
+    from fvcore.nn import FlopCountAnalysis
+
+    network = _Network(meta).eval()
+    with mock.patch.dict(os.environ, {IMPLEMENTATION_ENV: "pytorch"}):
+        analysis = FlopCountAnalysis(network, (image,)).set_op_handle(**FLOP_HANDLES)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit's deprecation warnings while tracing
+            by_module, total = analysis.by_module(), analysis.total()
+    parts = {
+        "backbone": by_module["meta.backbone"],
+        "location decoder": by_module["meta.model.location_decoder"],
+        "mask decoder": by_module["meta.model.mask_decoder"],
+    }
+    parts["neck + encoder"] = total - sum(parts.values())  # neck, encoder, positions, flattening
+    result = {part: parts[part] / 1e9 for part in PARTS}
+    result["total"] = total / 1e9
+    return result
+
+
+def inputs_of(cfg, args) -> List[torch.Tensor]:
+    """The (3, H, W) uint8 images to count on."""
+    if args.num_inputs is None:
+        h, w = args.size or (800, 1333)
+        return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8)]
+    from detectron2.data import DatasetCatalog
+
+    from panoptic_segformer.data import PanopticSegFormerDatasetMapper
+
+    if not cfg.DATASETS.TEST:
+        raise ValueError("--num-inputs reads DATASETS.TEST[0], which the config leaves empty")
+    if args.num_inputs < 1:
+        raise ValueError(f"--num-inputs must be positive, got {args.num_inputs}")
+    dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])[: args.num_inputs]
+    mapper = PanopticSegFormerDatasetMapper(cfg, False)
+    return [mapper(d)["image"] for d in dicts]
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    args = get_parser().parse_args(argv)
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from panoptic_segformer import add_panoptic_segformer_config
+
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *args.opts])
+    cfg.freeze()
+    meta = build_model(cfg).eval()
+    params = {k: v / 1e6 for k, v in parameter_parts(meta.backbone, meta.model).items()}
+    images = inputs_of(cfg, args)
+    counts = [count_flops(meta, image) for image in tqdm.tqdm(images, disable=len(images) == 1)]
+    gflops = {key: statistics.mean(c[key] for c in counts) for key in counts[0]}
+    sizes = [list(image.shape[-2:]) for image in images]
+    key = paper_key(cfg)
+    paper = PAPER_TABLE1.get(key, {}) if key else {}
+    result = {
+        "config": args.config_file,
+        "inputs": len(images),
+        "input_sizes": sizes if len(sizes) <= 10 else sizes[:10] + ["..."],
+        "params_m": params,
+        "gflops": gflops,
+        "paper_table1": {"backbone": key, **paper},
+    }
+    print_table(result)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"written: {args.output}")
+    return result
+
+
+def _difference(value: float, reference: Optional[float]) -> str:
+    return f"{100 * (value - reference) / reference:+.1f} %" if reference else "-"
+
+
+def print_table(result: Dict[str, object]) -> None:
+    params, gflops, paper = result["params_m"], result["gflops"], result["paper_table1"]
+    shape = result["input_sizes"][0] if result["inputs"] == 1 else "mean"
+    where = f"{shape[0]}x{shape[1]}" if result["inputs"] == 1 else f"{result['inputs']} images"
+    print(f"\n{result['config']}: parameters (M, frozen BN affine included) and GFLOPs ({where})")
+    print("| part | params (M) | GFLOPs |")
+    print("|---|---|---|")
+    for part in [*PARTS, "total"]:
+        print(f"| {part} | {params[part]:.2f} | {gflops[part]:.1f} |")
+    if paper.get("params"):
+        print(
+            f"| paper Table 1 ({paper['backbone']}) | {paper['params']:.1f} "
+            f"({_difference(params['total'], paper['params'])}) | {paper['gflops']:.0f} "
+            f"({_difference(gflops['total'], paper['gflops'])}) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
