@@ -105,6 +105,7 @@ setup(
         "test": ["pytest>=7", "timm>=0.9", "fvcore"],
         "timm": ["timm>=0.9"],
         "benchmark": ["fvcore"],
+        "robustness": ["imagecorruptions"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -13,6 +13,7 @@ from .datasets import (
     register_all_ade20k_panoptic,
     register_panoptic_dataset,
     register_subset,
+    select_images,
 )
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "register_panoptic_dataset",
     "register_subset",
     "rgb_to_segment_ids",
+    "select_images",
 ]
 
 register_all_ade20k_panoptic(os.getenv("DETECTRON2_DATASETS", "datasets"))
