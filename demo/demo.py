@@ -26,7 +26,6 @@ import cv2
 import torch
 import tqdm
 from detectron2.config import get_cfg
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a source tree
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predictor import VisualizationDemo  # noqa: E402
 
 from panoptic_segformer import add_panoptic_segformer_config  # noqa: E402
+from panoptic_segformer.predictor import load_image  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 WINDOW = "Panoptic SegFormer"
@@ -69,6 +69,11 @@ def setup_cfg(args):
     cfg.merge_from_list(args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
+    test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
+    if test.PANOPTIC_ON:
+        # only the panoptic result is drawn; instance and semantic results would need every
+        # query's mask at full size (gigabytes for a 48-megapixel photo)
+        test.INSTANCE_ON = test.SEMANTIC_ON = False
     cfg.freeze()
     return cfg
 
@@ -103,10 +108,18 @@ def output_path(output: str, image_path: str, many: bool) -> str:
     return output
 
 
-def run_images(demo: VisualizationDemo, args, logger: logging.Logger) -> None:
+def run_images(demo: VisualizationDemo, args, logger: logging.Logger) -> List[str]:
+    """Predicts and draws every input image; returns the messages of the ones that failed
+    (each was said in one line, and the run went on with the others)."""
     paths = expand_inputs(args.input)
+    failed = []
     for path in tqdm.tqdm(paths, disable=len(paths) == 1 or not args.output):
-        image = read_image(path, format="BGR")
+        try:
+            image = load_image(path)
+        except (FileNotFoundError, ValueError) as e:
+            failed.append(str(e))
+            tqdm.tqdm.write(f"skipped {e}")
+            continue
         start = time.perf_counter()
         predictions, drawing = demo.run_on_image(image)
         found = len(predictions["panoptic_seg"][1]) if "panoptic_seg" in predictions else "-"
@@ -118,6 +131,7 @@ def run_images(demo: VisualizationDemo, args, logger: logging.Logger) -> None:
             cv2.imshow(WINDOW, drawing.get_image()[:, :, ::-1])
             if cv2.waitKey(0) == 27:  # Esc
                 break
+    return failed
 
 
 def run_video(demo: VisualizationDemo, args) -> None:
@@ -151,20 +165,34 @@ def run_video(demo: VisualizationDemo, args) -> None:
             cv2.destroyAllWindows()
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Runs the demo; returns the exit status: 0, 1 when some inputs failed, 2 on a usage
+    error (each said in one line, without a traceback)."""
     args = get_parser().parse_args(argv)
     sources = [bool(args.input), bool(args.video_input), args.webcam]
     if sum(sources) != 1:
-        raise SystemExit("give exactly one of --input, --video-input and --webcam")
+        print("error: give exactly one of --input, --video-input and --webcam", file=sys.stderr)
+        return 2
+    if not os.path.isfile(args.config_file):
+        print(f"error: --config-file {args.config_file!r}: no such file", file=sys.stderr)
+        return 2
     setup_logger(name="fvcore")
     logger = setup_logger()
     logger.info(f"Arguments: {args}")
-    demo = VisualizationDemo(setup_cfg(args), args.confidence_threshold)
-    if args.input:
-        run_images(demo, args, logger)
-    else:
-        run_video(demo, args)
+    try:
+        demo = VisualizationDemo(setup_cfg(args), args.confidence_threshold)
+        if not args.input:
+            run_video(demo, args)
+            return 0
+        failed = run_images(demo, args, logger)
+    except (FileNotFoundError, ValueError) as e:  # a path or a setting of the user's
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if failed:
+        print(f"{len(failed)} input(s) failed:", *failed, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,6 +7,7 @@ giving a random model, and an empty ``MODEL.WEIGHTS`` is said out loud.
 """
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -16,9 +17,45 @@ from detectron2.modeling import build_model
 
 from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
 
-__all__ = ["Predictor"]
+__all__ = ["Predictor", "load_image"]
 
 logger = logging.getLogger(__name__)
+
+
+def load_image(path: str) -> np.ndarray:
+    """Reads an image file as an (H, W, 3) uint8 BGR array, the way a user expects to see it.
+
+    EXIF orientation is applied; grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit
+    images become 8-bit RGB (16-bit values are scaled, not clipped).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file is not an image PIL can decode, or it is truncated or corrupt;
+            the message names the file.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: truncated or corrupt data fails here
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                values = np.asarray(image, dtype=np.float64)
+                peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+                gray = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+                rgb = np.repeat(gray[..., None], 3, axis=2)
+            elif image.mode == "F":
+                gray = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255)
+                rgb = np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+            else:
+                rgb = np.asarray(image.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file (or a format PIL cannot read)") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: cannot decode the image ({e})") from None
+    return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
 class Predictor:
@@ -57,6 +94,10 @@ class Predictor:
         """
         if original_image.ndim != 3 or original_image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) BGR image, got shape {original_image.shape}")
+        if original_image.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 image, got {original_image.dtype}")
+        if min(original_image.shape[:2]) < 1:
+            raise ValueError(f"the image is empty: shape {original_image.shape}")
         with torch.no_grad():
             image = original_image[:, :, ::-1] if self.input_format == "RGB" else original_image
             height, width = image.shape[:2]
