@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -146,7 +147,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     depth = len(meta.model.mask_decoder.thing_class_heads)  # layers of the thing stack
     loader = train_net.Trainer.build_test_loader(cfg, dataset)
     rows = OrderedDict()
-    for name in args.variants:
+    for name in tqdm.tqdm(args.variants, desc="variants"):
         merge, layers = VARIANTS[name]
         if layers is not None and layers > depth:
             print(f"skipping {name}: the thing mask decoder has only {depth} layers")

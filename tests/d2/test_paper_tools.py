@@ -109,3 +109,17 @@ def test_subset_has_its_own_json(tmp_path, sample_dataset):
     assert [a["image_id"] for a in subset["annotations"]] == [first["image_id"]]
     with pytest.raises(ValueError, match="num_images must be positive, got 0"):
         register_subset(sample_dataset, 0, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "tool", ["analyze_model", "ablate_inference", "eval_robustness", "convert_official_checkpoint"]
+)
+def test_every_tool_has_help(tool, capsys):
+    module = load_tool(tool)
+    with pytest.raises(SystemExit) as done:
+        if hasattr(module, "get_parser"):
+            module.get_parser().parse_args(["--help"])
+        else:
+            module.parse_args(["--help"])
+    assert done.value.code == 0
+    assert "--config-file" in capsys.readouterr().out
