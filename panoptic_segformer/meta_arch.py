@@ -125,6 +125,12 @@ class PanopticSegFormer(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> Dict[str, object]:
         ps = cfg.MODEL.PANOPTIC_SEGFORMER
+        if ps.NUM_THING_CLASSES < 1 or ps.NUM_STUFF_CLASSES < 0:
+            raise ValueError(
+                "MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES must be >= 1 (the location decoder "
+                "classifies thing queries) and NUM_STUFF_CLASSES >= 0 (0 for a dataset of things "
+                f"only); got {ps.NUM_THING_CLASSES} and {ps.NUM_STUFF_CLASSES}"
+            )
         backbone = build_backbone(cfg)
         _check_in_features(ps.IN_FEATURES, backbone)
         shapes = backbone.output_shape()

@@ -184,15 +184,23 @@ class PanopticSegFormerDatasetMapper:
         }
 
     def _check_segments(self, dataset_dict: Dict[str, Any], segment_ids: np.ndarray) -> None:
-        """Raises ValueError for PNG ids without a segment and for invalid categories."""
+        """Raises ValueError for PNG ids without a segment, segments without pixels and invalid
+        categories."""
         png = dataset_dict["pan_seg_file_name"]
         known = {seg["id"] for seg in dataset_dict["segments_info"]}
-        for segment_id in np.unique(segment_ids).tolist():
+        present = np.unique(segment_ids).tolist()
+        for segment_id in present:
             if segment_id != 0 and segment_id not in known:
                 raise ValueError(
                     f"Panoptic PNG {png} contains segment id {segment_id}, "
                     f"which is not in its segments_info."
                 )
+        missing = sorted(known - set(present))
+        if missing:  # panopticapi rejects such ground truth too
+            raise ValueError(
+                f"segments_info of {png} lists segment id {missing[0]}, which has no pixel in "
+                f"the PNG" + (f" ({len(missing)} such ids)" if len(missing) > 1 else "") + "."
+            )
         for seg in dataset_dict["segments_info"]:
             category = seg["category_id"]
             if self.num_classes is not None and not 0 <= category < self.num_classes:

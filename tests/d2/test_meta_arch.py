@@ -151,5 +151,24 @@ def test_bad_configurations_and_inputs_raise(interleaved_dataset):
         model([{"image": image()}])
 
 
+def test_datasets_without_stuff_work_without_things_are_refused():
+    no_dataset = ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]  # class ids: things first
+    model, _ = tiny_model(
+        *PERMISSIVE, *no_dataset, "MODEL.PANOPTIC_SEGFORMER.NUM_STUFF_CLASSES", "0"
+    )
+    instances = Instances((64, 96))
+    masks = torch.zeros(1, 64, 96, dtype=torch.bool)
+    masks[0, 10:40, 20:50] = True
+    instances.gt_masks, instances.gt_classes = BitMasks(masks), torch.tensor([5])
+    losses = model([{"image": image(), "instances": instances}])
+    assert torch.isfinite(sum(losses.values()))
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([{"image": image()}])
+    assert all(info["isthing"] for info in out["panoptic_seg"][1])
+    with pytest.raises(ValueError, match="NUM_THING_CLASSES must be >= 1 .* got 0 and 53"):
+        tiny_model("MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES", "0")
+
+
 def test_class_id_maps_without_metadata_is_things_first():
     assert class_id_maps(None, 2, 3) == ([0, 1], [2, 3, 4])

@@ -271,6 +271,14 @@ def test_png_id_without_segment_raises(dicts, tmp_path):
         mapper([])(record)
 
 
+def test_segment_without_pixels_raises(dicts):
+    record = copy.deepcopy(dicts[0])
+    record["segments_info"].append(dict(record["segments_info"][0], id=7777777))
+    pattern = re.escape(record["pan_seg_file_name"]) + ".*segment id 7777777.*no pixel"
+    with pytest.raises(ValueError, match=pattern):
+        mapper([])(record)
+
+
 def test_category_out_of_range_raises(dicts):
     record = copy.deepcopy(dicts[0])
     seg = record["segments_info"][3]
