@@ -23,7 +23,7 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import (
     COCOPanopticEvaluator,
     DatasetEvaluators,
@@ -46,10 +46,14 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        # loads MODEL.WEIGHTS / resumes, raising on missing or mismatched weights
+        # loads MODEL.WEIGHTS / resumes, raising on missing or mismatched weights, and saves
+        # atomically: the periodic checkpoints too, whose hook detectron2 built with its own
         self.checkpointer = PanopticSegFormerCheckpointer(
             self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
+        for hook in self._hooks:
+            if isinstance(hook, hooks.PeriodicCheckpointer):
+                hook.checkpointer = self.checkpointer
 
     def resume_or_load(self, resume=True):
         if not (resume and self.checkpointer.has_checkpoint()):

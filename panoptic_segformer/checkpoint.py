@@ -1,4 +1,5 @@
-"""Loading ``MODEL.WEIGHTS`` without ever leaving the model silently random.
+"""Loading ``MODEL.WEIGHTS`` without ever leaving the model silently random, and saving
+checkpoints that a kill cannot leave half-written.
 
 detectron2's ``DetectionCheckpointer`` loads what matches and only logs what does not, so a
 wrong file gives a model that runs and predicts noise. This checkpointer raises instead:
@@ -10,10 +11,21 @@ wrong file gives a model that runs and predicts noise. This checkpointer raises 
   the rest of the model starts from its initialisation, as in training from scratch.
 
 Keys the model does not use (e.g. an ImageNet classifier) are logged by detectron2 as usual.
+
+fvcore's ``Checkpointer.save`` writes ``torch.save`` straight into ``<name>.pth`` and rewrites
+``last_checkpoint`` in place, so a job killed mid-save (preemption, out-of-memory killer, a time
+limit) leaves a truncated file under the final name, or an empty ``last_checkpoint`` that
+``--resume`` then fails on. Here both are written to ``<file>.tmp`` in the same directory,
+flushed to disk and renamed over the final name (``os.replace``, atomic on POSIX): every file
+named ``*.pth`` or ``last_checkpoint`` is complete, and ``last_checkpoint`` only ever names a
+complete checkpoint. A kill mid-save can leave a ``<name>.pth.tmp``, which the next save of that
+name overwrites.
 """
 
-from typing import Any, Dict, List
+import os
+from typing import Any, Callable, Dict, List
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 __all__ = ["PanopticSegFormerCheckpointer"]
@@ -27,8 +39,53 @@ def _listed(keys: List[str]) -> str:
     return ", ".join(keys[:_SHOWN]) + more
 
 
+def _write_atomically(path: str, mode: str, write: Callable[[Any], None]) -> None:
+    """Calls ``write(f)`` on ``path + ".tmp"``, syncs it to disk, then renames it to ``path``;
+    on any error the temporary file is removed and ``path`` is left as it was."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    # make the rename itself durable (a crash of the machine, not only of the process)
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 class PanopticSegFormerCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that raises on missing or mismatched weights (see module)."""
+    """``DetectionCheckpointer`` that raises on missing or mismatched weights and saves
+    atomically (see module)."""
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """fvcore's ``Checkpointer.save`` (same contents, file name and log line), written
+        atomically, then ``last_checkpoint`` updated atomically."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        if os.path.basename(save_file) != basename:
+            raise ValueError(f"checkpoint name {name!r} must not contain a directory")
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        _write_atomically(save_file, "wb", lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Writes ``last_checkpoint`` (the name of the latest checkpoint) atomically."""
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        _write_atomically(path, "w", lambda f: f.write(last_filename_basename))
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         # the parent pops checkpoint["model"]; detectron2's name-matching heuristics (for

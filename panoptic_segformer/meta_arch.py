@@ -19,6 +19,7 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from panoptic_segformer.modeling import PanopticSegFormer as PanopticSegFormerModel
@@ -29,7 +30,7 @@ from panoptic_segformer.modeling import (
 )
 from panoptic_segformer.modeling.matcher import HungarianMatcher, MaskDecoderMatcher
 
-__all__ = ["PanopticSegFormer", "class_id_maps"]
+__all__ = ["PanopticSegFormer", "check_losses_finite", "class_id_maps"]
 
 
 def class_id_maps(metadata, num_things: int, num_stuff: int) -> Tuple[List[int], List[int]]:
@@ -56,6 +57,39 @@ def class_id_maps(metadata, num_things: int, num_stuff: int) -> Tuple[List[int],
             f"{num_things} and NUM_STUFF_CLASSES={num_stuff}"
         )
     return thing_ids, stuff_ids
+
+
+def check_losses_finite(losses: Dict[str, Tensor]) -> None:
+    """Raises before the backward pass when a loss term is infinite or NaN, naming the terms.
+
+    detectron2's trainer also stops on a non-finite total loss, but lists every term (dozens
+    here, with the auxiliary ones); this names the culprits. One host synchronisation.
+
+    Args:
+        losses: scalar loss tensors by name.
+
+    Raises:
+        FloatingPointError: naming the non-finite terms, their values and, inside a detectron2
+            trainer, the iteration.
+    """
+    if not losses:
+        return
+    finite = torch.stack([v.detach().float() for v in losses.values()]).isfinite()
+    if bool(finite.all()):
+        return
+    bad = [
+        f"{name} = {float(value.detach())}"
+        for (name, value), ok in zip(losses.items(), finite.tolist())
+        if not ok
+    ]
+    try:
+        where = f"iteration={get_event_storage().iter}"
+    except AssertionError:  # not inside detectron2's EventStorage: no iteration to name
+        where = "this step"
+    raise FloatingPointError(
+        f"Loss became infinite or NaN at {where}: {', '.join(bad)} "
+        f"({len(bad)} of {len(losses)} loss terms)"
+    )
 
 
 def _check_in_features(in_features: Sequence[str], backbone: Backbone) -> None:
@@ -215,6 +249,10 @@ class PanopticSegFormer(nn.Module):
             segment ids, 0 = void; segments_info list of dicts with id, category_id, isthing,
             score), ``instances`` (``pred_masks``, ``pred_boxes``, ``scores``,
             ``pred_classes``) and ``sem_seg`` ((num classes, H, W) scores).
+
+        Raises:
+            FloatingPointError: in training, when a loss term is infinite or NaN
+                (:func:`check_losses_finite`).
         """
         images = ImageList.from_tensors(
             [self.normalize(x["image"].to(self.device).float()) for x in batched_inputs],
@@ -228,7 +266,9 @@ class PanopticSegFormer(nn.Module):
         features = [features[name] for name in self.in_features]
         if self.training:
             targets = [self._targets(x, padded) for x in batched_inputs]
-            return self.model.forward_features(features, padding_mask, targets)
+            losses = self.model.forward_features(features, padding_mask, targets)
+            check_losses_finite(losses)
+            return losses
         outputs = self.model.forward_features(features, padding_mask)
         output_sizes = [
             (int(x.get("height", h)), int(x.get("width", w)))
