@@ -17,7 +17,6 @@ import logging
 import os
 import weakref
 
-from detectron2.config import get_cfg
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
@@ -32,7 +31,8 @@ from detectron2.evaluation import (
 )
 from detectron2.utils import comm
 
-from panoptic_segformer import PanopticSegFormerCheckpointer, add_panoptic_segformer_config
+from panoptic_segformer import PanopticSegFormerCheckpointer
+from panoptic_segformer.config import get_config
 from panoptic_segformer.data import PanopticSegFormerDatasetMapper
 from panoptic_segformer.evaluation import PanopticInstanceEvaluator
 from panoptic_segformer.solver import build_optimizer
@@ -124,10 +124,7 @@ def random_init_warning(cfg):
 
 def setup(args):
     """The config of the command line: the file, then the overrides."""
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

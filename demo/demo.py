@@ -23,16 +23,14 @@ from pathlib import Path
 from typing import List
 
 import cv2
-import torch
 import tqdm
-from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a source tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predictor import VisualizationDemo  # noqa: E402
 
-from panoptic_segformer import add_panoptic_segformer_config  # noqa: E402
+from panoptic_segformer.config import get_config  # noqa: E402
 from panoptic_segformer.predictor import load_image  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -63,12 +61,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = get_config(args.config_file, args.opts, cpu_fallback=True)
     test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
     if test.PANOPTIC_ON:
         # only the panoptic result is drawn; instance and semantic results would need every

@@ -5,9 +5,29 @@ published numbers; the paper's variants are switches. Paper references: Sec. = s
 Eq. = equation, Table = ablation table of Li et al., CVPR 2022.
 """
 
-from detectron2.config import CfgNode as CN
+from typing import Sequence
 
-__all__ = ["add_panoptic_segformer_config"]
+import torch
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_panoptic_segformer_config", "get_config"]
+
+
+def get_config(config_file: str, opts: Sequence[str] = (), cpu_fallback: bool = False) -> CN:
+    """detectron2's default config with Panoptic SegFormer's keys, ``config_file`` merged in,
+    then the ``KEY VALUE`` overrides ``opts``; not frozen.
+
+    Args:
+        cpu_fallback: run on the CPU when MODEL.DEVICE asks for CUDA and none is available.
+    """
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cpu_fallback and cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
 
 
 def add_panoptic_segformer_config(cfg: CN) -> None:

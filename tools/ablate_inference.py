@@ -111,22 +111,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
 
-    from detectron2.config import get_cfg
     from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
     from detectron2.utils.logger import setup_logger
 
     import train_net
-    from panoptic_segformer import add_panoptic_segformer_config
+    from panoptic_segformer.config import get_config
     from panoptic_segformer.data import register_subset
     from panoptic_segformer.predictor import Predictor
 
     setup_logger(name="panoptic_segformer")
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = get_config(args.config_file, args.opts, cpu_fallback=True)
     # panoptic results only: no time spent on instance or semantic results
     cfg.merge_from_list(
         [

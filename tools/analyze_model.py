@@ -134,15 +134,11 @@ def inputs_of(cfg, args) -> List[torch.Tensor]:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     args = get_parser().parse_args(argv)
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from panoptic_segformer import add_panoptic_segformer_config
+    from panoptic_segformer.config import get_config
 
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *args.opts])
+    cfg = get_config(args.config_file, ["MODEL.DEVICE", "cpu", *args.opts])
     cfg.freeze()
     meta = build_model(cfg).eval()
     params = {k: v / 1e6 for k, v in parameter_parts(meta.backbone, meta.model).items()}

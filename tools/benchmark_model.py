@@ -238,9 +238,8 @@ def print_notes(
             "GFLOPs: fvcore, 1 FLOP = 1 multiply-add (as mmcv's counter, which the paper "
             f"presumably used){comparison}"
         )
-        print(
-            f"not counted (fvcore has no handle; mostly element-wise): {', '.join(flops['skipped'])}"
-        )
+        skipped = ", ".join(flops["skipped"])
+        print(f"not counted (fvcore has no handle; mostly element-wise): {skipped}")
     kept = DETECTIONS[-1]
     post_ms = timing[kept][POSTPROCESS]
     total_ms = sum(timing[kept].values())

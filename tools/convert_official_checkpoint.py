@@ -471,15 +471,10 @@ def convert_state_dict(
 
 def setup_cfg(config_file: str, opts: Sequence[str]):
     """The detectron2 config of ``config_file`` with Panoptic SegFormer's keys and ``opts``."""
-    from detectron2.config import get_cfg
 
-    from panoptic_segformer import add_panoptic_segformer_config
+    from panoptic_segformer.config import get_config
 
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return get_config(config_file, opts)
 
 
 def build_model_for_conversion(cfg) -> nn.Module:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.data import transforms as T
 from detectron2.engine import default_setup, launch
@@ -54,10 +54,8 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from panoptic_segformer import (  # noqa: E402
-    PanopticSegFormerCheckpointer,
-    add_panoptic_segformer_config,
-)
+from panoptic_segformer import PanopticSegFormerCheckpointer  # noqa: E402
+from panoptic_segformer.config import get_config  # noqa: E402
 from panoptic_segformer.data import (  # noqa: E402
     PanopticSegFormerDatasetMapper,
     build_augmentations,
@@ -315,10 +313,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def setup(args: argparse.Namespace) -> CfgNode:
     """The config of the command line, evaluating panoptic results only, logging to --output."""
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_config(args.config_file, args.opts)
     test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
     test.PANOPTIC_ON, test.INSTANCE_ON, test.SEMANTIC_ON = True, False, False
     cfg.OUTPUT_DIR = args.output

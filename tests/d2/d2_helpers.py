@@ -27,15 +27,9 @@ TINY = [
 
 def make_cfg(config_file, *opts):
     """The config of ``config_file`` with Panoptic SegFormer's keys and the given overrides."""
-    from detectron2.config import get_cfg
+    from panoptic_segformer.config import get_config
 
-    from panoptic_segformer import add_panoptic_segformer_config
-
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(str(config_file))
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return get_config(str(config_file), opts)
 
 
 def needs_sample():
@@ -43,3 +37,20 @@ def needs_sample():
         not (SAMPLE / "panoptic.json").is_file(),
         reason=f"the COCO panoptic sample is missing ({SAMPLE})",
     )
+
+
+def register_sample(name, **kwargs):
+    """Registers the two-image COCO panoptic sample as dataset ``name`` (once); returns it."""
+    from detectron2.data import DatasetCatalog
+
+    from panoptic_segformer.data import register_panoptic_dataset
+
+    if name not in DatasetCatalog.list():
+        register_panoptic_dataset(
+            name,
+            str(SAMPLE / "images"),
+            str(SAMPLE / "panoptic"),
+            str(SAMPLE / "panoptic.json"),
+            **kwargs,
+        )
+    return name

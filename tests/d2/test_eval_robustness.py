@@ -15,13 +15,19 @@ pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panoptica
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from d2_helpers import ROOT, SAMPLE, TINY, make_cfg, needs_sample  # noqa: E402
+from d2_helpers import (  # noqa: E402
+    ROOT,
+    SAMPLE,
+    TINY,
+    make_cfg,
+    needs_sample,
+    register_sample,
+)
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from panoptic_segformer.data import (  # noqa: E402
     PanopticSegFormerDatasetMapper,
-    register_panoptic_dataset,
     register_subset,
     select_images,
 )
@@ -45,14 +51,7 @@ tool = load_tool()
 
 @pytest.fixture(scope="module")
 def sample_dataset():
-    if DATASET not in DatasetCatalog.list():
-        register_panoptic_dataset(
-            DATASET,
-            str(SAMPLE / "images"),
-            str(SAMPLE / "panoptic"),
-            str(SAMPLE / "panoptic.json"),
-        )
-    return DATASET
+    return register_sample(DATASET)
 
 
 def test_every_paper_corruption_runs():

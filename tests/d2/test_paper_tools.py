@@ -8,10 +8,10 @@ import pytest
 pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
 pytest.importorskip("fvcore", reason="FLOPs are counted with fvcore")
 
-from d2_helpers import CONFIGS, ROOT, SAMPLE, TINY, needs_sample  # noqa: E402
+from d2_helpers import CONFIGS, ROOT, TINY, needs_sample, register_sample  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 
-from panoptic_segformer.data import register_panoptic_dataset, register_subset  # noqa: E402
+from panoptic_segformer.data import register_subset  # noqa: E402
 
 R50 = str(CONFIGS[0].parent / "r50.yaml")
 DATASET = "psf_test_tools_sample"
@@ -26,11 +26,7 @@ def load_tool(name):
 
 @pytest.fixture(scope="module")
 def sample_dataset():
-    if DATASET not in DatasetCatalog.list():
-        register_panoptic_dataset(
-            DATASET, str(SAMPLE / "images"), str(SAMPLE / "panoptic"), str(SAMPLE / "panoptic.json")
-        )
-    return DATASET
+    return register_sample(DATASET)
 
 
 def test_analyze_model_at_a_size(tmp_path, capsys):

@@ -36,13 +36,19 @@ pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from d2_helpers import CONFIGS, ROOT, SAMPLE, TINY, make_cfg, needs_sample  # noqa: E402
-from detectron2.data import DatasetCatalog  # noqa: E402
+from d2_helpers import (  # noqa: E402
+    CONFIGS,
+    ROOT,
+    SAMPLE,
+    TINY,
+    make_cfg,
+    needs_sample,
+    register_sample,
+)
 from detectron2.engine import hooks  # noqa: E402
 from detectron2.utils.events import get_event_storage  # noqa: E402
 
 from panoptic_segformer import PanopticSegFormerCheckpointer  # noqa: E402
-from panoptic_segformer.data import register_panoptic_dataset  # noqa: E402
 from panoptic_segformer.meta_arch import check_losses_finite  # noqa: E402
 from panoptic_segformer.predictor import Predictor, load_image  # noqa: E402
 
@@ -279,11 +285,7 @@ def test_a_failed_tag_leaves_last_checkpoint_naming_a_complete_file(tmp_path, mo
 
 @pytest.fixture(scope="module")
 def sample_dataset():
-    if DATASET not in DatasetCatalog.list():
-        register_panoptic_dataset(
-            DATASET, str(SAMPLE / "images"), str(SAMPLE / "panoptic"), str(SAMPLE / "panoptic.json")
-        )
-    return DATASET
+    return register_sample(DATASET)
 
 
 def trainer(output_dir, dataset):

@@ -11,11 +11,16 @@ pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 
 pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panopticapi installed")
 
 import numpy as np  # noqa: E402
-from d2_helpers import CONFIGS, ROOT, SAMPLE, TINY, needs_sample  # noqa: E402
-from detectron2.data import DatasetCatalog  # noqa: E402
+from d2_helpers import (  # noqa: E402
+    CONFIGS,
+    ROOT,
+    SAMPLE,
+    TINY,
+    make_cfg,
+    needs_sample,
+    register_sample,
+)
 from detectron2.engine import default_argument_parser  # noqa: E402
-
-from panoptic_segformer.data import register_panoptic_dataset  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 import train_net  # noqa: E402
@@ -58,16 +63,8 @@ def write_instances_json(path):
 
 @pytest.fixture(scope="module")
 def sample_dataset(tmp_path_factory):
-    if DATASET not in DatasetCatalog.list():
-        instances = write_instances_json(tmp_path_factory.mktemp("sample") / "instances.json")
-        register_panoptic_dataset(
-            DATASET,
-            str(SAMPLE / "images"),
-            str(SAMPLE / "panoptic"),
-            str(SAMPLE / "panoptic.json"),
-            instances_json=instances,
-        )
-    return DATASET
+    instances = write_instances_json(tmp_path_factory.mktemp("sample") / "instances.json")
+    return register_sample(DATASET, instances_json=instances)
 
 
 def args_for(output_dir, *extra, eval_only=False):
@@ -118,16 +115,12 @@ def test_eval_only_needs_weights(tmp_path, sample_dataset):
 
 
 def test_non_panoptic_datasets_are_refused():
-    from d2_helpers import make_cfg
-
     cfg = make_cfg(CONFIGS[0].parent / "r50.yaml")
     with pytest.raises(ValueError, match=r"'coco_2017_val' has evaluator_type 'coco'"):
         train_net.Trainer.build_evaluator(cfg, "coco_2017_val")
 
 
 def test_training_from_random_weights_is_said():
-    from d2_helpers import make_cfg
-
     r50 = make_cfg(CONFIGS[0].parent / "r50.yaml")
     assert train_net.random_init_warning(r50) is None  # the ImageNet R50 of detectron2
     r50.MODEL.WEIGHTS = ""
