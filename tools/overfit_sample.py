@@ -44,15 +44,11 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def build_cfg(args):
-    from detectron2.config import get_cfg
+    from panoptic_segformer.config import get_config
 
-    from panoptic_segformer import add_panoptic_segformer_config
-
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(str(ROOT / "configs" / "r50.yaml"))
     size = str(args.size)
-    cfg.merge_from_list(
+    cfg = get_config(
+        str(ROOT / "configs" / "r50.yaml"),
         [
             "MODEL.DEVICE", "cpu",
             "MODEL.WEIGHTS", "",
@@ -89,7 +85,7 @@ def build_cfg(args):
             "OUTPUT_DIR", args.output,
             "SEED", str(args.seed),
             *args.opts,
-        ]
+        ],
     )  # fmt: skip
     cfg.freeze()
     return cfg
