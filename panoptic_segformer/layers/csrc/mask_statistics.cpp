@@ -76,8 +76,16 @@ struct QueryArgs {
 
 // One query, with `blend(a, wa, b, wb)` = a * wa + b * wb. Written as short loops the compiler
 // vectorises; inlined into the two callers below, which differ in target ISA.
+#if defined(__GNUC__)
+#define PSF_ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define PSF_ALWAYS_INLINE __forceinline
+#else
+#define PSF_ALWAYS_INLINE inline
+#endif
+
 template <typename Blend>
-inline __attribute__((always_inline)) void resize_query(const QueryArgs& a, Blend blend) {
+PSF_ALWAYS_INLINE void resize_query(const QueryArgs& a, Blend blend) {
   const int64_t width = a.width;
   const Axis& xs = *a.xs;
   const Axis& ys = *a.ys;
