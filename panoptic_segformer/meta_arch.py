@@ -12,7 +12,7 @@ numbers things first ([0, K)) then stuff ([K, K + Z)). The meta-architecture con
 the two, so inputs and outputs always use the dataset's contiguous ids.
 """
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -30,7 +30,12 @@ from panoptic_segformer.modeling import (
 )
 from panoptic_segformer.modeling.matcher import HungarianMatcher, MaskDecoderMatcher
 
-__all__ = ["PanopticSegFormer", "check_losses_finite", "class_id_maps"]
+__all__ = [
+    "PanopticSegFormer",
+    "check_losses_finite",
+    "class_id_maps",
+    "merge_kwargs_from_config",
+]
 
 
 def class_id_maps(metadata, num_things: int, num_stuff: int) -> Tuple[List[int], List[int]]:
@@ -89,6 +94,23 @@ def check_losses_finite(losses: Dict[str, Tensor]) -> None:
     raise FloatingPointError(
         f"Loss became infinite or NaN at {where}: {', '.join(bad)} "
         f"({len(bad)} of {len(losses)} loss terms)"
+    )
+
+
+def merge_kwargs_from_config(cfg, merge: str) -> Dict[str, float]:
+    """The keyword options of the merging ``merge`` ("mask_wise" or "pixel_argmax") from
+    ``MODEL.PANOPTIC_SEGFORMER.TEST``."""
+    test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
+    if merge == "pixel_argmax":
+        return dict(score_threshold=test.PIXEL_SCORE_THRESHOLD, mask_threshold=test.MASK_THRESHOLD)
+    return dict(
+        alpha=test.ALPHA,
+        beta=test.BETA,
+        thing_score_threshold=test.THING_SCORE_THRESHOLD,
+        stuff_score_threshold=test.STUFF_SCORE_THRESHOLD,
+        thing_overlap_threshold=test.THING_OVERLAP_THRESHOLD,
+        stuff_overlap_threshold=test.STUFF_OVERLAP_THRESHOLD,
+        mask_threshold=test.MASK_THRESHOLD,
     )
 
 
@@ -180,21 +202,6 @@ class PanopticSegFormer(nn.Module):
             )
             if on
         ]
-        if ps.TEST.MERGE == "pixel_argmax":
-            merge_kwargs = dict(
-                score_threshold=ps.TEST.PIXEL_SCORE_THRESHOLD,
-                mask_threshold=ps.TEST.MASK_THRESHOLD,
-            )
-        else:
-            merge_kwargs = dict(
-                alpha=ps.TEST.ALPHA,
-                beta=ps.TEST.BETA,
-                thing_score_threshold=ps.TEST.THING_SCORE_THRESHOLD,
-                stuff_score_threshold=ps.TEST.STUFF_SCORE_THRESHOLD,
-                thing_overlap_threshold=ps.TEST.THING_OVERLAP_THRESHOLD,
-                stuff_overlap_threshold=ps.TEST.STUFF_OVERLAP_THRESHOLD,
-                mask_threshold=ps.TEST.MASK_THRESHOLD,
-            )
         model = build_panoptic_segformer(
             None,
             [shapes[name].channels for name in ps.IN_FEATURES],
@@ -217,7 +224,7 @@ class PanopticSegFormer(nn.Module):
             max_detections=ps.TEST.MAX_DETECTIONS,
             mask_decoder_layers=ps.TEST.MASK_DECODER_LAYERS or None,
             merge=ps.TEST.MERGE,
-            merge_kwargs=merge_kwargs,
+            merge_kwargs=merge_kwargs_from_config(cfg, ps.TEST.MERGE),
             result_types=result_types,
         )
         return {
@@ -254,28 +261,46 @@ class PanopticSegFormer(nn.Module):
             FloatingPointError: in training, when a loss term is infinite or NaN
                 (:func:`check_losses_finite`).
         """
-        images = ImageList.from_tensors(
-            [self.normalize(x["image"].to(self.device).float()) for x in batched_inputs],
-            self.size_divisibility,
-        )
+        images, padding_mask = self.preprocess_images([x["image"] for x in batched_inputs])
         padded = tuple(images.tensor.shape[-2:])
-        padding_mask = torch.ones((len(images), *padded), dtype=torch.bool, device=self.device)
-        for mask, (h, w) in zip(padding_mask, images.image_sizes):
-            mask[:h, :w] = False
-        features = self.backbone(images.tensor)
-        features = [features[name] for name in self.in_features]
         if self.training:
             targets = [self._targets(x, padded) for x in batched_inputs]
-            losses = self.model.forward_features(features, padding_mask, targets)
+            losses = self.network(images, padding_mask, targets)
             check_losses_finite(losses)
             return losses
-        outputs = self.model.forward_features(features, padding_mask)
+        outputs = self.network(images, padding_mask)
         output_sizes = [
             (int(x.get("height", h)), int(x.get("width", w)))
             for x, (h, w) in zip(batched_inputs, images.image_sizes)
         ]
         results = self.model.postprocess(outputs, padded, images.image_sizes, output_sizes)
         return [self._to_detectron2(r, size) for r, size in zip(results, output_sizes)]
+
+    def preprocess_images(self, images: Sequence[Tensor]) -> Tuple[ImageList, Tensor]:
+        """Normalised images padded into one batch, and its (N, Hp, Wp) bool padding mask (True
+        at padding).
+
+        Args:
+            images: (3, H, W) images in ``INPUT.FORMAT``, any dtype.
+        """
+        batch = ImageList.from_tensors(
+            [self.normalize(image.to(self.device).float()) for image in images],
+            self.size_divisibility,
+        )
+        padded = tuple(batch.tensor.shape[-2:])
+        padding_mask = torch.ones((len(batch), *padded), dtype=torch.bool, device=self.device)
+        for mask, (h, w) in zip(padding_mask, batch.image_sizes):
+            mask[:h, :w] = False
+        return batch, padding_mask
+
+    def network(
+        self, images: ImageList, padding_mask: Tensor, targets: Optional[List[Dict]] = None
+    ) -> Dict[str, Tensor]:
+        """Backbone to mask decoder, no post-processing: the core's losses with ``targets``,
+        else its raw outputs (the core model's ``forward_features``)."""
+        features = self.backbone(images.tensor)
+        features = [features[name] for name in self.in_features]
+        return self.model.forward_features(features, padding_mask, targets)
 
     def _targets(self, batched_input: Dict[str, object], padded: Tuple[int, int]) -> Dict:
         if "instances" not in batched_input:

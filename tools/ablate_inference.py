@@ -83,22 +83,11 @@ class _Timed(torch.nn.Module):
 
 def set_variant(meta: torch.nn.Module, cfg, merge: str, layers: Optional[int]) -> None:
     """Switches the inference of a built meta-architecture in place."""
+    from panoptic_segformer.meta_arch import merge_kwargs_from_config
     from panoptic_segformer.modeling.panoptic_segformer import MERGERS
     from panoptic_segformer.modeling.postprocessing import merge_options
 
-    test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
-    if merge == "pixel_argmax":
-        kwargs = {"score_threshold": test.PIXEL_SCORE_THRESHOLD}
-    else:
-        kwargs = {
-            "alpha": test.ALPHA,
-            "beta": test.BETA,
-            "thing_score_threshold": test.THING_SCORE_THRESHOLD,
-            "stuff_score_threshold": test.STUFF_SCORE_THRESHOLD,
-            "thing_overlap_threshold": test.THING_OVERLAP_THRESHOLD,
-            "stuff_overlap_threshold": test.STUFF_OVERLAP_THRESHOLD,
-        }
-    kwargs["mask_threshold"] = test.MASK_THRESHOLD
+    kwargs = merge_kwargs_from_config(cfg, merge)
     meta.model.merge = merge
     meta.model.merge_kwargs = merge_options(MERGERS[merge], kwargs, f"merge={merge!r}")
     meta.model.mask_decoder_layers = layers

@@ -74,20 +74,8 @@ class _Network(nn.Module):
         self.meta = meta
 
     def forward(self, image: torch.Tensor):
-        from detectron2.structures import ImageList
-
-        images = ImageList.from_tensors(
-            [self.meta.normalize(image.float())], self.meta.size_divisibility
-        )
-        padding_mask = torch.zeros(
-            (1, *images.tensor.shape[-2:]), dtype=torch.bool, device=image.device
-        )
-        h, w = images.image_sizes[0]
-        padding_mask[:, h:] = True
-        padding_mask[:, :, w:] = True
-        features = self.meta.backbone(images.tensor)
-        features = [features[name] for name in self.meta.in_features]
-        outputs = self.meta.model.forward_features(features, padding_mask)
+        images, padding_mask = self.meta.preprocess_images([image])
+        outputs = self.meta.network(images, padding_mask)
         return tuple(outputs[key] for key in sorted(outputs))
 
 
