@@ -34,10 +34,8 @@ from detectron2.utils import comm
 from panoptic_segformer import PanopticSegFormerCheckpointer
 from panoptic_segformer.config import get_config
 from panoptic_segformer.data import PanopticSegFormerDatasetMapper
-from panoptic_segformer.evaluation import PanopticInstanceEvaluator
+from panoptic_segformer.evaluation import PanopticInstanceEvaluator, check_panoptic_dataset
 from panoptic_segformer.solver import build_optimizer
-
-PANOPTIC_EVALUATOR_TYPES = ("coco_panoptic_seg", "ade20k_panoptic_seg")
 
 
 class Trainer(DefaultTrainer):
@@ -82,13 +80,8 @@ class Trainer(DefaultTrainer):
         it has semantic ground truth), as the results enabled by
         MODEL.PANOPTIC_SEGFORMER.TEST.*_ON."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        check_panoptic_dataset(dataset_name)
         metadata = MetadataCatalog.get(dataset_name)
-        evaluator_type = metadata.get("evaluator_type", None)
-        if evaluator_type not in PANOPTIC_EVALUATOR_TYPES:
-            raise ValueError(
-                f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; Panoptic "
-                f"SegFormer evaluates panoptic datasets ({', '.join(PANOPTIC_EVALUATOR_TYPES)})"
-            )
         test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
         evaluators = []
         if test.PANOPTIC_ON:

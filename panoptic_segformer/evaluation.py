@@ -1,8 +1,22 @@
 """Evaluation helpers on top of detectron2's evaluators."""
 
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 
-__all__ = ["PanopticInstanceEvaluator"]
+__all__ = ["PANOPTIC_EVALUATOR_TYPES", "PanopticInstanceEvaluator", "check_panoptic_dataset"]
+
+# detectron2's evaluator_type of panoptic datasets (COCO's, ADE20K's, register_panoptic_dataset's)
+PANOPTIC_EVALUATOR_TYPES = ("coco_panoptic_seg", "ade20k_panoptic_seg")
+
+
+def check_panoptic_dataset(dataset_name: str) -> None:
+    """Raises ValueError naming the dataset and its evaluator_type when it is not panoptic."""
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    if evaluator_type not in PANOPTIC_EVALUATOR_TYPES:
+        raise ValueError(
+            f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; Panoptic "
+            f"SegFormer evaluates panoptic datasets ({', '.join(PANOPTIC_EVALUATOR_TYPES)})"
+        )
 
 
 class PanopticInstanceEvaluator(COCOEvaluator):

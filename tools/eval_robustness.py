@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.data import transforms as T
 from detectron2.engine import default_setup, launch
 from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
@@ -61,6 +61,7 @@ from panoptic_segformer.data import (  # noqa: E402
     build_augmentations,
     register_subset,
 )
+from panoptic_segformer.evaluation import check_panoptic_dataset  # noqa: E402
 
 logger = logging.getLogger("detectron2.eval_robustness")
 
@@ -75,7 +76,6 @@ PAPER_CORRUPTIONS = (
 SEVERITIES = (1, 2, 3, 4, 5)
 CLEAN = "clean"
 RESULTS_FILE = "robustness.json"
-PANOPTIC_EVALUATOR_TYPES = ("coco_panoptic_seg", "ade20k_panoptic_seg")
 
 
 class _NumpyWithFloatAlias(types.ModuleType):
@@ -204,16 +204,6 @@ class CorruptedMapper:
             return self.mapper(dataset_dict)
         finally:
             np.random.set_state(state)
-
-
-def check_panoptic(dataset_name: str) -> None:
-    """Raises naming the dataset when it is not a panoptic one."""
-    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
-    if evaluator_type not in PANOPTIC_EVALUATOR_TYPES:
-        raise ValueError(
-            f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; the robustness "
-            f"evaluation needs a panoptic dataset ({', '.join(PANOPTIC_EVALUATOR_TYPES)})"
-        )
 
 
 def _mean(results: Sequence[Dict[str, float]]) -> Dict[str, float]:
@@ -362,7 +352,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     if not cfg.DATASETS.TEST:
         raise ValueError("DATASETS.TEST is empty: name the dataset to evaluate")
     dataset_name = cfg.DATASETS.TEST[0]
-    check_panoptic(dataset_name)
+    check_panoptic_dataset(dataset_name)
     # panopticapi scores every image of its json: the subset gets its own
     subset_name = register_subset(dataset_name, args.num_images, cfg.OUTPUT_DIR, args.subset_seed)
     images = DatasetCatalog.get(subset_name)
