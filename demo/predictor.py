@@ -1,6 +1,7 @@
 """Drawing Panoptic SegFormer's predictions with detectron2's Visualizer (images, videos)."""
 
-from typing import Dict, Iterator, Tuple
+import functools
+from typing import Callable, Dict, Iterator, Tuple
 
 import cv2
 import numpy as np
@@ -24,6 +25,18 @@ def keep_confident(predictions: Dict, threshold: float) -> Dict:
     return kept
 
 
+def draw(shown: Dict, panoptic: Callable, semantic: Callable, instances: Callable) -> VisImage:
+    """Draws the panoptic result, else the semantic map, else the instances, with the given
+    drawing functions of a Visualizer or VideoVisualizer (results moved to the CPU)."""
+    cpu = torch.device("cpu")
+    if "panoptic_seg" in shown:
+        seg, segments = shown["panoptic_seg"]
+        return panoptic(seg.to(cpu), segments)
+    if "sem_seg" in shown:
+        return semantic(shown["sem_seg"].argmax(dim=0).to(cpu))
+    return instances(shown["instances"].to(cpu))
+
+
 class VisualizationDemo:
     """Runs :class:`Predictor` and draws the panoptic segmentation (or, when the model returns
     no panoptic result, the semantic map or the instances)."""
@@ -33,7 +46,6 @@ class VisualizationDemo:
         self.metadata = self.predictor.metadata
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode
-        self.input_format = cfg.INPUT.FORMAT
 
     def run_on_image(self, image: np.ndarray) -> Tuple[Dict, VisImage]:
         """
@@ -46,33 +58,27 @@ class VisualizationDemo:
         predictions = self.predictor(image)
         shown = keep_confident(predictions, self.confidence_threshold)
         visualizer = Visualizer(image[:, :, ::-1], self.metadata, instance_mode=self.instance_mode)
-        cpu = torch.device("cpu")
-        if "panoptic_seg" in shown:
-            seg, segments = shown["panoptic_seg"]
-            drawing = visualizer.draw_panoptic_seg(seg.to(cpu), segments)
-        elif "sem_seg" in shown:
-            drawing = visualizer.draw_sem_seg(shown["sem_seg"].argmax(dim=0).to(cpu))
-        else:
-            drawing = visualizer.draw_instance_predictions(shown["instances"].to(cpu))
+        drawing = draw(
+            shown,
+            visualizer.draw_panoptic_seg,
+            visualizer.draw_sem_seg,
+            visualizer.draw_instance_predictions,
+        )
         return predictions, drawing
 
     def run_on_video(self, video: cv2.VideoCapture) -> Iterator[np.ndarray]:
         """Drawn BGR frames of a video or webcam stream, one per input frame."""
         video_visualizer = VideoVisualizer(self.metadata, self.instance_mode)
-        cpu = torch.device("cpu")
         while video.isOpened():
             success, frame = video.read()
             if not success:
                 break
             shown = keep_confident(self.predictor(frame), self.confidence_threshold)
             rgb = frame[:, :, ::-1]
-            if "panoptic_seg" in shown:
-                seg, segments = shown["panoptic_seg"]
-                drawing = video_visualizer.draw_panoptic_seg_predictions(rgb, seg.to(cpu), segments)
-            elif "sem_seg" in shown:
-                drawing = video_visualizer.draw_sem_seg(rgb, shown["sem_seg"].argmax(0).to(cpu))
-            else:
-                drawing = video_visualizer.draw_instance_predictions(
-                    rgb, shown["instances"].to(cpu)
-                )
+            drawing = draw(
+                shown,
+                functools.partial(video_visualizer.draw_panoptic_seg_predictions, rgb),
+                functools.partial(video_visualizer.draw_sem_seg, rgb),
+                functools.partial(video_visualizer.draw_instance_predictions, rgb),
+            )
             yield cv2.cvtColor(drawing.get_image(), cv2.COLOR_RGB2BGR)
