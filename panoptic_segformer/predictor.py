@@ -1,8 +1,8 @@
 """One-image inference from a config: detectron2's ``DefaultPredictor`` with the weights check.
 
-The same as ``detectron2.engine.DefaultPredictor`` (build the model, load ``MODEL.WEIGHTS``,
-resize to ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, return the outputs at the image's size)
-but loading through :class:`PanopticSegFormerCheckpointer`, so wrong weights raise instead of
+A ``detectron2.engine.DefaultPredictor`` (build the model, load ``MODEL.WEIGHTS``, resize to
+``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, return the outputs at the image's size) loading
+through :class:`PanopticSegFormerCheckpointer`, so wrong weights raise instead of
 giving a random model, and an empty ``MODEL.WEIGHTS`` is said out loud.
 """
 
@@ -10,9 +10,9 @@ import logging
 import os
 
 import numpy as np
-import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
+from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
@@ -58,14 +58,16 @@ def load_image(path: str) -> np.ndarray:
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
-class Predictor:
-    """Builds the model of ``cfg`` in eval mode and predicts one image at a time.
+class Predictor(DefaultPredictor):
+    """Builds the model of ``cfg`` in eval mode and predicts one image at a time: detectron2's
+    ``DefaultPredictor`` with our checkpointer and input checks.
 
     Attributes:
         metadata: of ``cfg.DATASETS.TEST[0]`` (class names and colours for drawing).
     """
 
     def __init__(self, cfg) -> None:
+        # DefaultPredictor.__init__ would load MODEL.WEIGHTS with detectron2's checkpointer
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg)
         self.model.eval()
@@ -77,7 +79,7 @@ class Predictor:
             )
         names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
         self.metadata = MetadataCatalog.get(names[0] if names else "__unused")
-        self.resize = T.ResizeShortestEdge(
+        self.aug = T.ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )
         self.input_format = cfg.INPUT.FORMAT
@@ -98,9 +100,4 @@ class Predictor:
             raise ValueError(f"expected a uint8 image, got {original_image.dtype}")
         if min(original_image.shape[:2]) < 1:
             raise ValueError(f"the image is empty: shape {original_image.shape}")
-        with torch.no_grad():
-            image = original_image[:, :, ::-1] if self.input_format == "RGB" else original_image
-            height, width = image.shape[:2]
-            image = self.resize.get_transform(image).apply_image(image)
-            image = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-            return self.model([{"image": image, "height": height, "width": width}])[0]
+        return super().__call__(original_image)
