@@ -250,6 +250,13 @@ def register_all_ade20k_panoptic(root: str) -> None:
         root: the datasets folder, usually ``$DETECTRON2_DATASETS``.
     """
     base = os.path.join(root, "ADEChallengeData2016")
+    # Both splits have ADE20K's 150 categories: read them once, from the smaller val json when
+    # present, so importing the package does not parse the large train json.
+    jsons = [os.path.join(base, split[2]) for split in _ADE20K_PANOPTIC_SPLITS.values()]
+    present = [j for j in sorted(jsons, key=lambda j: "train" in j) if PathManager.isfile(j)]
+    metadata = {"evaluator_type": "ade20k_panoptic_seg"}
+    if present:
+        metadata.update(metadata_from_categories(_read_json(present[0])["categories"]))
     for name, (images, panoptic, panoptic_json, sem_seg) in _ADE20K_PANOPTIC_SPLITS.items():
         if name in DatasetCatalog.list():
             continue
@@ -263,7 +270,7 @@ def register_all_ade20k_panoptic(root: str) -> None:
                 image_root,
                 panoptic_root,
                 panoptic_json,
-                metadata={"evaluator_type": "ade20k_panoptic_seg"},
+                metadata=metadata,
                 sem_seg_root=sem_seg_root,
             )
             continue
