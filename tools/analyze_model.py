@@ -121,7 +121,10 @@ def inputs_of(cfg, args) -> List[torch.Tensor]:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.size is not None and min(args.size) < 1:
+        parser.error(f"--size must be positive, got {args.size[0]} {args.size[1]}")
     from detectron2.modeling import build_model
 
     from panoptic_segformer.config import get_config

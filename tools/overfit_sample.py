@@ -92,7 +92,11 @@ def build_cfg(args):
 
 
 def main(argv=None) -> dict:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    for flag in ("size", "max_iter", "eval_period"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     sample = Path(args.sample)
     if not (sample / "panoptic.json").is_file():
         raise SystemExit(f"no COCO panoptic sample at {sample} (expected panoptic.json there)")

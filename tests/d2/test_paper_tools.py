@@ -119,3 +119,10 @@ def test_every_tool_has_help(tool, capsys):
             module.parse_args(["--help"])
     assert done.value.code == 0
     assert "--config-file" in capsys.readouterr().out
+
+
+def test_analyze_model_rejects_a_bad_size(capsys):
+    tool = load_tool("analyze_model")
+    with pytest.raises(SystemExit):
+        tool.main(["--config-file", R50, "--size", "0", "96"])
+    assert "--size must be positive, got 0 96" in capsys.readouterr().err
