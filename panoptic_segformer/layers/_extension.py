@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("ms_deform_attn.cpp", "ms_deform_attn_cuda.cu")
 JIT_NAME = "panoptic_segformer_msda"
-CPU_SOURCES = ("mask_statistics.cpp",)
+CPU_SOURCES = ("cpu_module.cpp", "mask_statistics.cpp")
 CPU_JIT_NAME = "panoptic_segformer_cpu"
 # Architectures compiled when no GPU is visible to pick from (CUDA 12 and 13 both support
 # these); override with TORCH_CUDA_ARCH_LIST as for any PyTorch extension.
@@ -60,9 +60,10 @@ def _openmp_flags() -> List[str]:
 
 
 def cpu_compile_args() -> List[str]:
-    """Compiler flags of the CPU extension. No -ffast-math or -march: the kernel must round as
-    PyTorch's own CPU kernels do, on any CPU of the architecture."""
-    return ["-O3", *_openmp_flags()]
+    """Compiler flags of the CPU extension. The kernels' results must not depend on the build or
+    the CPU: no -ffast-math or -march, and no contraction of a multiply and an add into one
+    rounding (GCC and Clang fuse them by default wherever the target has FMA instructions)."""
+    return ["-O3", "-ffp-contract=off", *_openmp_flags()]
 
 
 def cpu_link_args() -> List[str]:

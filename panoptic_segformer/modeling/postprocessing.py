@@ -12,9 +12,12 @@ are ReLU outputs compared with 0.5, not sigmoid probabilities.
 
 On the CPU the merging's per-pixel work (bilinear resize, binarisation, areas and mask scores)
 runs in one fused compiled pass (``layers/csrc/mask_statistics.cpp``) when that kernel is
-available, and as PyTorch operations otherwise; both give the same results (the kernel rounds
-as PyTorch's own CPU ``F.interpolate`` does). Set ``PANOPTIC_SEGFORMER_MASK_STATS_IMPL=pytorch``
-to skip the kernel, ``cpp`` to require it.
+available, and as PyTorch operations otherwise. The kernel's resize is ``F.interpolate``'s
+bilinear formula computed by one fixed sequence of float32 operations, so its results are the
+same on every CPU and PyTorch release; ``F.interpolate`` itself rounds differently between
+releases and CPU capabilities, so the two paths agree to a few float32 ulps (a pixel within that
+distance of the threshold can land on either side). Set
+``PANOPTIC_SEGFORMER_MASK_STATS_IMPL=pytorch`` to skip the kernel, ``cpp`` to require it.
 """
 
 import inspect
@@ -106,8 +109,6 @@ class _Quality(NamedTuple):
 
 MASK_STATS_IMPL_ENV = "PANOPTIC_SEGFORMER_MASK_STATS_IMPL"
 MASK_STATS_IMPLEMENTATIONS = ("auto", "cpp", "pytorch")
-# PyTorch CPU capabilities whose bilinear kernels blend with fused multiply-adds
-_FMA_CAPABILITIES = ("AVX2", "AVX512")
 _logged_paths = set()
 
 
@@ -152,25 +153,11 @@ def _mask_quality(
     kernel = _compiled_kernel(mask_logits)
     if kernel is None:
         return _mask_quality_pytorch(mask_logits, mask_threshold, output_size)
-    if output_size is not None and _interpolate_rounds_otherwise(mask_logits, output_size):
-        # resize as F.interpolate does there (small, so cheap), measure with the kernel
-        mask_logits = F.interpolate(mask_logits[None], size=output_size, mode="bilinear")[0]
-        output_size = None
     height, width = mask_logits.shape[1:] if output_size is None else output_size
-    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")()
-    fused_multiply_add = kernel.fma_supported() and capability in _FMA_CAPABILITIES
     binary, areas, inside, rows, cols = kernel.resized_mask_statistics(
-        mask_logits, height, width, mask_threshold, fused_multiply_add
+        mask_logits, height, width, mask_threshold, kernel.avx2_supported()
     )
     return _quality(binary, areas, inside, rows, cols)
-
-
-def _interpolate_rounds_otherwise(mask_logits: Tensor, output_size: Tuple[int, int]) -> bool:
-    """Whether PyTorch's CPU ``F.interpolate(mask_logits[None], output_size)`` takes its
-    vectorised channels-last kernel, which rounds differently from its general one (the one the
-    compiled kernel reproduces): for outputs with H + W <= 128, and for 3 channels on 1 thread
-    (aten/src/ATen/native/cpu/UpSampleKernel.cpp, upsample_bilinear2d_kernel_impl_float)."""
-    return sum(output_size) <= 128 or (torch.get_num_threads() == 1 and len(mask_logits) == 3)
 
 
 def _quality(binary: Tensor, areas: Tensor, inside: Tensor, rows: Tensor, cols: Tensor) -> _Quality:

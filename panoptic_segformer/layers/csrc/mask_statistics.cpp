@@ -1,18 +1,23 @@
 // Fused CPU post-processing of query masks: bilinear resize, binarisation and the statistics
 // of mask-wise merging in one pass, so the resized float masks are never written to memory.
 //
-// For every query mask (h, w) -> (H, W), with the arithmetic of PyTorch's CPU
-// F.interpolate(mode="bilinear", align_corners=False) (separable: each output pixel is
-// t0 * wy0 + t1 * wy1 with t = s0 * wx0 + s1 * wx1 along the width), it writes
+// For every query mask (h, w) -> (H, W) it writes
 //   binary (H, W)  value > threshold
 //   area           pixels of binary
-//   inside         sum of the values of those pixels (accumulated in float64)
-//   rows (H), cols (W)  whether a row / column holds a pixel of binary.
+//   inside         sum of the values of those pixels
+//   rows (H), cols (W)  whether a row / column holds a pixel of binary,
+// where value is the bilinear resize of F.interpolate(mode="bilinear", align_corners=False),
+// computed by one fixed sequence of float32 operations (see `bilinear_axis` and `blend`): no
+// fused multiply-adds (the build passes -ffp-contract=off), no reassociation. Every build on every
+// CPU therefore gives the same bits, whatever PyTorch release is installed; F.interpolate itself
+// rounds differently between releases and CPU capabilities, so the two agree to a few float32
+// ulps, not bit for bit. The sums of `inside` use a fixed association too.
 // The Python caller (panoptic_segformer/modeling/postprocessing.py) checks the arguments with
 // friendlier messages first and falls back to PyTorch operations where this is unavailable.
 
+#include "mask_statistics.h"
+
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
@@ -22,8 +27,10 @@
 namespace panoptic_segformer {
 namespace {
 
-// Source indices and weights of one resized axis, as PyTorch's upsample kernels compute them
-// (aten/src/ATen/native/UpSample.h: area_pixel_compute_source_index, guard_index_and_lambda).
+// Source indices and weights of one resized axis (align_corners=False): output index i reads
+// source (i + 0.5) * in / out - 0.5, clamped at 0, between input indices i0 and i1 = i0 + 1 (or
+// i0 at the last index), with weights 1 - lambda and lambda. All in float32, one rounding per
+// operation; tests/modeling/test_mask_statistics.py re-derives this in PyTorch operations.
 struct Axis {
   int64_t size_in;
   std::vector<int64_t> index0, index1;
@@ -39,12 +46,6 @@ Axis bilinear_axis(int64_t input_size, int64_t output_size) {
   axis.weight1.resize(output_size);
   const float scale = static_cast<float>(input_size) / static_cast<float>(output_size);
   for (int64_t i = 0; i < output_size; ++i) {
-    if (input_size == output_size) {
-      axis.index0[i] = axis.index1[i] = i;
-      axis.weight0[i] = 1.0f;
-      axis.weight1[i] = 0.0f;
-      continue;
-    }
     float source = scale * (static_cast<float>(i) + 0.5f) - 0.5f;
     source = source < 0.0f ? 0.0f : source;
     const int64_t i0 = std::min(static_cast<int64_t>(std::floor(source)), input_size - 1);
@@ -56,6 +57,14 @@ Axis bilinear_axis(int64_t input_size, int64_t output_size) {
   }
   return axis;
 }
+
+// p * wp + q * wq: two products and a sum, each rounded to float32.
+inline float blend(float p, float wp, float q, float wq) { return p * wp + q * wq; }
+
+// Lanes of the partial sums of `inside` along a row: element x goes to lane x % kLanes, the lanes
+// are added in order at the end of the row. A fixed association, so the sum does not depend on
+// the vector width the compiler picks; each lane sums at most W / kLanes values in float32.
+constexpr int kLanes = 8;
 
 // The pointers and sizes one query's work reads and writes.
 struct QueryArgs {
@@ -74,8 +83,6 @@ struct QueryArgs {
   double* inside;
 };
 
-// One query, with `blend(a, wa, b, wb)` = a * wa + b * wb. Written as short loops the compiler
-// vectorises; inlined into the two callers below, which differ in target ISA.
 #if defined(__GNUC__)
 #define PSF_ALWAYS_INLINE inline __attribute__((always_inline))
 #elif defined(_MSC_VER)
@@ -84,8 +91,9 @@ struct QueryArgs {
 #define PSF_ALWAYS_INLINE inline
 #endif
 
-template <typename Blend>
-PSF_ALWAYS_INLINE void resize_query(const QueryArgs& a, Blend blend) {
+// One query, written as short loops the compiler vectorises; inlined into the two entry points
+// below, which differ only in the instruction set they may use (not in the results).
+PSF_ALWAYS_INLINE void resize_query(const QueryArgs& a) {
   const int64_t width = a.width;
   const Axis& xs = *a.xs;
   const Axis& ys = *a.ys;
@@ -101,6 +109,7 @@ PSF_ALWAYS_INLINE void resize_query(const QueryArgs& a, Blend blend) {
   double inside = 0.0;
   float* __restrict values = a.values;
   uint8_t* __restrict cols = a.cols;
+  const int64_t full = width - width % kLanes;
   for (int64_t y = 0; y < a.height; ++y) {
     const float* __restrict top = a.widened + ys.index0[y] * width;
     const float* __restrict bottom = a.widened + ys.index1[y] * width;
@@ -110,19 +119,25 @@ PSF_ALWAYS_INLINE void resize_query(const QueryArgs& a, Blend blend) {
       values[x] = blend(top[x], w0, bottom[x], w1);
     }
     int32_t row_area = 0;
-    float row_inside = 0.0f;
-#pragma omp simd reduction(+ : row_area, row_inside)
-    for (int64_t x = 0; x < width; ++x) {
-      const bool on = values[x] > a.limit;
-      row_area += on;
-      row_inside += on ? values[x] : 0.0f;
+    float lanes[kLanes] = {};
+    for (int64_t x0 = 0; x0 < full; x0 += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const float v = values[x0 + j];
+        lanes[j] += v > a.limit ? v : 0.0f;
+      }
+    }
+    for (int64_t x = full; x < width; ++x) {
+      lanes[x - full] += values[x] > a.limit ? values[x] : 0.0f;
     }
     for (int64_t x = 0; x < width; ++x) {
       out[x] = values[x] > a.limit;
     }
     for (int64_t x = 0; x < width; ++x) {
+      row_area += out[x];
       cols[x] |= out[x];
     }
+    double row_inside = 0.0;
+    for (int j = 0; j < kLanes; ++j) row_inside += lanes[j];
     a.rows[y] = row_area > 0;
     area += row_area;
     inside += row_inside;
@@ -131,41 +146,35 @@ PSF_ALWAYS_INLINE void resize_query(const QueryArgs& a, Blend blend) {
   *a.inside = inside;
 }
 
-void resize_query_plain(const QueryArgs& a) {
-  resize_query(a, [](float p, float wp, float q, float wq) { return p * wp + q * wq; });
-}
+void resize_query_baseline(const QueryArgs& a) { resize_query(a); }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define PSF_HAVE_FMA_VARIANT 1
-// PyTorch's AVX2 / AVX-512 kernels compute the blend as fma(p, wp, q * wq): so does this one,
-// for the same bits as F.interpolate there.
-__attribute__((target("avx2,fma"))) void resize_query_fma(const QueryArgs& a) {
-  resize_query(a, [](float p, float wp, float q, float wq) { return std::fma(p, wp, q * wq); });
-}
+#define PSF_HAVE_AVX2_VARIANT 1
+// Wider vectors, the same operations: identical results (no "fma" target, and
+// -ffp-contract=off in any case).
+__attribute__((target("avx2"))) void resize_query_avx2(const QueryArgs& a) { resize_query(a); }
 #endif
 
 }  // namespace
 
-bool fma_supported() {
-#ifdef PSF_HAVE_FMA_VARIANT
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+bool avx2_supported() {
+#ifdef PSF_HAVE_AVX2_VARIANT
+  return __builtin_cpu_supports("avx2");
 #else
   return false;
 #endif
 }
 
 std::vector<at::Tensor> resized_mask_statistics(const at::Tensor& masks, int64_t height,
-                                                int64_t width, double threshold,
-                                                bool fused_multiply_add) {
+                                                int64_t width, double threshold, bool use_avx2) {
   TORCH_CHECK(masks.device().is_cpu() && masks.scalar_type() == at::kFloat && masks.dim() == 3,
               "resized_mask_statistics: masks must be a float32 (Q, h, w) CPU tensor, got ",
               masks.scalar_type(), " ", masks.sizes(), " on ", masks.device());
   TORCH_CHECK(height > 0 && width > 0,
               "resized_mask_statistics: the output size must be positive, got ", height, "x",
               width);
-  TORCH_CHECK(!fused_multiply_add || fma_supported(),
-              "resized_mask_statistics: fused_multiply_add=True but this CPU or build has no "
-              "FMA variant");
+  TORCH_CHECK(!use_avx2 || avx2_supported(),
+              "resized_mask_statistics: use_avx2=True but this CPU or build has no AVX2 variant");
   const auto input = masks.contiguous();
   const int64_t num_queries = input.size(0), in_h = input.size(1), in_w = input.size(2);
   TORCH_CHECK(in_h > 0 && in_w > 0, "resized_mask_statistics: masks must not be empty, got ",
@@ -194,13 +203,13 @@ std::vector<at::Tensor> resized_mask_statistics(const at::Tensor& masks, int64_t
                            static_cast<float>(threshold), widened.data(), values.data(),
                            binary_data + q * height * width, rows_data + q * height,
                            cols_data + q * width, areas_data + q, inside_data + q};
-#ifdef PSF_HAVE_FMA_VARIANT
-      if (fused_multiply_add) {
-        resize_query_fma(args);
+#ifdef PSF_HAVE_AVX2_VARIANT
+      if (use_avx2) {
+        resize_query_avx2(args);
         continue;
       }
 #endif
-      resize_query_plain(args);
+      resize_query_baseline(args);
     }
   });
   return {binary, areas, inside, rows, cols};
@@ -208,11 +217,3 @@ std::vector<at::Tensor> resized_mask_statistics(const at::Tensor& masks, int64_t
 
 }  // namespace panoptic_segformer
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("resized_mask_statistics", &panoptic_segformer::resized_mask_statistics,
-        "Bilinear resize, binarisation and statistics of query masks (CPU)", py::arg("masks"),
-        py::arg("height"), py::arg("width"), py::arg("threshold"),
-        py::arg("fused_multiply_add"));
-  m.def("fma_supported", &panoptic_segformer::fma_supported,
-        "Whether this CPU and build have the fused multiply-add variant");
-}
