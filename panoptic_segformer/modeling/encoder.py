@@ -5,7 +5,7 @@ Level shapes are kept on the CPU so that deformable attention never synchronises
 """
 
 import copy
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -60,33 +60,43 @@ def flatten_levels(
     return src, mask, pos, spatial_shapes, level_start_index, ratios
 
 
-def encoder_reference_points(shapes: Sequence[Tuple[int, int]], ratios: Tensor) -> Tensor:
+def encoder_reference_points(
+    spatial_shapes: Union[Tensor, Sequence[Tuple[int, int]]],
+    ratios: Tensor,
+    num_tokens: Optional[int] = None,
+) -> Tensor:
     """The centre of every token, normalised for sampling on every level.
 
     Centres are normalised by the valid extent of their own level, then scaled by each level's
     valid ratio, so a point lands on the same image location on every level whatever the
-    padding (Deformable DETR's ``get_reference_points``).
+    padding (Deformable DETR's ``get_reference_points``). Computed from the level shapes as a
+    tensor, without reading them on the host, so ``torch.compile`` and ``torch.export`` trace it.
 
     Args:
-        shapes: L (H_l, W_l).
+        spatial_shapes: (L, 2) integer tensor or L pairs, (H_l, W_l) per level.
         ratios (Tensor): (N, L, 2) valid ratios (x, y).
+        num_tokens: S = sum of H_l * W_l, e.g. ``src.shape[1]``; read from the shapes if None.
 
     Returns:
         Tensor: (N, S, L, 2) normalised (x, y).
     """
-    points = []
-    for level, (h, w) in enumerate(shapes):
-        ys, xs = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=ratios.dtype, device=ratios.device),
-            torch.linspace(0.5, w - 0.5, w, dtype=ratios.dtype, device=ratios.device),
-            indexing="ij",
-        )
-        # (N, H*W) each
-        ref_y = ys.reshape(-1)[None] / (ratios[:, None, level, 1] * h)
-        ref_x = xs.reshape(-1)[None] / (ratios[:, None, level, 0] * w)
-        points.append(torch.stack((ref_x, ref_y), -1))
+    shapes = torch.as_tensor(spatial_shapes, dtype=torch.int64, device=ratios.device)
+    sizes = shapes.prod(1)
+    ends = sizes.cumsum(0)
+    if num_tokens is None:
+        num_tokens = int(ends[-1])
+    # level, row and column of every token of the flattened levels
+    token = torch.arange(num_tokens, device=ratios.device)
+    level = torch.bucketize(token, ends, right=True)  # ends[l - 1] <= token < ends[l]
+    local = token - (ends - sizes)[level]
+    heights, widths = shapes[level, 0], shapes[level, 1]
+    row = torch.div(local, widths, rounding_mode="floor")
+    col = local - row * widths
+    # pixel centres (exact in floating point), over the valid extent of the token's level: (N, S)
+    ref_y = (row.to(ratios.dtype) + 0.5) / (ratios[:, level, 1] * heights.to(ratios.dtype))
+    ref_x = (col.to(ratios.dtype) + 0.5) / (ratios[:, level, 0] * widths.to(ratios.dtype))
     # (N, S, 2) -> (N, S, L, 2)
-    return torch.cat(points, 1)[:, :, None] * ratios[:, None]
+    return torch.stack((ref_x, ref_y), -1)[:, :, None] * ratios[:, None]
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -184,8 +194,7 @@ class DeformableEncoder(nn.Module):
         Returns:
             Tensor: (N, S, C) the encoder memory.
         """
-        shapes: List[Tuple[int, int]] = [tuple(s) for s in spatial_shapes.tolist()]
-        reference_points = encoder_reference_points(shapes, valid_ratios)
+        reference_points = encoder_reference_points(spatial_shapes, valid_ratios, src.shape[1])
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
         return src
