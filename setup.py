@@ -3,7 +3,10 @@
 * The CUDA deformable-attention kernel is built here when a GPU is visible (and nvcc found) or
   when FORCE_CUDA=1; otherwise the package installs without it and builds it on first CUDA use
   (JIT).
-* The CPU post-processing kernel is built whenever a C++ compiler is found.
+* The CPU extension is built whenever a C++ compiler is found: it defines the deformable-attention
+  operator (``panoptic_segformer::ms_deform_attn``) with its CPU kernels, and holds the
+  post-processing kernel; without a compiler both are built on first use, or their PyTorch paths
+  run.
 
 Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
 """
@@ -34,7 +37,7 @@ def load_build_helpers():
 
 
 def cuda_extension(torch, helpers):
-    """The CUDA kernel of multi-scale deformable attention, or None when it is left to JIT."""
+    """The CUDA kernels of the deformable-attention operator, or None when they are left to JIT."""
     from torch.utils.cpp_extension import CUDAExtension
 
     force = os.environ.get("FORCE_CUDA", "0") == "1"
@@ -56,8 +59,9 @@ def cuda_extension(torch, helpers):
 
 
 def cpu_extension(helpers):
-    """The fused CPU kernel of the merging's mask statistics, or None without a C++ compiler
-    (post-processing then uses PyTorch operations, or builds it on first use if one appears)."""
+    """The CPU extension (the deformable-attention operator and its CPU kernels, the merging's
+    mask statistics), or None without a C++ compiler (the package then builds it on first use if
+    one appears, or runs the PyTorch paths)."""
     from torch.utils.cpp_extension import CppExtension
 
     compiler = os.environ.get("CXX", "c++")

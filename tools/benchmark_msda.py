@@ -10,6 +10,7 @@ reference); on a GPU also the achieved GB/s against the bytes the op must move.
 Implementations:
   grid_sample  Deformable DETR's reference formulation: sample every level, stack, weight, sum.
   pytorch      this package's PyTorch path (per-level grid_sample, accumulated level by level).
+  cpu          this package's compiled CPU kernel (the registered operator), on the CPU.
   cuda         this package's CUDA kernel.
   original     Deformable DETR's CUDA op, if its ``MultiScaleDeformableAttention`` extension is
                importable (build it yourself for comparison; it is not part of this project).
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from panoptic_segformer.layers import multi_scale_deformable_attention  # noqa: E402
+from panoptic_segformer.layers.ms_deform_attn_op import load_operator  # noqa: E402
 
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
 HEADS, CHANNELS, POINTS = 8, 32, 4
@@ -100,6 +102,8 @@ def implementations(device: str) -> Dict[str, Callable]:
         "grid_sample": lambda v, ss, lsi, loc, a: grid_sample_reference(v, shapes, loc, a),
         "pytorch": ours("pytorch"),
     }
+    if device == "cpu" and load_operator("cpu")[0] is not None:
+        impls["cpu"] = ours("cpu")
     if device == "cuda":
         impls["cuda"] = ours("cuda")
         original = original_op()
@@ -259,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         "--implementations",
         nargs="+",
         default=None,
-        help="subset of: grid_sample pytorch cuda original (default: available)",
+        help="subset of: grid_sample pytorch cpu cuda original (default: available)",
     )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
@@ -286,7 +290,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     if device == "cpu" and not Path("/proc/self/clear_refs").exists():
         parser.error("CPU peak memory is read from /proc/self (Linux only)")
     if device == "cpu" and set(args.dtypes) & {"float16", "bfloat16"}:
-        print("note: on the CPU, float16/bfloat16 are computed in float32 by the PyTorch path")
+        print("note: on the CPU, float16/bfloat16 values are computed in float32")
 
     rows = []
     for workload in args.workloads:

@@ -4,10 +4,13 @@ Two extensions, each compiled at install time by ``setup.py`` when it can be, an
 first use with ``torch.utils.cpp_extension.load`` (JIT), so users never run a separate build
 step; the callers fall back to PyTorch operations where neither works:
 
-* ``panoptic_segformer._C``: the CUDA kernel of multi-scale deformable attention, built at
-  install time when a GPU (or ``FORCE_CUDA=1``) is present.
-* ``panoptic_segformer._cpu``: the fused CPU kernel of the merging's mask statistics
-  (``csrc/mask_statistics.cpp``), built at install time whenever a C++ compiler is found.
+* ``panoptic_segformer._cpu``, built at install time whenever a C++ compiler is found: the fused
+  CPU kernel of the merging's mask statistics (``csrc/mask_statistics.cpp``), and the operator
+  ``panoptic_segformer::ms_deform_attn`` (multi-scale deformable attention: its definition and
+  its CPU kernels, ``csrc/ms_deform_attn_op.cpp`` and ``csrc/ms_deform_attn_cpu.cpp``).
+* ``panoptic_segformer._C``: the operator's CUDA kernels (``csrc/ms_deform_attn_cuda.cu``), built
+  at install time when a GPU (or ``FORCE_CUDA=1``) is present. It registers kernels for the
+  operator the CPU extension defines, so that one is always loaded first.
 
 ``setup.py`` reads the sources and compiler flags from here so the two builds cannot drift
 apart. Nothing here imports an extension at package import time.
@@ -25,9 +28,16 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 logger = logging.getLogger(__name__)
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ms_deform_attn.cpp", "ms_deform_attn_cuda.cu")
+SOURCES = ("cuda_module.cpp", "ms_deform_attn_checks.cpp", "ms_deform_attn_cuda.cu")
 JIT_NAME = "panoptic_segformer_msda"
-CPU_SOURCES = ("cpu_module.cpp", "mask_statistics.cpp")
+CPU_SOURCES = (
+    "cpu_module.cpp",
+    "cpu_features.cpp",
+    "mask_statistics.cpp",
+    "ms_deform_attn_op.cpp",
+    "ms_deform_attn_checks.cpp",
+    "ms_deform_attn_cpu.cpp",
+)
 CPU_JIT_NAME = "panoptic_segformer_cpu"
 # Architectures compiled when no GPU is visible to pick from (CUDA 12 and 13 both support
 # these); override with TORCH_CUDA_ARCH_LIST as for any PyTorch extension.
@@ -150,35 +160,58 @@ def build_cpu_extension(build_directory: Optional[str] = None, verbose: bool = F
 
 
 def _load_once(
-    installed: str, build: Callable[[], ModuleType], what: str
+    installed: str,
+    build: Callable[[], ModuleType],
+    what: str,
+    after_load: Optional[Callable[[], None]] = None,
 ) -> Tuple[Optional[ModuleType], Optional[str]]:
     """The extension built at install time, else a JIT build; the outcome is cached, so a failed
-    build is attempted once per process."""
+    build is attempted once per process. ``after_load`` runs once, after a successful load."""
     if installed in _loaded:
         return _loaded[installed]
     try:
-        _loaded[installed] = importlib.import_module(installed), None
-        return _loaded[installed]
+        module = importlib.import_module(installed)
     except ImportError as e:
         logger.info("%s not built at install time (%s); building it now (JIT)", what, e)
-    try:
-        _loaded[installed] = build(), None
-    except (ImportError, OSError, RuntimeError) as e:
-        reason = f"the {what} could not be built: {e}"
-        logger.warning("%s", reason)
-        _loaded[installed] = None, reason
+        try:
+            module = build()
+        except (ImportError, OSError, RuntimeError) as e:
+            reason = f"the {what} could not be built: {e}"
+            logger.warning("%s", reason)
+            _loaded[installed] = None, reason
+            return _loaded[installed]
+    if after_load is not None:
+        after_load()
+    _loaded[installed] = module, None
     return _loaded[installed]
 
 
-def load_extension() -> Tuple[Optional[ModuleType], Optional[str]]:
-    """Returns ``(extension, None)``, or ``(None, reason)`` when the CUDA kernel of multi-scale
-    deformable attention is unavailable. Tries the extension built at install time, then a JIT
-    build, once per process."""
-    return _load_once("panoptic_segformer._C", build_extension, "CUDA deformable-attention kernel")
+def _register_operator_python_parts() -> None:
+    # the operator's fake implementation and autograd formula (imported here, not at the top:
+    # setup.py loads this file without the package)
+    from panoptic_segformer.layers.ms_deform_attn_op import register_python_parts
+
+    register_python_parts()
 
 
 def load_cpu_extension() -> Tuple[Optional[ModuleType], Optional[str]]:
-    """Returns ``(extension, None)``, or ``(None, reason)`` when the CPU mask-statistics kernel
-    is unavailable. Tries the extension built at install time, then a JIT build, once per
-    process."""
-    return _load_once("panoptic_segformer._cpu", build_cpu_extension, "CPU mask-statistics kernel")
+    """Returns ``(extension, None)``, or ``(None, reason)`` when the CPU extension (mask
+    statistics; the deformable-attention operator and its CPU kernels) is unavailable. Tries the
+    extension built at install time, then a JIT build, once per process."""
+    return _load_once(
+        "panoptic_segformer._cpu",
+        build_cpu_extension,
+        "CPU extension (mask statistics, deformable-attention operator)",
+        after_load=_register_operator_python_parts,
+    )
+
+
+def load_extension() -> Tuple[Optional[ModuleType], Optional[str]]:
+    """Returns ``(extension, None)``, or ``(None, reason)`` when the CUDA kernels of multi-scale
+    deformable attention are unavailable. Loads the CPU extension first (it defines the operator
+    the CUDA kernels are registered for), then the CUDA extension built at install time, then a
+    JIT build, once per process."""
+    cpu, reason = load_cpu_extension()
+    if cpu is None:
+        return None, f"the operator is not defined: {reason}"
+    return _load_once("panoptic_segformer._C", build_extension, "CUDA deformable-attention kernel")

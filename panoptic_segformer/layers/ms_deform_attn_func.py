@@ -3,11 +3,18 @@
 Shape shorthand: N batch, S flattened value tokens over all levels, M heads, D channels per head,
 Q queries, L levels, P sampling points per level and head.
 
-:func:`multi_scale_deformable_attention` validates its inputs, then dispatches: CUDA tensors use
-the compiled kernel when it is available (built at install time or on first use), everything
-else uses :func:`ms_deform_attn_pytorch`. Which path runs is logged once per path.
+:func:`multi_scale_deformable_attention` validates its inputs, then dispatches: CPU and CUDA
+tensors use the registered operator ``panoptic_segformer::ms_deform_attn`` (compiled kernels,
+built at install time or on first use; see ``ms_deform_attn_op.py``) when it is available,
+everything else uses :func:`ms_deform_attn_pytorch`. Which path runs is logged once per path.
+
+Under ``torch.compile`` and ``torch.export`` the level shapes are not read on the host (they are
+data of a tensor there): the checks that need their values are left to the operator's kernels,
+and the operator is traced as one node. The PyTorch path needs the shapes as Python integers,
+so tracing it reads them (a graph break under ``torch.compile``).
 """
 
+import contextlib
 import logging
 import math
 import os
@@ -16,16 +23,16 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+from torch._subclasses.fake_tensor import FakeTensor
 
-from panoptic_segformer.layers import _extension
+from panoptic_segformer.layers.ms_deform_attn_op import load_operator
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("auto", "cuda", "pytorch")
-# Environment switch, e.g. PANOPTIC_SEGFORMER_MSDA_IMPL=pytorch to debug without the kernel.
+IMPLEMENTATIONS = ("auto", "cpu", "cuda", "pytorch")
+# Environment switch, e.g. PANOPTIC_SEGFORMER_MSDA_IMPL=pytorch to debug without the kernels.
 IMPLEMENTATION_ENV = "PANOPTIC_SEGFORMER_MSDA_IMPL"
-# Limits of the CUDA kernel (csrc/ms_deform_attn.h); larger inputs use the PyTorch path.
+# Limits of the CUDA kernel (csrc/ms_deform_attn_cuda.cu); larger inputs use the PyTorch path.
 CUDA_MAX_LEVELS = 16
 CUDA_MAX_HEAD_DIM = 256
 CUDA_MAX_TOKENS_X_CHANNELS = 2**31 - 1  # S * M * D, indexed with 32-bit integers
@@ -45,14 +52,27 @@ def _describe(t: Tensor) -> str:
     return f"{tuple(t.shape)} {t.dtype} on {t.device}"
 
 
+def _is_tracing(*tensors: Tensor) -> bool:
+    """Whether these tensors are traced rather than computed: torch.compile / torch.export, fake
+    or meta tensors. Their values (the level shapes) cannot be read then."""
+    compiler = getattr(torch, "compiler", None)
+    for name in ("is_compiling", "is_exporting"):
+        check = getattr(compiler, name, None)
+        if check is not None and check():
+            return True
+    return any(isinstance(t, FakeTensor) or t.device.type == "meta" for t in tensors)
+
+
 def _check_inputs(
     value: Tensor,
     spatial_shapes: Tensor,
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
-) -> List[Tuple[int, int]]:
-    """Raises a ValueError/TypeError naming the bad argument; returns the level shapes."""
+    read_shapes: bool = True,
+) -> Optional[List[Tuple[int, int]]]:
+    """Raises a ValueError/TypeError naming the bad argument; returns the level shapes, read on
+    the host, or None when ``read_shapes`` is False (tracing: the operator checks them)."""
     if value.dim() != 4:
         raise ValueError(f"value must be (N, S, M, D), got {_describe(value)}")
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
@@ -117,6 +137,8 @@ def _check_inputs(
     for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
         if t.device.type != "cpu" and t.device != value.device:
             raise ValueError(f"{name} is on {t.device}; it must be on the CPU or on {value.device}")
+    if not read_shapes:
+        return None
 
     # Host copies (a GPU synchronisation when the caller keeps these on the GPU).
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
@@ -139,6 +161,34 @@ def _check_inputs(
     return shapes
 
 
+def _non_finite_rule(
+    sampling_locations: Tensor, attention_weights: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """The rule for non-finite sampling locations (``csrc/ms_deform_attn_math.h``) in the PyTorch
+    path: a point whose x or y is NaN or infinite samples NaN (its output is NaN), its location
+    and weight gradients are NaN and it adds nothing to the value gradient.
+
+    ``grid_sample`` alone gives NaN on the CPU but maps such coordinates to a zero sample on the
+    GPU. So such a point samples at -1 instead (outside every map: a zero sample, zero gradients)
+    and its weight becomes NaN through two terms that are exactly 1 and 0 at every other point:
+    ``a * scale + poison`` with ``scale`` NaN at the point and ``poison`` NaN there and computed
+    from its location. The output, ``a * scale * 0``, is NaN; in the backward pass the weight's
+    gradient (0) reaches the weight and the location through those NaNs as NaN. Plain tensor
+    operations, so tracers and exporters see no custom function.
+
+    Returns:
+        (locations with the non-finite points moved to -1, effective attention weights)
+    """
+    finite = torch.isfinite(sampling_locations)  # (N, Q, M, L, P, 2)
+    bad = ~finite.all(-1)  # (N, Q, M, L, P)
+    nan = torch.tensor(float("nan"), dtype=attention_weights.dtype, device=bad.device)
+    one = torch.ones((), dtype=attention_weights.dtype, device=bad.device)
+    safe = torch.where(bad[..., None], -one, sampling_locations)
+    scale = torch.where(bad, nan, one)
+    poison = (torch.where(bad[..., None], sampling_locations, 0.0) * scale[..., None]).sum(-1)
+    return safe, attention_weights * scale + poison
+
+
 def ms_deform_attn_pytorch(
     value: Tensor,
     shapes: List[Tuple[int, int]],
@@ -147,8 +197,9 @@ def ms_deform_attn_pytorch(
 ) -> Tensor:
     """The PyTorch path: bilinear sampling per level with ``grid_sample``, weighted and summed.
 
-    Float16/bfloat16 inputs are computed in float32 (as the kernel accumulates) and the result
-    is cast back to the value's dtype. Inputs are assumed valid.
+    Float16/bfloat16 inputs are computed in float32 (as the kernels accumulate) and the result
+    is cast back to the value's dtype. Inputs are assumed valid. Non-finite locations follow the
+    kernels' rule on every device (see :func:`_non_finite_rule`).
 
     Args:
         value (Tensor): (N, S, M, D).
@@ -163,12 +214,18 @@ def ms_deform_attn_pytorch(
     q = sampling_locations.shape[1]
     dtype = torch.float32 if value.dtype in _REDUCED_DTYPES else value.dtype
     value_levels = value.to(dtype).split([h * w for h, w in shapes], dim=1)
+    sampling_locations, attention_weights = _non_finite_rule(
+        sampling_locations.to(dtype), attention_weights.to(dtype)
+    )
+    # Finite but huge locations would overflow grid_sample's pixel arithmetic; beyond [-1, 2] a
+    # point is outside every map (zero sample, zero gradient) either way.
+    sampling_locations = sampling_locations.clamp(-1.0, 2.0)
     # grid_sample takes (x, y) in [-1, 1]; with align_corners=False, [0, 1] maps onto it exactly
     # and points outside read zeros, which is Deformable DETR's convention.
     # (N, Q, M, L, P, 2) -> (N, M, Q, L, P, 2) -> L x (N*M, Q, P, 2)
-    grids = (2 * sampling_locations.to(dtype) - 1).transpose(1, 2).flatten(0, 1).unbind(2)
+    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1).unbind(2)
     # (N, Q, M, L, P) -> L x (N*M, Q, P)
-    weights = attention_weights.to(dtype).transpose(1, 2).flatten(0, 1).unbind(2)
+    weights = attention_weights.transpose(1, 2).flatten(0, 1).unbind(2)
     weighted = None
     for level, (h, w) in enumerate(shapes):
         # (N, H*W, M, D) -> (N, M, H, W, D) -> (N*M, H, W, D) -> (N*M, D, H, W) with
@@ -197,42 +254,6 @@ def ms_deform_attn_pytorch(
     return output.reshape(n, m * d, q).transpose(1, 2).contiguous().to(value.dtype)
 
 
-class _MSDeformAttnCUDA(torch.autograd.Function):
-    """Autograd wrapper of the CUDA kernel; spatial_shapes/level_start_index are CPU int64."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        value: Tensor,
-        spatial_shapes: Tensor,
-        level_start_index: Tensor,
-        sampling_locations: Tensor,
-        attention_weights: Tensor,
-    ) -> Tensor:
-        extension, _ = _extension.load_extension()
-        ctx.save_for_backward(value, sampling_locations, attention_weights)
-        ctx.spatial_shapes = spatial_shapes
-        ctx.level_start_index = level_start_index
-        return extension.ms_deform_attn_forward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output: Tensor):
-        extension, _ = _extension.load_extension()
-        value, sampling_locations, attention_weights = ctx.saved_tensors
-        grad_value, grad_locations, grad_weights = extension.ms_deform_attn_backward(
-            value,
-            ctx.spatial_shapes,
-            ctx.level_start_index,
-            sampling_locations,
-            attention_weights,
-            grad_output.contiguous(),
-        )
-        return grad_value, None, None, grad_locations, grad_weights
-
-
 def _resolve_implementation(implementation: Optional[str]) -> str:
     if implementation is None:
         implementation = os.environ.get(IMPLEMENTATION_ENV, "auto") or "auto"
@@ -244,28 +265,54 @@ def _resolve_implementation(implementation: Optional[str]) -> str:
     return implementation
 
 
-def _use_cuda_kernel(implementation: str, value: Tensor, shapes: List[Tuple[int, int]]) -> bool:
-    """Decides the path; raises when ``implementation='cuda'`` cannot be honoured."""
+@torch.compiler.assume_constant_result
+def _operator_unavailable(device_type: str) -> Optional[str]:
+    """Why the operator has no kernel for ``device_type``, or None; loads (or builds) the
+    extensions on first use. torch.compile runs this at trace time and keeps the answer, rather
+    than tracing the import machinery."""
+    return load_operator(device_type)[1]
+
+
+def _use_operator(
+    implementation: str, value: Tensor, shapes: Optional[List[Tuple[int, int]]], tracing: bool
+) -> bool:
+    """Whether the registered operator (a compiled kernel) runs, else the PyTorch path. Raises
+    when ``implementation`` names a kernel that cannot run these inputs."""
     if implementation == "pytorch":
-        _log_path_once("pytorch", f"forced by implementation='pytorch' or {IMPLEMENTATION_ENV}")
+        if not tracing:
+            _log_path_once("pytorch", f"forced by implementation='pytorch' or {IMPLEMENTATION_ENV}")
         return False
+    device_type = value.device.type
+    # meta tensors run the operator's fake implementation, registered with its CPU kernels
+    kernel = "cpu" if device_type == "meta" else device_type
     reason = None
-    if not value.is_cuda:
+    if device_type != "meta" and (
+        device_type not in ("cpu", "cuda") or implementation not in ("auto", device_type)
+    ):
         reason = f"inputs are on {value.device}"
-    elif len(shapes) > CUDA_MAX_LEVELS:
-        reason = f"{len(shapes)} levels exceed the kernel's {CUDA_MAX_LEVELS}"
-    elif value.shape[-1] > CUDA_MAX_HEAD_DIM:
-        reason = f"D = {value.shape[-1]} exceeds the kernel's {CUDA_MAX_HEAD_DIM} channels per head"
-    elif math.prod(value.shape[1:]) > CUDA_MAX_TOKENS_X_CHANNELS:
-        reason = f"S * M * D = {math.prod(value.shape[1:])} exceeds the kernel's 32-bit indexing"
-    else:
-        _, reason = _extension.load_extension()
+    elif kernel == "cuda" and shapes is not None:
+        if len(shapes) > CUDA_MAX_LEVELS:
+            reason = f"{len(shapes)} levels exceed the CUDA kernel's {CUDA_MAX_LEVELS}"
+        elif value.shape[-1] > CUDA_MAX_HEAD_DIM:
+            reason = (
+                f"D = {value.shape[-1]} exceeds the CUDA kernel's {CUDA_MAX_HEAD_DIM} channels "
+                "per head"
+            )
+        elif math.prod(value.shape[1:]) > CUDA_MAX_TOKENS_X_CHANNELS:
+            reason = (
+                f"S * M * D = {math.prod(value.shape[1:])} exceeds the CUDA kernel's 32-bit "
+                "indexing"
+            )
     if reason is None:
-        _log_path_once("cuda", "compiled kernel")
+        reason = _operator_unavailable(kernel)
+    if reason is None:
+        if not tracing:
+            _log_path_once(kernel, f"compiled {kernel.upper()} kernel")
         return True
-    if implementation == "cuda":
-        raise RuntimeError(f"implementation='cuda' was requested but {reason}")
-    _log_path_once("pytorch", reason)
+    if implementation in ("cpu", "cuda"):
+        raise RuntimeError(f"implementation={implementation!r} was requested but {reason}")
+    if not tracing:
+        _log_path_once("pytorch", reason)
     return False
 
 
@@ -282,7 +329,8 @@ def multi_scale_deformable_attention(
 
     Each query samples P points per head and level by bilinear interpolation (zeros outside the
     map, ``align_corners=False``: (0, 0) and (1, 1) are the outer corners of the map) and sums
-    them with its attention weights.
+    them with its attention weights. A point with a NaN or infinite location makes its output
+    NaN (never a silent zero), on every path and device.
 
     Args:
         value (Tensor): (N, S, M, D), float16/bfloat16/float32/float64.
@@ -292,9 +340,9 @@ def multi_scale_deformable_attention(
         sampling_locations (Tensor): (N, Q, M, L, P, 2), normalised (x, y); same dtype as value,
             or float32 with a float16/bfloat16 value.
         attention_weights (Tensor): (N, Q, M, L, P), same dtype as sampling_locations.
-        implementation: "auto" (kernel for CUDA tensors when available, else PyTorch), "cuda"
-            (raise if the kernel cannot run) or "pytorch". None reads the environment variable
-            ``PANOPTIC_SEGFORMER_MSDA_IMPL`` (default "auto").
+        implementation: "auto" (the compiled kernel of the inputs' device when available, else
+            PyTorch), "cpu" or "cuda" (that kernel; raise if it cannot run) or "pytorch". None
+            reads the environment variable ``PANOPTIC_SEGFORMER_MSDA_IMPL`` (default "auto").
 
     Under autocast the value is cast to the autocast dtype and the locations and weights to
     float32; arithmetic always accumulates in at least float32.
@@ -303,34 +351,63 @@ def multi_scale_deformable_attention(
         Tensor: (N, Q, M * D) in the value's dtype.
     """
     implementation = _resolve_implementation(implementation)
-    shapes = _check_inputs(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
     device_type = value.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return _dispatch(implementation, value, shapes, sampling_locations, attention_weights)
-    value = value.to(torch.get_autocast_dtype(device_type))
-    with torch.autocast(device_type, enabled=False):
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    if autocast:
+        # cast first, then check: what autocast hands over (a float16 value, float16 locations,
+        # float32 weights, ...) is whatever produced it
+        value = value.to(torch.get_autocast_dtype(device_type))
+        sampling_locations = sampling_locations.float()
+        attention_weights = attention_weights.float()
+    tracing = _is_tracing(value, spatial_shapes, sampling_locations)
+    shapes = _check_inputs(
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        read_shapes=not tracing,
+    )
+    # the kernels and the PyTorch path take the dtypes as they are now
+    context = torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext()
+    with context:
         return _dispatch(
-            implementation, value, shapes, sampling_locations.float(), attention_weights.float()
+            implementation,
+            value,
+            spatial_shapes,
+            level_start_index,
+            shapes,
+            sampling_locations,
+            attention_weights,
+            tracing,
         )
 
 
 def _dispatch(
     implementation: str,
     value: Tensor,
-    shapes: List[Tuple[int, int]],
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    shapes: Optional[List[Tuple[int, int]]],
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    tracing: bool,
 ) -> Tensor:
-    if not _use_cuda_kernel(implementation, value, shapes):
+    if not _use_operator(implementation, value, shapes, tracing):
+        if shapes is None:  # traced: the PyTorch path needs the level shapes as integers
+            shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
         return ms_deform_attn_pytorch(value, shapes, sampling_locations, attention_weights)
-    sizes = [h * w for h, w in shapes]
-    starts = [sum(sizes[:level]) for level in range(len(sizes))]
-    return _MSDeformAttnCUDA.apply(
+    if shapes is not None:
+        # the validated host copies: the kernel then never reads a GPU tensor back
+        sizes = [h * w for h, w in shapes]
+        spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
+        level_start_index = torch.tensor(
+            [sum(sizes[:level]) for level in range(len(sizes))], dtype=torch.int64
+        )
+    return torch.ops.panoptic_segformer.ms_deform_attn(
         value.contiguous(),
-        torch.tensor(shapes, dtype=torch.int64),
-        torch.tensor(starts, dtype=torch.int64),
+        spatial_shapes,
+        level_start_index,
         sampling_locations.contiguous(),
         attention_weights.contiguous(),
     )

@@ -4,7 +4,6 @@ the JIT build on first CUDA use. Needs the CUDA toolkit (nvcc), not a GPU; skipp
 Only one architecture is compiled (TORCH_CUDA_ARCH_LIST, default sm_90) to keep this quick.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -27,25 +26,29 @@ def one_arch(monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0")
 
 
-def assert_is_the_extension(module):
-    assert callable(module.ms_deform_attn_forward) and callable(module.ms_deform_attn_backward)
-    # The bindings' own checks run before any CUDA call, so they work without a GPU.
-    cpu = torch.zeros(1, 1, 1, 1)
-    with pytest.raises(RuntimeError, match="value must be a CUDA tensor, got cpu"):
-        module.ms_deform_attn_forward(
-            cpu,
-            torch.ones(1, 2, dtype=torch.long),
-            torch.zeros(1, dtype=torch.long),
-            torch.zeros(1, 1, 1, 1, 1, 2),
-            torch.zeros(1, 1, 1, 1, 1),
-        )
+def assert_is_the_extension(path, name):
+    """In a fresh process (so nothing loaded earlier counts): loading the library at ``path`` (the
+    Python module ``name``) registers CUDA kernels for both operators, which the CPU extension
+    defines."""
+    script = f"""
+import importlib.util, torch
+from panoptic_segformer.layers import _extension
+assert _extension.load_cpu_extension()[0] is not None
+for op in ("ms_deform_attn", "ms_deform_attn_backward"):
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("panoptic_segformer::" + op, "CUDA")
+spec = importlib.util.spec_from_file_location({name!r}, {str(path)!r})
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+for op in ("ms_deform_attn", "ms_deform_attn_backward"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("panoptic_segformer::" + op, "CUDA"), op
+"""
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True)
 
 
 @needs_nvcc
 def test_jit_build(tmp_path, one_arch):
     module = _extension.build_extension(build_directory=str(tmp_path))
     assert Path(module.__file__).parent == tmp_path
-    assert_is_the_extension(module)
+    assert_is_the_extension(module.__file__, module.__name__)
 
 
 @needs_nvcc
@@ -68,7 +71,4 @@ def test_setup_py_build_with_force_cuda(tmp_path, one_arch):
         capture_output=True,
     )
     (library,) = (tmp_path / "lib" / "panoptic_segformer").glob("_C*.so")
-    spec = importlib.util.spec_from_file_location("panoptic_segformer._C", library)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert_is_the_extension(module)
+    assert_is_the_extension(library, "panoptic_segformer._C")

@@ -1,68 +1,24 @@
-"""multi_scale_deformable_attention: PyTorch path against a slow reference, gradients, errors,
-dispatch, dtypes and autocast (all on the CPU)."""
+"""multi_scale_deformable_attention: the PyTorch path and the CPU kernel against a slow reference,
+gradients, errors, dispatch, dtypes and autocast (all on the CPU). The CPU kernel's own tests
+(random shapes, determinism, tracing) are in test_ms_deform_attn_cpu.py."""
 
-import itertools
 import logging
-import math
 
 import pytest
 import torch
+from msda_reference import make_inputs, reference_msda
 
-from panoptic_segformer.layers import ms_deform_attn_func
+from panoptic_segformer.layers import _extension, ms_deform_attn_func
 from panoptic_segformer.layers import multi_scale_deformable_attention as msda
 
-
-def reference_msda(value, shapes, locations, weights):
-    """Explicit bilinear interpolation in float64, one sample at a time.
-
-    Pixel (i, j) of a level of size (H, W) has its centre at ((j + 0.5) / W, (i + 0.5) / H);
-    pixels outside the map read zero.
-    """
-    value, locations, weights = value.double(), locations.double(), weights.double()
-    n_batch, _, n_heads, dim = value.shape
-    _, n_queries, _, n_levels, n_points, _ = locations.shape
-    out = torch.zeros(n_batch, n_queries, n_heads, dim, dtype=torch.float64)
-    starts = [sum(h * w for h, w in shapes[:level]) for level in range(n_levels)]
-
-    def pixel(n, level, row, col, head):
-        h, w = shapes[level]
-        if 0 <= row < h and 0 <= col < w:
-            return value[n, starts[level] + row * w + col, head]
-        return torch.zeros(dim, dtype=torch.float64)
-
-    for n, q, m, level, p in itertools.product(
-        range(n_batch), range(n_queries), range(n_heads), range(n_levels), range(n_points)
-    ):
-        h, w = shapes[level]
-        x = locations[n, q, m, level, p, 0].item() * w - 0.5
-        y = locations[n, q, m, level, p, 1].item() * h - 0.5
-        col, row = math.floor(x), math.floor(y)
-        fx, fy = x - col, y - row
-        sample = (
-            (1 - fy) * (1 - fx) * pixel(n, level, row, col, m)
-            + (1 - fy) * fx * pixel(n, level, row, col + 1, m)
-            + fy * (1 - fx) * pixel(n, level, row + 1, col, m)
-            + fy * fx * pixel(n, level, row + 1, col + 1, m)
-        )
-        out[n, q, m] += weights[n, q, m, level, p].item() * sample
-    return out.flatten(2)
-
-
-def make_inputs(
-    shapes, n_batch=2, n_queries=5, n_heads=2, dim=3, n_points=2, dtype=torch.float64, seed=0
-):
-    """Random inputs; locations span [-0.25, 1.25] so some points fall outside the maps."""
-    g = torch.Generator().manual_seed(seed)
-    n_levels = len(shapes)
-    n_tokens = sum(h * w for h, w in shapes)
-    value = torch.randn(n_batch, n_tokens, n_heads, dim, generator=g, dtype=dtype)
-    locations = torch.rand(n_batch, n_queries, n_heads, n_levels, n_points, 2, generator=g)
-    locations = (locations * 1.5 - 0.25).to(dtype)
-    weights = torch.rand(n_batch, n_queries, n_heads, n_levels, n_points, generator=g, dtype=dtype)
-    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
-    sizes = spatial_shapes.prod(1)
-    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-    return value, spatial_shapes, level_start_index, locations, weights
+CPU_KERNEL, WHY_NOT = _extension.load_cpu_extension()
+# the two CPU implementations, each tested against the same reference
+IMPLEMENTATIONS = [
+    "pytorch",
+    pytest.param(
+        "cpu", marks=pytest.mark.skipif(CPU_KERNEL is None, reason=f"no CPU kernel: {WHY_NOT}")
+    ),
+]
 
 
 SHAPE_CASES = [
@@ -73,27 +29,30 @@ SHAPE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("shapes", SHAPE_CASES)
 @pytest.mark.parametrize("n_batch", [1, 3])
-def test_pytorch_path_matches_reference_float64(shapes, n_batch):
+def test_matches_reference_float64(shapes, n_batch, impl):
     value, ss, lsi, loc, attn = make_inputs(shapes, n_batch=n_batch, seed=n_batch)
-    out = msda(value, ss, lsi, loc, attn, implementation="pytorch")
+    out = msda(value, ss, lsi, loc, attn, implementation=impl)
     expected = reference_msda(value, shapes, loc, attn)
     assert out.shape == (n_batch, loc.shape[1], value.shape[2] * value.shape[3])
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_pytorch_path_matches_reference_float32():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_matches_reference_float32(impl):
     value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0], dtype=torch.float32, n_queries=9)
-    out = msda(value, ss, lsi, loc, attn)
+    out = msda(value, ss, lsi, loc, attn, implementation=impl)
     assert out.dtype == torch.float32
     torch.testing.assert_close(
         out.double(), reference_msda(value, SHAPE_CASES[0], loc, attn), rtol=1e-5, atol=1e-5
     )
 
 
-def test_known_values_at_pixel_centres_and_outside():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_known_values_at_pixel_centres_and_outside(impl):
     # One 2x3 level holding 0..5; a point at a pixel centre reads exactly that pixel, a point at
     # the shared edge of two pixels reads their mean, and points beyond half a pixel outside
     # the map read zero.
@@ -112,38 +71,49 @@ def test_known_values_at_pixel_centres_and_outside():
     ]
     loc = torch.tensor([p for p, _ in points], dtype=torch.float64).view(1, len(points), 1, 1, 1, 2)
     attn = torch.ones(1, len(points), 1, 1, 1, dtype=torch.float64)
-    out = msda(value, ss, lsi, loc, attn)
+    out = msda(value, ss, lsi, loc, attn, implementation=impl)
     torch.testing.assert_close(
         out.flatten(), torch.tensor([e for _, e in points], dtype=torch.float64)
     )
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("n_batch", [1, 3])
-def test_gradcheck_float64(n_batch):
-    value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0], n_batch=n_batch, n_queries=3, seed=7)
+def test_gradcheck_float64(n_batch, impl):
+    value, ss, lsi, loc, attn = make_inputs(
+        SHAPE_CASES[0], n_batch=n_batch, n_queries=3, seed=7, off_boundaries=True
+    )
     inputs = [t.requires_grad_() for t in (value, loc, attn)]
 
     def fn(v, sampling_locations, attention_weights):
-        return msda(v, ss, lsi, sampling_locations, attention_weights, implementation="pytorch")
+        return msda(v, ss, lsi, sampling_locations, attention_weights, implementation=impl)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_empty_batch_and_queries():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_empty_batch_and_queries(impl):
     for n_batch, n_queries in ((0, 4), (2, 0)):
         value, ss, lsi, loc, attn = make_inputs(
             SHAPE_CASES[1], n_batch=n_batch, n_queries=n_queries
         )
-        out = msda(value, ss, lsi, loc, attn)
+        inputs = [t.requires_grad_() for t in (value, loc, attn)]
+        out = msda(inputs[0], ss, lsi, inputs[1], inputs[2], implementation=impl)
         assert out.shape == (n_batch, n_queries, 6)
+        out.sum().backward()
+        for t in inputs:
+            assert t.grad.shape == t.shape and torch.count_nonzero(t.grad) == 0
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("float32_coords", [False, True])
-def test_reduced_precision_value(dtype, float32_coords):
+def test_reduced_precision_value(dtype, float32_coords, impl):
     value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0], dtype=torch.float32, n_queries=8)
     coord_dtype = torch.float32 if float32_coords else dtype
-    out = msda(value.to(dtype), ss, lsi, loc.to(coord_dtype), attn.to(coord_dtype))
+    out = msda(
+        value.to(dtype), ss, lsi, loc.to(coord_dtype), attn.to(coord_dtype), implementation=impl
+    )
     assert out.dtype == dtype
     expected = reference_msda(
         value.to(dtype), SHAPE_CASES[0], loc.to(coord_dtype), attn.to(coord_dtype)
@@ -154,12 +124,13 @@ def test_reduced_precision_value(dtype, float32_coords):
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
 
 
-def test_autocast_casts_value_and_keeps_float32_coordinates():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_autocast_casts_value_and_keeps_float32_coordinates(impl):
     value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0], dtype=torch.float32)
     value.requires_grad_()
     loc.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = msda(value, ss, lsi, loc, attn)
+        out = msda(value, ss, lsi, loc, attn, implementation=impl)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert value.grad.dtype == torch.float32 and loc.grad.dtype == torch.float32
@@ -168,7 +139,8 @@ def test_autocast_casts_value_and_keeps_float32_coordinates():
     torch.testing.assert_close(out.double(), expected, rtol=2.0**-7, atol=2.0**-7)
 
 
-def test_non_finite_locations_and_weights_give_nan_not_zero():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_non_finite_locations_and_weights_give_nan_not_zero(impl):
     # A NaN location, an infinite one far outside the map, and a NaN weight on a point outside
     # the map: each query's output must be NaN, never a silent zero.
     value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[1], n_batch=1, n_queries=4)
@@ -176,23 +148,29 @@ def test_non_finite_locations_and_weights_give_nan_not_zero():
     loc[0, 1, 1, 1, 1, 1] = float("inf")
     loc[0, 2, 0, 0, 0] = torch.tensor([5.0, 5.0], dtype=loc.dtype)
     attn[0, 2, 0, 0, 0] = float("nan")
-    out = msda(value, ss, lsi, loc, attn).view(1, 4, 2, 3)
+    out = msda(value, ss, lsi, loc, attn, implementation=impl).view(1, 4, 2, 3)
     assert out[0, 0, 0].isnan().all() and out[0, 1, 1].isnan().all() and out[0, 2, 0].isnan().all()
     assert torch.isfinite(out[0, 3]).all() and torch.isfinite(out[0, 0, 1]).all()
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_non_contiguous_inputs(impl):
     value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0])
     value_t = value.transpose(0, 1).contiguous().transpose(0, 1)
     loc_t = loc.transpose(1, 2).contiguous().transpose(1, 2)
     assert not value_t.is_contiguous() and not loc_t.is_contiguous()
-    torch.testing.assert_close(msda(value_t, ss, lsi, loc_t, attn), msda(value, ss, lsi, loc, attn))
+    torch.testing.assert_close(
+        msda(value_t, ss, lsi, loc_t, attn, implementation=impl),
+        msda(value, ss, lsi, loc, attn, implementation=impl),
+    )
 
 
-def test_int32_spatial_shapes_accepted():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_int32_spatial_shapes_accepted(impl):
     value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[1])
     torch.testing.assert_close(
-        msda(value, ss.int(), lsi.int(), loc, attn), msda(value, ss, lsi, loc, attn)
+        msda(value, ss.int(), lsi.int(), loc, attn, implementation=impl),
+        msda(value, ss, lsi, loc, attn, implementation=impl),
     )
 
 
@@ -315,21 +293,66 @@ def test_explicit_implementation_switches(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger=ms_deform_attn_func.__name__):
         for _ in range(3):
             msda(value, ss, lsi, loc, attn)
-    messages = [r.getMessage() for r in caplog.records if "deformable attention" in r.getMessage()]
-    assert messages == [
+    assert _path_messages(caplog) == [
         "multi-scale deformable attention: using the pytorch path (forced by "
         "implementation='pytorch' or PANOPTIC_SEGFORMER_MSDA_IMPL)"
     ]
 
 
-def test_cpu_inputs_log_the_pytorch_path_once(monkeypatch, caplog):
+def _path_messages(caplog):
+    return [r.getMessage() for r in caplog.records if "deformable attention" in r.getMessage()]
+
+
+@pytest.mark.skipif(CPU_KERNEL is None, reason=f"no CPU kernel: {WHY_NOT}")
+def test_cpu_inputs_use_and_log_the_cpu_kernel_once(monkeypatch, caplog):
     value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[1])
     monkeypatch.delenv("PANOPTIC_SEGFORMER_MSDA_IMPL", raising=False)
     monkeypatch.setattr(ms_deform_attn_func, "_logged_paths", set())
+    calls = []
+    real = torch.ops.panoptic_segformer.ms_deform_attn
+    monkeypatch.setattr(
+        ms_deform_attn_func.torch.ops.panoptic_segformer,
+        "ms_deform_attn",
+        lambda *args: calls.append(args) or real(*args),
+    )
     with caplog.at_level(logging.INFO, logger=ms_deform_attn_func.__name__):
         msda(value, ss, lsi, loc, attn)
-        msda(value, ss, lsi, loc, attn)
-    messages = [r.getMessage() for r in caplog.records if "deformable attention" in r.getMessage()]
-    assert messages == [
-        "multi-scale deformable attention: using the pytorch path (inputs are on cpu)"
+        msda(value, ss, lsi, loc, attn, implementation="cpu")
+    assert len(calls) == 2
+    assert _path_messages(caplog) == [
+        "multi-scale deformable attention: using the cpu path (compiled CPU kernel)"
     ]
+
+
+def test_without_the_cpu_kernel_the_pytorch_path_runs(monkeypatch, caplog):
+    # what a user without a C++ compiler gets: the PyTorch path, and one line saying why
+    value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[1])
+    monkeypatch.delenv("PANOPTIC_SEGFORMER_MSDA_IMPL", raising=False)
+    monkeypatch.setattr(ms_deform_attn_func, "_logged_paths", set())
+    monkeypatch.setitem(
+        _extension._loaded, "panoptic_segformer._cpu", (None, "no C++ compiler (test)")
+    )
+    with caplog.at_level(logging.INFO, logger=ms_deform_attn_func.__name__):
+        out = msda(value, ss, lsi, loc, attn)
+        msda(value, ss, lsi, loc, attn)
+    assert _path_messages(caplog) == [
+        "multi-scale deformable attention: using the pytorch path (no C++ compiler (test))"
+    ]
+    torch.testing.assert_close(out, reference_msda(value, SHAPE_CASES[1], loc, attn))
+    with pytest.raises(
+        RuntimeError, match=r"implementation='cpu' was requested but no C\+\+ compiler"
+    ):
+        msda(value, ss, lsi, loc, attn, implementation="cpu")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("location_dtype", [torch.bfloat16, torch.float32])
+def test_autocast_takes_mixed_location_and_weight_dtypes(impl, location_dtype):
+    # Under autocast, locations often come out of autocast ops (bfloat16) while the weights come
+    # out of a softmax (float32): cast first, then check.
+    value, ss, lsi, loc, attn = make_inputs(SHAPE_CASES[0], dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = msda(value, ss, lsi, loc.to(location_dtype), attn, implementation=impl)
+    assert out.dtype == torch.bfloat16
+    expected = reference_msda(value.bfloat16(), SHAPE_CASES[0], loc.to(location_dtype), attn)
+    torch.testing.assert_close(out.double(), expected, rtol=2.0**-7, atol=2.0**-7)

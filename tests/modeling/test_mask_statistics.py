@@ -187,6 +187,7 @@ binary, areas, inside, rows, cols = module.resized_mask_statistics(masks, 70, 90
 assert binary.shape == (2, 70, 90) and binary.dtype == torch.bool
 assert torch.equal(areas, binary.flatten(1).sum(1))
 assert inside.dtype == torch.float64 and rows.shape == (2, 70) and cols.shape == (2, 90)
+assert torch.ops.panoptic_segformer.ms_deform_attn.default is not None
 """
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True

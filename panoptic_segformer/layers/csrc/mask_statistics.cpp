@@ -17,6 +17,8 @@
 
 #include "mask_statistics.h"
 
+#include "cpu_features.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -148,22 +150,13 @@ PSF_ALWAYS_INLINE void resize_query(const QueryArgs& a) {
 
 void resize_query_baseline(const QueryArgs& a) { resize_query(a); }
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define PSF_HAVE_AVX2_VARIANT 1
+#ifdef PSF_HAVE_AVX2_VARIANT
 // Wider vectors, the same operations: identical results (no "fma" target, and
 // -ffp-contract=off in any case).
 __attribute__((target("avx2"))) void resize_query_avx2(const QueryArgs& a) { resize_query(a); }
 #endif
 
 }  // namespace
-
-bool avx2_supported() {
-#ifdef PSF_HAVE_AVX2_VARIANT
-  return __builtin_cpu_supports("avx2");
-#else
-  return false;
-#endif
-}
 
 std::vector<at::Tensor> resized_mask_statistics(const at::Tensor& masks, int64_t height,
                                                 int64_t width, double threshold, bool use_avx2) {

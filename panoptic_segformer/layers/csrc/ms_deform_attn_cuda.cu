@@ -13,22 +13,40 @@
 // Level shapes travel in a kernel-argument struct, not in device memory: no loads for them, and
 // no host synchronisation is needed when the caller keeps them on the CPU.
 //
+// The per-sample arithmetic (corners, bilinear weights, the zero padding, the non-finite rule, the
+// gradients) is ms_deform_attn_math.h, shared with the CPU kernel; what is here is GPU-specific:
+// the thread layout, the warp reductions and the atomics.
+//
 // Arithmetic is done in opmath (float for half/bfloat16/float, double for double).
+//
+// Determinism: the forward pass is deterministic. The backward pass adds into grad_value with
+// atomicAdd in whatever order the threads arrive, so it calls alertNotDeterministic: under
+// torch.use_deterministic_algorithms(True) it raises (or warns with warn_only=True), as CUDA
+// grid_sample's backward does.
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "ms_deform_attn.h"
+#include "ms_deform_attn_math.h"
 
 namespace panoptic_segformer {
 namespace {
 
+// Levels a call may have: the level shapes are passed to the kernel by value.
+constexpr int kMaxLevels = 16;
+// Channels one lane handles (D <= 32 * kMaxChunks, i.e. up to 256 channels per head).
+constexpr int kMaxChunks = 8;
 constexpr int kThreadsPerBlock = 256;
+constexpr int64_t kIntMax = std::numeric_limits<int>::max();
 
 struct LevelShapes {
   int height[kMaxLevels];
@@ -44,55 +62,9 @@ struct Sizes {
   int64_t groups;   // N * Q * M
 };
 
-// Bilinear sampling of one point with Deformable DETR's convention: normalised (x, y) in [0, 1],
-// align_corners=False (pixel centres at (i + 0.5) / size), zeros outside the map.
+// The shared arithmetic with 32-bit token offsets (check_cuda_limits bounds S * M * D).
 template <typename acc_t>
-struct Bilinear {
-  bool finite;          // the location is finite (else the outputs it feeds become NaN)
-  bool inside;          // any corner can be non-zero
-  int offset[4];        // token offsets (y * W + x) of the corners, relative to the level start
-  bool valid[4];        // corner inside the map
-  acc_t weight[4];      // bilinear weights, zero for invalid corners
-  acc_t lx, ly, hx, hy; // fractional parts, for the location gradient
-
-  __device__ __forceinline__ Bilinear(acc_t loc_x, acc_t loc_y, int height, int width) {
-    const acc_t x = loc_x * width - acc_t(0.5);
-    const acc_t y = loc_y * height - acc_t(0.5);
-    finite = isfinite(x) && isfinite(y);
-    inside = x > acc_t(-1) && y > acc_t(-1) && x < acc_t(width) && y < acc_t(height);
-    if (!inside) {
-      lx = ly = hx = hy = acc_t(0);
-      for (int c = 0; c < 4; ++c) {
-        offset[c] = 0;
-        valid[c] = false;
-        weight[c] = acc_t(0);
-      }
-      return;
-    }
-    const int x0 = static_cast<int>(floor(x));
-    const int y0 = static_cast<int>(floor(y));
-    const int x1 = x0 + 1;
-    const int y1 = y0 + 1;
-    lx = x - x0;
-    ly = y - y0;
-    hx = acc_t(1) - lx;
-    hy = acc_t(1) - ly;
-    const bool vx0 = x0 >= 0, vx1 = x1 < width, vy0 = y0 >= 0, vy1 = y1 < height;
-    // Corner order: (y0, x0), (y0, x1), (y1, x0), (y1, x1).
-    valid[0] = vy0 && vx0;
-    valid[1] = vy0 && vx1;
-    valid[2] = vy1 && vx0;
-    valid[3] = vy1 && vx1;
-    offset[0] = y0 * width + x0;
-    offset[1] = y0 * width + x1;
-    offset[2] = y1 * width + x0;
-    offset[3] = y1 * width + x1;
-    weight[0] = valid[0] ? hy * hx : acc_t(0);
-    weight[1] = valid[1] ? hy * lx : acc_t(0);
-    weight[2] = valid[2] ? ly * hx : acc_t(0);
-    weight[3] = valid[3] ? ly * lx : acc_t(0);
-  }
-};
+using Bilinear = msda::Bilinear<acc_t, int>;
 
 template <typename T>
 __device__ __forceinline__ T group_sum(T v, int group) {
@@ -137,11 +109,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                               shapes.height[l], shapes.width[l]);
       const acc_t a = static_cast<acc_t>(*attn);
       if (!b.inside) {
-        // Outside the map the sample is zero, but a NaN/inf location or weight still poisons
-        // the result, as 0 * weight and grid_sample's NaN do in the PyTorch path.
-        if (!b.finite || !isfinite(a)) {
+        if (msda::outside_point_poisons(b, a)) {
 #pragma unroll
-          for (int k = 0; k < kMaxChunks; ++k) acc[k] = std::numeric_limits<acc_t>::quiet_NaN();
+          for (int k = 0; k < kMaxChunks; ++k) acc[k] = msda::quiet_nan<acc_t>();
         }
         continue;
       }
@@ -149,14 +119,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       for (int k = 0; k < kMaxChunks; ++k) {
         const int d = lane + (k << sz.log2_group);
         if (k >= sz.chunks || d >= sz.D) break;
-        acc_t sampled = acc_t(0);
+        acc_t v[4];
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          if (b.valid[c]) {
-            sampled += b.weight[c] * static_cast<acc_t>(value_level[b.offset[c] * token_stride + d]);
-          }
+          v[c] = b.valid[c] ? static_cast<acc_t>(value_level[b.offset[c] * token_stride + d])
+                            : acc_t(0);
         }
-        acc[k] += a * sampled;
+        acc[k] += a * msda::interpolate(b, v[0], v[1], v[2], v[3]);
       }
     }
   }
@@ -219,7 +188,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       const Bilinear<acc_t> b(loc_x, loc_y, shapes.height[l], shapes.width[l]);
       acc_t grad_a = acc_t(0), grad_x = acc_t(0), grad_y = acc_t(0);
       if (!b.finite) {
-        grad_a = grad_x = grad_y = std::numeric_limits<acc_t>::quiet_NaN();
+        grad_a = grad_x = grad_y = msda::quiet_nan<acc_t>();
       } else if (active && b.inside) {
 #pragma unroll
         for (int k = 0; k < kMaxChunks; ++k) {
@@ -232,19 +201,15 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                                     value_head[level_offset + b.offset[c] * token_stride + d])
                               : acc_t(0);
           }
-          const acc_t sampled =
-              b.weight[0] * v[0] + b.weight[1] * v[1] + b.weight[2] * v[2] + b.weight[3] * v[3];
-          const acc_t g = grad_out[k];
-          grad_a += g * sampled;
-          const acc_t ga = g * a;
-          // d sampled / d x and d y (x, y in pixels of this level).
-          grad_x += ga * (b.hy * (v[1] - v[0]) + b.ly * (v[3] - v[2]));
-          grad_y += ga * (b.hx * (v[2] - v[0]) + b.lx * (v[3] - v[1]));
+          const auto g = msda::channel_grads(b, a, grad_out[k], v[0], v[1], v[2], v[3]);
+          grad_a += g.attention_weight;
+          grad_x += g.x;
+          grad_y += g.y;
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             if (b.valid[c]) {
               atomicAdd(grad_value_head + level_offset + b.offset[c] * token_stride + d,
-                        b.weight[c] * ga);
+                        msda::corner_value_grad(b, c, g.value_scale));
             }
           }
         }
@@ -254,23 +219,47 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       grad_y = group_sum(grad_y, sz.group);
       if (active && lane == 0) {
         grad_attention_weights[point] = static_cast<coord_t>(grad_a);
-        // x = loc_x * W - 0.5, so d/d loc_x = W * d/dx.
-        grad_sampling_locations[2 * point] = static_cast<coord_t>(grad_x * shapes.width[l]);
-        grad_sampling_locations[2 * point + 1] = static_cast<coord_t>(grad_y * shapes.height[l]);
+        grad_sampling_locations[2 * point] =
+            static_cast<coord_t>(msda::location_grad(grad_x, shapes.width[l]));
+        grad_sampling_locations[2 * point + 1] =
+            static_cast<coord_t>(msda::location_grad(grad_y, shapes.height[l]));
       }
     }
   }
 }
 
-LevelShapes make_level_shapes(const at::Tensor& spatial_shapes,
-                              const at::Tensor& level_start_index) {
+// What this kernel's layout adds to the operator's checks: the level shapes travel by value
+// (kMaxLevels), a lane holds kMaxChunks chunks of channels, and sizes, token offsets and one
+// batch element's value are indexed with 32-bit integers.
+void check_cuda_limits(const char* kernel, const at::Tensor& value,
+                       const at::Tensor& sampling_locations) {
+  const int64_t l = sampling_locations.size(3);
+  TORCH_CHECK(l <= kMaxLevels, kernel, ": the CUDA kernel takes at most ", kMaxLevels,
+              " levels, got ", l);
+  TORCH_CHECK(value.size(3) <= 32 * kMaxChunks, kernel, ": the CUDA kernel takes at most ",
+              32 * kMaxChunks, " channels per head, got D = ", value.size(3));
+  const char* names[] = {"S", "M", "D", "Q", "L", "P"};
+  const int64_t sizes[] = {value.size(1),
+                           value.size(2),
+                           value.size(3),
+                           sampling_locations.size(1),
+                           l,
+                           sampling_locations.size(4)};
+  for (int i = 0; i < 6; ++i) {
+    TORCH_CHECK(sizes[i] <= kIntMax, kernel, ": ", names[i], " = ", sizes[i],
+                " is too large for the CUDA kernel's 32-bit sizes");
+  }
+  const int64_t per_batch = value.size(1) * value.size(2) * value.size(3);
+  TORCH_CHECK(per_batch <= kIntMax, kernel, ": S * M * D = ", per_batch,
+              " is too large for the CUDA kernel's 32-bit token offsets");
+}
+
+LevelShapes make_level_shapes(const Levels& levels) {
   LevelShapes shapes{};
-  const auto hw = spatial_shapes.accessor<int64_t, 2>();
-  const auto start = level_start_index.accessor<int64_t, 1>();
-  for (int64_t l = 0; l < spatial_shapes.size(0); ++l) {
-    shapes.height[l] = static_cast<int>(hw[l][0]);
-    shapes.width[l] = static_cast<int>(hw[l][1]);
-    shapes.start[l] = static_cast<int>(start[l]);
+  for (int64_t l = 0; l < levels.size(); ++l) {
+    shapes.height[l] = static_cast<int>(levels.height[l]);
+    shapes.width[l] = static_cast<int>(levels.width[l]);
+    shapes.start[l] = static_cast<int>(levels.start[l]);
   }
   return shapes;
 }
@@ -299,39 +288,8 @@ dim3 grid_for(const Sizes& sz) {
   return dim3(static_cast<unsigned int>(blocks));
 }
 
-// Calls fn.template operator()<scalar_t, coord_t>() for the supported dtype pairs: coordinates
-// and weights in the value's dtype, or in float32 for a half/bfloat16 value (autocast).
-template <typename Fn>
-void dispatch_dtypes(at::ScalarType value_type, at::ScalarType coord_type, const Fn& fn) {
-  using at::ScalarType;
-  const bool same = value_type == coord_type;
-  const bool float_coords = coord_type == ScalarType::Float;
-  switch (value_type) {
-    case ScalarType::Double:
-      if (same) return fn.template operator()<double, double>();
-      break;
-    case ScalarType::Float:
-      if (same) return fn.template operator()<float, float>();
-      break;
-    case ScalarType::Half:
-      if (same) return fn.template operator()<at::Half, at::Half>();
-      if (float_coords) return fn.template operator()<at::Half, float>();
-      break;
-    case ScalarType::BFloat16:
-      if (same) return fn.template operator()<at::BFloat16, at::BFloat16>();
-      if (float_coords) return fn.template operator()<at::BFloat16, float>();
-      break;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, "ms_deform_attn: unsupported dtypes: value ", value_type,
-              ", sampling_locations/attention_weights ", coord_type);
-}
-
 struct ForwardLauncher {
-  const at::Tensor& value;
-  const at::Tensor& sampling_locations;
-  const at::Tensor& attention_weights;
+  at::Tensor value, sampling_locations, attention_weights;
   at::Tensor& output;
   const LevelShapes& shapes;
   const Sizes& sz;
@@ -347,10 +305,7 @@ struct ForwardLauncher {
 };
 
 struct BackwardLauncher {
-  const at::Tensor& value;
-  const at::Tensor& sampling_locations;
-  const at::Tensor& attention_weights;
-  const at::Tensor& grad_output;
+  at::Tensor value, sampling_locations, attention_weights, grad_output;
   at::Tensor& grad_value_acc;
   at::Tensor& grad_sampling_locations;
   at::Tensor& grad_attention_weights;
@@ -370,41 +325,52 @@ struct BackwardLauncher {
   }
 };
 
-}  // namespace
-
 at::Tensor ms_deform_attn_cuda_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                        const at::Tensor& level_start_index,
                                        const at::Tensor& sampling_locations,
                                        const at::Tensor& attention_weights) {
+  const char* kernel = "ms_deform_attn (CUDA)";
+  const Levels levels = check_inputs(kernel, c10::DeviceType::CUDA, value, spatial_shapes,
+                                     level_start_index, sampling_locations, attention_weights);
+  check_cuda_limits(kernel, value, sampling_locations);
   const c10::cuda::CUDAGuard guard(value.device());
   const Sizes sz = make_sizes(value, sampling_locations);
   auto output = at::empty({value.size(0), sz.Q, sz.M * sz.D}, value.options());
   if (output.numel() == 0) return output;
-  const LevelShapes shapes = make_level_shapes(spatial_shapes, level_start_index);
+  const LevelShapes shapes = make_level_shapes(levels);
   dispatch_dtypes(value.scalar_type(), sampling_locations.scalar_type(),
-                  ForwardLauncher{value, sampling_locations, attention_weights, output, shapes, sz});
+                  ForwardLauncher{value.contiguous(), sampling_locations.contiguous(),
+                                  attention_weights.contiguous(), output, shapes, sz});
   return output;
 }
 
-std::vector<at::Tensor> ms_deform_attn_cuda_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_cuda_backward(
     const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
     const at::Tensor& grad_output) {
+  const char* kernel = "ms_deform_attn_backward (CUDA)";
+  const Levels levels =
+      check_backward_inputs(kernel, c10::DeviceType::CUDA, value, spatial_shapes,
+                            level_start_index, sampling_locations, attention_weights, grad_output);
+  check_cuda_limits(kernel, value, sampling_locations);
   const c10::cuda::CUDAGuard guard(value.device());
   const Sizes sz = make_sizes(value, sampling_locations);
   // grad_value is accumulated by atomics in opmath precision and cast back at the end.
   auto grad_value_acc =
       at::zeros(value.sizes(), value.options().dtype(at::toOpMathType(value.scalar_type())));
-  auto grad_sampling_locations = at::empty_like(sampling_locations);
-  auto grad_attention_weights = at::empty_like(attention_weights);
-  if (sz.groups == 0 || value.numel() == 0) {
-    // Nothing to sample from or nothing asked: the kernel writes every element otherwise.
+  auto grad_sampling_locations = at::empty(sampling_locations.sizes(),
+                                           sampling_locations.options());
+  auto grad_attention_weights = at::empty(attention_weights.sizes(), attention_weights.options());
+  if (sz.groups == 0) {
+    // Nothing asked: the kernel writes every element otherwise.
     grad_sampling_locations.zero_();
     grad_attention_weights.zero_();
   } else {
-    const LevelShapes shapes = make_level_shapes(spatial_shapes, level_start_index);
+    at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
+    const LevelShapes shapes = make_level_shapes(levels);
     dispatch_dtypes(value.scalar_type(), sampling_locations.scalar_type(),
-                    BackwardLauncher{value, sampling_locations, attention_weights, grad_output,
+                    BackwardLauncher{value.contiguous(), sampling_locations.contiguous(),
+                                     attention_weights.contiguous(), grad_output.contiguous(),
                                      grad_value_acc, grad_sampling_locations,
                                      grad_attention_weights, shapes, sz});
   }
@@ -412,6 +378,13 @@ std::vector<at::Tensor> ms_deform_attn_cuda_backward(
                         ? grad_value_acc
                         : grad_value_acc.to(value.scalar_type());
   return {grad_value, grad_sampling_locations, grad_attention_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(panoptic_segformer, CUDA, m) {
+  m.impl("ms_deform_attn", &ms_deform_attn_cuda_forward);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_cuda_backward);
 }
 
 }  // namespace panoptic_segformer
