@@ -181,7 +181,13 @@ def _load_once(
             _loaded[installed] = None, reason
             return _loaded[installed]
     if after_load is not None:
-        after_load()
+        try:
+            after_load()
+        except (AttributeError, RuntimeError) as e:  # e.g. a PyTorch without these APIs
+            reason = f"the {what} loaded but could not be set up: {e}"
+            logger.warning("%s", reason)
+            _loaded[installed] = None, reason
+            return _loaded[installed]
     _loaded[installed] = module, None
     return _loaded[installed]
 

@@ -273,9 +273,7 @@ def _operator_unavailable(device_type: str) -> Optional[str]:
     return load_operator(device_type)[1]
 
 
-def _use_operator(
-    implementation: str, value: Tensor, shapes: Optional[List[Tuple[int, int]]], tracing: bool
-) -> bool:
+def _use_operator(implementation: str, value: Tensor, num_levels: int, tracing: bool) -> bool:
     """Whether the registered operator (a compiled kernel) runs, else the PyTorch path. Raises
     when ``implementation`` names a kernel that cannot run these inputs."""
     if implementation == "pytorch":
@@ -290,15 +288,16 @@ def _use_operator(
         device_type not in ("cpu", "cuda") or implementation not in ("auto", device_type)
     ):
         reason = f"inputs are on {value.device}"
-    elif kernel == "cuda" and shapes is not None:
-        if len(shapes) > CUDA_MAX_LEVELS:
-            reason = f"{len(shapes)} levels exceed the CUDA kernel's {CUDA_MAX_LEVELS}"
+    elif kernel == "cuda":
+        if num_levels > CUDA_MAX_LEVELS:
+            reason = f"{num_levels} levels exceed the CUDA kernel's {CUDA_MAX_LEVELS}"
         elif value.shape[-1] > CUDA_MAX_HEAD_DIM:
             reason = (
                 f"D = {value.shape[-1]} exceeds the CUDA kernel's {CUDA_MAX_HEAD_DIM} channels "
                 "per head"
             )
-        elif math.prod(value.shape[1:]) > CUDA_MAX_TOKENS_X_CHANNELS:
+        # (traced, S may be symbolic: the kernel checks this one itself)
+        elif not tracing and math.prod(value.shape[1:]) > CUDA_MAX_TOKENS_X_CHANNELS:
             reason = (
                 f"S * M * D = {math.prod(value.shape[1:])} exceeds the CUDA kernel's 32-bit "
                 "indexing"
@@ -393,7 +392,7 @@ def _dispatch(
     attention_weights: Tensor,
     tracing: bool,
 ) -> Tensor:
-    if not _use_operator(implementation, value, shapes, tracing):
+    if not _use_operator(implementation, value, sampling_locations.shape[3], tracing):
         if shapes is None:  # traced: the PyTorch path needs the level shapes as integers
             shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
         return ms_deform_attn_pytorch(value, shapes, sampling_locations, attention_weights)

@@ -72,3 +72,20 @@ def test_setup_py_build_with_force_cuda(tmp_path, one_arch):
     )
     (library,) = (tmp_path / "lib" / "panoptic_segformer").glob("_C*.so")
     assert_is_the_extension(library, "panoptic_segformer._C")
+
+
+def test_a_loaded_extension_that_cannot_be_set_up_is_reported_unavailable(monkeypatch):
+    # e.g. the operator's Python parts cannot be registered with this PyTorch: the extension then
+    # counts as unavailable (callers take the PyTorch path), with the reason, once per process
+    monkeypatch.setattr(_extension, "_loaded", {})
+    calls = []
+
+    def fail():
+        calls.append(1)
+        raise RuntimeError("no register_fake here")
+
+    for _ in range(2):
+        module, reason = _extension._load_once("json", None, "test extension", after_load=fail)
+        assert module is None
+        assert reason == "the test extension loaded but could not be set up: no register_fake here"
+    assert calls == [1]
