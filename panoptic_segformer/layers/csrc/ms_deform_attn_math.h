@@ -23,17 +23,19 @@
 #include <cstdint>
 #include <limits>
 
+// PSF_HOST_DEVICE: compiled for the host and the device by nvcc, empty for a C++ compiler.
+// PSF_INLINE: that, always inlined (into the kernels' vectorised loops, too).
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define PSF_HOST_DEVICE __host__ __device__
-#define PSF_INLINE __host__ __device__ __forceinline__
+#define PSF_INLINE PSF_HOST_DEVICE __forceinline__
 #else
 #define PSF_HOST_DEVICE
 #if defined(__GNUC__)
-#define PSF_INLINE inline __attribute__((always_inline))
+#define PSF_INLINE PSF_HOST_DEVICE inline __attribute__((always_inline))
 #elif defined(_MSC_VER)
-#define PSF_INLINE __forceinline
+#define PSF_INLINE PSF_HOST_DEVICE __forceinline
 #else
-#define PSF_INLINE inline
+#define PSF_INLINE PSF_HOST_DEVICE inline
 #endif
 #endif
 
