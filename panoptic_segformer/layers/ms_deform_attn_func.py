@@ -63,6 +63,11 @@ def _is_tracing(*tensors: Tensor) -> bool:
     return any(isinstance(t, FakeTensor) or t.device.type == "meta" for t in tensors)
 
 
+def _level_shapes(spatial_shapes: Tensor) -> List[Tuple[int, int]]:
+    """(H, W) of every level as Python integers, read on the host."""
+    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+
+
 def _check_inputs(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -141,7 +146,7 @@ def _check_inputs(
         return None
 
     # Host copies (a GPU synchronisation when the caller keeps these on the GPU).
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    shapes = _level_shapes(spatial_shapes)
     starts = [int(i) for i in level_start_index.tolist()]
     tokens = 0
     for level, ((h, w), start) in enumerate(zip(shapes, starts)):
@@ -394,10 +399,10 @@ def _dispatch(
 ) -> Tensor:
     if not _use_operator(implementation, value, sampling_locations.shape[3], tracing):
         if shapes is None:  # traced: the PyTorch path needs the level shapes as integers
-            shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+            shapes = _level_shapes(spatial_shapes)
         return ms_deform_attn_pytorch(value, shapes, sampling_locations, attention_weights)
-    if shapes is not None:
-        # the validated host copies: the kernel then never reads a GPU tensor back
+    if shapes is not None and spatial_shapes.device.type != "cpu":
+        # host copies of the validated shapes: the kernel then never reads a GPU tensor back
         sizes = [h * w for h, w in shapes]
         spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
         level_start_index = torch.tensor(
