@@ -7,16 +7,55 @@ Dice 2) are applied by the caller. Each function returns per-item losses when
 of ground-truth objects, Deformable DETR's ``num_boxes``), so weights per item (e.g. weight 0
 for an absent stuff class) are applied by multiplying the per-item output.
 
+Every loss here, and every matching cost of :mod:`panoptic_segformer.modeling.matcher`, is
+computed in float32 under mixed precision (:func:`computed_in_float32`): half-precision inputs
+are cast up and autocast is off inside, so that sums over thousands of mask pixels, logarithms
+of small probabilities and the costs deciding the matching keep float32 accuracy.
+
 Shape shorthand: M matched pairs, Q queries, K classes, P pixels per mask (H * W, flattened).
 """
 
-from typing import Callable, Dict, Optional
+import contextlib
+import functools
+from typing import Callable, Dict, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from panoptic_segformer.modeling.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+_HALF_PRECISION = (torch.float16, torch.bfloat16)
+F_ = TypeVar("F_", bound=Callable[..., Tensor])
+
+
+def computed_in_float32(fn: F_) -> F_:
+    """Decorator: ``fn`` computes in float32 even under ``torch.autocast``.
+
+    Its float16 / bfloat16 tensor arguments are cast to float32 (float32 and float64 ones are
+    left alone) and autocast is off inside for the devices of its tensor arguments, so that
+    autocast does not run its matrix products or reductions in half precision. Gradients
+    flow back through the casts to the half-precision inputs.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        with contextlib.ExitStack() as stack:
+            for device_type in sorted({t.device.type for t in tensors}):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            args = [_to_float32(a) for a in args]
+            kwargs = {k: _to_float32(v) for k, v in kwargs.items()}
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _to_float32(value):
+    if isinstance(value, Tensor) and value.dtype in _HALF_PRECISION:
+        return value.float()
+    return value
+
 
 # How mask-head outputs become mask probabilities. The authors' mask head ends in a ReLU and
 # its output is used as-is (thresholded at 0.5 at inference), hence "none"; "sigmoid" is for
@@ -56,6 +95,7 @@ def _normalise(loss: Tensor, num_normalizer: Optional[float]) -> Tensor:
     return loss.sum() / num_normalizer
 
 
+@computed_in_float32
 def sigmoid_focal_loss(
     inputs: Tensor,
     targets: Tensor,
@@ -91,6 +131,7 @@ def sigmoid_focal_loss(
     return _normalise(loss, num_normalizer)
 
 
+@computed_in_float32
 def dice_loss(
     inputs: Tensor,
     targets: Tensor,
@@ -123,6 +164,7 @@ def dice_loss(
     return _normalise(1 - numerator / denominator, num_normalizer)
 
 
+@computed_in_float32
 def l1_box_loss(
     pred_boxes: Tensor, target_boxes: Tensor, num_normalizer: Optional[float] = None
 ) -> Tensor:
@@ -139,6 +181,7 @@ def l1_box_loss(
     return _normalise((pred_boxes - target_boxes).abs().sum(dim=-1), num_normalizer)
 
 
+@computed_in_float32
 def giou_loss(
     pred_boxes: Tensor, target_boxes: Tensor, num_normalizer: Optional[float] = None
 ) -> Tensor:

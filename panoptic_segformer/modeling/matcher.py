@@ -30,11 +30,16 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from panoptic_segformer.modeling.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from panoptic_segformer.modeling.losses import activate_masks, check_mask_activation
+from panoptic_segformer.modeling.losses import (
+    activate_masks,
+    check_mask_activation,
+    computed_in_float32,
+)
 
 MatchIndices = Tuple[Tensor, Tensor]
 
 
+@computed_in_float32
 def focal_class_cost(
     logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0, eps: float = 1e-8
 ) -> Tensor:
@@ -60,6 +65,7 @@ def focal_class_cost(
     return pos_cost - neg_cost
 
 
+@computed_in_float32
 def l1_box_cost(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
     """Pairwise L1 distance of normalised cxcywh boxes (Deformable DETR), or of centres.
 
@@ -73,6 +79,7 @@ def l1_box_cost(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
     return torch.cdist(pred_boxes, target_boxes.to(pred_boxes.dtype), p=1)
 
 
+@computed_in_float32
 def giou_cost(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
     """Pairwise -GIoU of normalised cxcywh boxes (DETR).
 
@@ -86,6 +93,7 @@ def giou_cost(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
     return -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))
 
 
+@computed_in_float32
 def box_cost(
     pred_boxes: Tensor, target_boxes: Tensor, cost_bbox: float, cost_giou: float
 ) -> Tensor:
@@ -111,6 +119,7 @@ def box_cost(
     return cost
 
 
+@computed_in_float32
 def dice_cost(
     pred_masks: Tensor, target_masks: Tensor, activation: str = "none", eps: float = 1e-3
 ) -> Tensor:
