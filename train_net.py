@@ -8,21 +8,35 @@ Examples:
     # two machines of 8 GPUs (run on each, with its --machine-rank)
     python train_net.py --config-file configs/swin_l.yaml --num-gpus 8 --num-machines 2 \
         --machine-rank 0 --dist-url tcp://<address of machine 0>:29500
+    # the same without GPUs: processes on the CPU talk over gloo
+    python train_net.py --config-file configs/r50.yaml --num-gpus 2 MODEL.DEVICE cpu
 
 detectron2's trainer does the rest (logging, ETA, checkpoints every SOLVER.CHECKPOINT_PERIOD,
 evaluation at the end or every TEST.EVAL_PERIOD iterations, AMP with SOLVER.AMP.ENABLED).
 """
 
+import inspect
+import json
 import logging
+import math
 import os
 import weakref
 
+import torch
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    default_argument_parser,
+    default_setup,
+    launch,
+)
 from detectron2.evaluation import (
     COCOPanopticEvaluator,
     DatasetEvaluators,
@@ -30,6 +44,10 @@ from detectron2.evaluation import (
     verify_results,
 )
 from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import setup_logger
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from panoptic_segformer import PanopticSegFormerCheckpointer
 from panoptic_segformer.config import get_config
@@ -43,15 +61,28 @@ class Trainer(DefaultTrainer):
     checkpointer."""
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        # loads MODEL.WEIGHTS / resumes, raising on missing or mismatched weights, and saves
-        # atomically: the periodic checkpoints too, whose hook detectron2 built with its own
+        # DefaultTrainer.__init__'s steps, but with a DistributedDataParallel that also wraps a
+        # CPU model (multi-process training on gloo) and Panoptic SegFormer's checkpointer,
+        # which loads MODEL.WEIGHTS / resumes raising on missing or mismatched weights and
+        # saves atomically (the periodic checkpoints too: build_hooks uses it)
+        TrainerBase.__init__(self)
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):  # setup_logger is not called for d2
+            setup_logger()
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model)
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = PanopticSegFormerCheckpointer(
-            self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        for hook in self._hooks:
-            if isinstance(hook, hooks.PeriodicCheckpointer):
-                hook.checkpointer = self.checkpointer
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume=True):
         if not (resume and self.checkpointer.has_checkpoint()):
@@ -86,9 +117,9 @@ class Trainer(DefaultTrainer):
         evaluators = []
         if test.PANOPTIC_ON:
             evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
-        if test.INSTANCE_ON and metadata.get("json_file", None):
+        if test.INSTANCE_ON and _ground_truth(metadata, "json_file", "instances json"):
             evaluators.append(PanopticInstanceEvaluator(dataset_name, output_dir=output_folder))
-        if test.SEMANTIC_ON and metadata.get("sem_seg_root", None):
+        if test.SEMANTIC_ON and _ground_truth(metadata, "sem_seg_root", "semantic ground truth"):
             evaluators.append(SemSegEvaluator(dataset_name, output_dir=output_folder))
         if not evaluators:
             raise ValueError(
@@ -97,6 +128,62 @@ class Trainer(DefaultTrainer):
                 "ground truth)"
             )
         return DatasetEvaluators(evaluators)
+
+
+def _ground_truth(metadata, key: str, what: str) -> bool:
+    """Whether the dataset names its ``key`` ground truth and it exists; a named but missing one
+    (detectron2 registers COCO's instances json whether or not it was downloaded) is skipped
+    with a warning rather than failing the evaluation at the end of training."""
+    path = metadata.get(key, None)
+    if not path:
+        return False
+    if PathManager.exists(path):
+        return True
+    logging.getLogger("detectron2").warning(
+        f"{metadata.name}: the {what} {path} does not exist; evaluating without it"
+    )
+    return False
+
+
+def create_ddp_model(model: nn.Module) -> nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes, else as it is.
+
+    Every trainable parameter gets a gradient in every iteration, whatever the config and the
+    batch (tested), so DDP needs no ``find_unused_parameters`` search. A CUDA model is given its
+    process's device (detectron2's ``create_ddp_model``); a CPU model, trained on gloo with
+    ``MODEL.DEVICE cpu``, must be given none, which DDP requires of CPU modules.
+    """
+    if comm.get_world_size() == 1:
+        return model
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    device_ids = [comm.get_local_rank()] if on_cuda else None
+    # the buffers (frozen batch-norm statistics, class maps) never change: no broadcast before
+    # every forward (torch >= 2.13 names the switch forward_sync_buffers)
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        no_sync = {"forward_sync_buffers": False}
+    else:
+        no_sync = {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=device_ids, **no_sync)
+
+
+def build_step_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
+    """detectron2's loop of one iteration: ``AMPTrainer`` (float16 autocast and gradient
+    scaling) with ``SOLVER.AMP.ENABLED``, else ``SimpleTrainer``.
+
+    Raises:
+        ValueError: ``SOLVER.AMP.ENABLED`` on a model that is not on CUDA (detectron2's AMP
+            trainer autocasts CUDA only; the CPU runs in float32).
+    """
+    if not cfg.SOLVER.AMP.ENABLED:
+        return SimpleTrainer(model, data_loader, optimizer)
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(
+            f"SOLVER.AMP.ENABLED True needs a CUDA model, but MODEL.DEVICE is "
+            f"{cfg.MODEL.DEVICE!r} (parameters on {device}): detectron2's AMPTrainer autocasts "
+            "CUDA only; train on the CPU with SOLVER.AMP.ENABLED False"
+        )
+    return AMPTrainer(model, data_loader, optimizer)
 
 
 def random_init_warning(cfg):
@@ -120,11 +207,26 @@ def setup(args):
     cfg = get_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    share_cpu_threads(cfg)
     return cfg
 
 
+def share_cpu_threads(cfg) -> None:
+    """Several training processes on the CPU of one machine share its cores, rather than each
+    starting one thread per core (torchrun's rule; set OMP_NUM_THREADS to choose)."""
+    local = comm.get_local_size()
+    if cfg.MODEL.DEVICE != "cpu" or local < 2 or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, torch.get_num_threads() // local)
+    torch.set_num_threads(threads)
+    logging.getLogger("detectron2").info(
+        f"{local} processes share this machine's CPU: {threads} threads each"
+    )
+
+
 def main(args):
-    """Trains (or evaluates with ``--eval-only``); returns the evaluation results."""
+    """Trains (or evaluates with ``--eval-only``); returns the evaluation results, which the
+    main process also writes to ``OUTPUT_DIR/inference/results.json``."""
     cfg = setup(args)
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS:
@@ -136,12 +238,30 @@ def main(args):
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
-        return results
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    trainer.train()
-    # detectron2's evaluation hook keeps the results of the evaluation after the last iteration
-    return getattr(trainer, "_last_eval_results", None)
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        trainer.train()
+        # detectron2's evaluation hook keeps the results of the evaluation after the last
+        # iteration
+        results = getattr(trainer, "_last_eval_results", None)
+    if results and comm.is_main_process():
+        write_results(results, os.path.join(cfg.OUTPUT_DIR, "inference", "results.json"))
+    return results
+
+
+def write_results(results, path: str) -> None:
+    """Evaluation results (task -> metric -> value, or dataset -> task -> metric -> value with
+    several test datasets) as JSON; NaN (COCO's AP where nothing matches) is written as null."""
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        return None if isinstance(value, float) and math.isnan(value) else value
+
+    PathManager.mkdirs(os.path.dirname(path))
+    with PathManager.open(path, "w") as f:
+        json.dump(clean(results), f, indent=2, default=float)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Shared helpers of the detectron2-layer tests (each test module skips without detectron2)."""
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,3 +56,36 @@ def register_sample(name, **kwargs):
             **kwargs,
         )
     return name
+
+
+def write_instances_json(path):
+    """The sample's thing segments as a COCO instances json (what COCOEvaluator reads)."""
+    from panopticapi.utils import rgb2id
+    from PIL import Image
+    from pycocotools import mask as mask_util
+
+    panoptic = json.loads((SAMPLE / "panoptic.json").read_text())
+    things = [c for c in panoptic["categories"] if c["isthing"]]
+    thing_ids = {c["id"] for c in things}
+    annotations = []
+    for ann in panoptic["annotations"]:
+        ids = rgb2id(np.asarray(Image.open(SAMPLE / "panoptic" / ann["file_name"])))
+        for segment in ann["segments_info"]:
+            if segment["category_id"] not in thing_ids:
+                continue
+            rle = mask_util.encode(np.asfortranarray(ids == segment["id"]).astype(np.uint8))
+            rle["counts"] = rle["counts"].decode()
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": ann["image_id"],
+                    "category_id": segment["category_id"],
+                    "segmentation": rle,
+                    "area": segment["area"],
+                    "bbox": segment["bbox"],
+                    "iscrowd": segment["iscrowd"],
+                }
+            )
+    data = {"images": panoptic["images"], "annotations": annotations, "categories": things}
+    path.write_text(json.dumps(data))
+    return str(path)

@@ -2,23 +2,24 @@
 detectron2's trainer, a checkpoint, then inference and COCOPanopticEvaluator."""
 
 import json
+import logging
 import math
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
 pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panopticapi installed")
 
-import numpy as np  # noqa: E402
 from d2_helpers import (  # noqa: E402
     CONFIGS,
     ROOT,
-    SAMPLE,
     TINY,
     make_cfg,
     needs_sample,
     register_sample,
+    write_instances_json,
 )
 from detectron2.engine import default_argument_parser  # noqa: E402
 
@@ -26,39 +27,6 @@ sys.path.insert(0, str(ROOT))
 import train_net  # noqa: E402
 
 DATASET = "psf_test_coco_sample"
-
-
-def write_instances_json(path):
-    """The sample's thing segments as a COCO instances json (what COCOEvaluator reads)."""
-    from panopticapi.utils import rgb2id
-    from PIL import Image
-    from pycocotools import mask as mask_util
-
-    panoptic = json.loads((SAMPLE / "panoptic.json").read_text())
-    things = [c for c in panoptic["categories"] if c["isthing"]]
-    thing_ids = {c["id"] for c in things}
-    annotations = []
-    for ann in panoptic["annotations"]:
-        ids = rgb2id(np.asarray(Image.open(SAMPLE / "panoptic" / ann["file_name"])))
-        for segment in ann["segments_info"]:
-            if segment["category_id"] not in thing_ids:
-                continue
-            rle = mask_util.encode(np.asfortranarray(ids == segment["id"]).astype(np.uint8))
-            rle["counts"] = rle["counts"].decode()
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": ann["image_id"],
-                    "category_id": segment["category_id"],
-                    "segmentation": rle,
-                    "area": segment["area"],
-                    "bbox": segment["bbox"],
-                    "iscrowd": segment["iscrowd"],
-                }
-            )
-    data = {"images": panoptic["images"], "annotations": annotations, "categories": things}
-    path.write_text(json.dumps(data))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +74,61 @@ def test_train_then_evaluate(tmp_path, sample_dataset):
     )
     assert again["panoptic_seg"] == pytest.approx(panoptic)
     assert again["segm"] == pytest.approx(results["segm"], nan_ok=True)
+    # and the main process wrote them as JSON (NaN as null)
+    written = json.loads((tmp_path / "inference" / "results.json").read_text())
+    assert written["panoptic_seg"] == again["panoptic_seg"]
+    nan = [k for k, v in again["segm"].items() if math.isnan(v)]
+    assert all(written["segm"][k] is None for k in nan)
+    assert {k: v for k, v in written["segm"].items() if k not in nan} == {
+        k: v for k, v in again["segm"].items() if k not in nan
+    }
 
 
 @needs_sample()
 def test_eval_only_needs_weights(tmp_path, sample_dataset):
     with pytest.raises(ValueError, match="--eval-only needs trained weights: set MODEL.WEIGHTS"):
         train_net.main(args_for(tmp_path, eval_only=True))
+
+
+@needs_sample()
+def test_missing_instances_json_is_skipped_with_a_warning(tmp_path, caplog):
+    name = register_sample("psf_test_no_instances_json", instances_json=str(tmp_path / "no.json"))
+    cfg = make_cfg(CONFIGS[0].parent / "r50.yaml")
+    with caplog.at_level(logging.WARNING, logger="detectron2"):
+        evaluators = train_net.Trainer.build_evaluator(cfg, name, str(tmp_path))
+    assert [type(e).__name__ for e in evaluators._evaluators] == ["COCOPanopticEvaluator"]
+    assert f"the instances json {tmp_path / 'no.json'} does not exist" in caplog.text
+
+
+def test_amp_on_the_cpu_is_refused_by_name():
+    cfg = make_cfg(
+        CONFIGS[0].parent / "r50.yaml", "MODEL.DEVICE", "cpu", "SOLVER.AMP.ENABLED", "True"
+    )
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(
+        ValueError, match="SOLVER.AMP.ENABLED True needs a CUDA model, but MODEL.DEVICE is 'cpu'"
+    ):
+        train_net.build_step_trainer(cfg, model, [], optimizer)
+    cfg.SOLVER.AMP.ENABLED = False
+    assert type(train_net.build_step_trainer(cfg, model, [], optimizer)).__name__ == "SimpleTrainer"
+
+
+def test_processes_on_one_cpu_share_its_threads(monkeypatch):
+    cfg = make_cfg(CONFIGS[0].parent / "r50.yaml", "MODEL.DEVICE", "cpu")
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(train_net.comm, "get_local_size", lambda: 2)
+    try:
+        torch.set_num_threads(4)
+        train_net.share_cpu_threads(cfg)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
+        torch.set_num_threads(3)
+        train_net.share_cpu_threads(cfg)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_non_panoptic_datasets_are_refused():

@@ -1,0 +1,327 @@
+"""Distributed training and evaluation on the CPU: the README's multi-process and multi-machine
+commands, run as users run them (``train_net.py`` in subprocesses, gloo), are the same training
+and the same evaluation as one process.
+
+The two real COCO images stand in for COCO: ``DETECTRON2_DATASETS`` points at a folder laid out
+as detectron2 expects COCO panoptic (train2017 and val2017 both the sample), so the configs'
+``coco_2017_*_panoptic`` datasets are the sample.
+"""
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
+pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panopticapi installed")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from d2_helpers import (  # noqa: E402
+    CONFIGS,
+    ROOT,
+    SAMPLE,
+    make_cfg,
+    needs_sample,
+    register_sample,
+    write_instances_json,
+)
+from detectron2.modeling import build_model  # noqa: E402
+
+pytestmark = needs_sample()
+
+CONFIG = str(CONFIGS[0].parent / "r50.yaml")
+# A ResNet-18 with GroupNorm from scratch and a narrow head (tools/overfit_sample.py's model),
+# short side 160, no augmentation and no dropout: each image is the same tensor however the
+# batch is split (both sample images pad to 160 x 256), so splitting cannot change the result.
+SMALL = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.WEIGHTS", "",
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.RESNETS.NORM", "GN",
+    "MODEL.BACKBONE.FREEZE_AT", "0",
+    "MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM", "128",
+    "MODEL.PANOPTIC_SEGFORMER.DIM_FEEDFORWARD", "512",
+    "MODEL.PANOPTIC_SEGFORMER.ENC_LAYERS", "2",
+    "MODEL.PANOPTIC_SEGFORMER.DEC_LAYERS", "3",
+    "MODEL.PANOPTIC_SEGFORMER.NUM_QUERIES", "60",
+    "MODEL.PANOPTIC_SEGFORMER.THING_MASK_LAYERS", "2",
+    "MODEL.PANOPTIC_SEGFORMER.STUFF_MASK_LAYERS", "2",
+    "MODEL.PANOPTIC_SEGFORMER.DROPOUT", "0.0",
+    "INPUT.MIN_SIZE_TRAIN", "(160,)",
+    "INPUT.MAX_SIZE_TRAIN", "256",
+    "INPUT.MIN_SIZE_TEST", "160",
+    "INPUT.MAX_SIZE_TEST", "256",
+    "INPUT.RANDOM_FLIP", "none",
+    "INPUT.CROP.ENABLED", "False",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.BACKBONE_MULTIPLIER", "1.0",
+    "SOLVER.STEPS", "()",
+    "SOLVER.CHECKPOINT_PERIOD", "100000",
+    "DATALOADER.NUM_WORKERS", "0",
+    "DATASETS.TRAIN", "('coco_2017_train_panoptic',)",
+    "DATASETS.TEST", "()",
+    "SEED", "0",
+]  # fmt: skip
+# one plain gradient step: SGD without momentum history, clipping or weight decay, so the
+# update is the learning rate times the averaged gradient
+ONE_SGD_STEP = [
+    "SOLVER.MAX_ITER", "1",
+    "SOLVER.OPTIMIZER", "SGD",
+    "SOLVER.BASE_LR", "0.01",
+    "SOLVER.WEIGHT_DECAY", "0.0",
+    "SOLVER.CLIP_GRADIENTS.ENABLED", "False",
+]  # fmt: skip
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def datasets_root(tmp_path_factory):
+    """A DETECTRON2_DATASETS folder whose COCO panoptic train2017 and val2017 are the sample."""
+    root = tmp_path_factory.mktemp("datasets")
+    coco = root / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (coco / split).symlink_to(SAMPLE / "images")
+        (coco / f"panoptic_{split}").symlink_to(SAMPLE / "panoptic")
+        (coco / "annotations" / f"panoptic_{split}.json").symlink_to(SAMPLE / "panoptic.json")
+        write_instances_json(coco / "annotations" / f"instances_{split}.json")
+    return root
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(script, datasets_root, output_dir, *args, threads=None):
+    """``python <script> --config-file r50.yaml <args> SMALL... OUTPUT_DIR output_dir``."""
+    env = {**os.environ, "DETECTRON2_DATASETS": str(datasets_root)}
+    env.pop("OMP_NUM_THREADS", None)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    command = [sys.executable, str(script), "--config-file", CONFIG, *args[:-1]]
+    command += [*SMALL, *args[-1], "OUTPUT_DIR", str(output_dir)]
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(process):
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    assert process.returncode == 0, output[-6000:]
+    return output
+
+
+def train_net(datasets_root, output_dir, flags, opts):
+    """Runs train_net.py to completion; returns its output."""
+    return finish(start(ROOT / "train_net.py", datasets_root, output_dir, *flags, opts))
+
+
+def load_weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def initial_weights(tmp_path_factory):
+    """The small model's random initialisation as a checkpoint every run starts from."""
+    torch.manual_seed(0)
+    model = build_model(make_cfg(CONFIG, *SMALL))
+    path = tmp_path_factory.mktemp("init") / "init.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def relative_difference(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def test_two_processes_train_like_one_process_with_both_images(
+    tmp_path, datasets_root, initial_weights
+):
+    # 1 process x 2 images, and 2 processes x 1 image (DDP on gloo): one SGD step each
+    opts = [*ONE_SGD_STEP, "MODEL.WEIGHTS", str(initial_weights)]
+    train_net(datasets_root, tmp_path / "one", ["--num-gpus", "1"], opts)
+    train_net(datasets_root, tmp_path / "two", ["--num-gpus", "2"], opts)
+    start_ = load_weights(initial_weights)
+    one = load_weights(tmp_path / "one" / "model_final.pth")
+    two = load_weights(tmp_path / "two" / "model_final.pth")
+    assert one.keys() == two.keys() == start_.keys()
+
+    trained = [k for k in one if one[k].is_floating_point() and not torch.equal(one[k], start_[k])]
+    assert len(trained) > 100  # the step moved (nearly) every tensor: the test is not vacuous
+    weights = max(relative_difference(two[k], one[k]) for k in one if one[k].is_floating_point())
+    step_one = torch.cat([(one[k] - start_[k]).flatten() for k in trained])
+    step_two = torch.cat([(two[k] - start_[k]).flatten() for k in trained])
+    step = relative_difference(step_two, step_one)
+    print(f"relative difference: weights {weights:.2e}, update {step:.2e}")
+    assert weights < 1e-5
+    # the update itself (gradient averaging, the all-reduced thing / stuff counts behind
+    # lambda_things, lambda_stuff and the loss normalisers); a missing all-reduce moves it by
+    # more than 10 %
+    assert step < 1e-4
+    # and the loss detectron2 logs (averaged over processes) is the one-process loss
+    losses = [
+        json.loads((tmp_path / run / "metrics.json").read_text().splitlines()[0])["total_loss"]
+        for run in ("one", "two")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def two_machines(tmp_path_factory, datasets_root):
+    """20 iterations on two "machines" of one process each, meeting on loopback (the README's
+    multi-machine command); returns the output folder and the two processes' outputs."""
+    output_dir = tmp_path_factory.mktemp("two_machines")
+    url = f"tcp://127.0.0.1:{free_port()}"
+    opts = ["SOLVER.MAX_ITER", "20", "SOLVER.BASE_LR", "0.0004"]
+    script = ROOT / "tests" / "d2" / "train_net_reporting.py"
+    flags = ["--num-gpus", "1", "--num-machines", "2", "--dist-url", url]
+    # two "machines" on this one: a thread each (a real machine would use all its cores)
+    ranks = [
+        start(script, datasets_root, output_dir, *flags, "--machine-rank", str(r), opts, threads=1)
+        for r in (0, 1)
+    ]
+    outputs = [finish(process) for process in ranks]
+    return output_dir, outputs
+
+
+def test_two_machines_train_in_step(two_machines):
+    output_dir, _ = two_machines
+    reports = [json.loads((output_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["iterations"] for r in reports] == [20, 20]
+    # both ranks hold the same loss at every iteration and end with identical weights
+    assert reports[0]["losses"] == reports[1]["losses"]
+    assert reports[0]["weights_sha256"] == reports[1]["weights_sha256"]
+    # the loss the main process logged (the median of the 20 iterations) is that averaged loss
+    (logged,) = [
+        json.loads(line)["total_loss"]
+        for line in (output_dir / "metrics.json").read_text().splitlines()
+        if "total_loss" in line
+    ]
+    assert logged == pytest.approx(statistics.median(reports[0]["losses"]), rel=1e-5)
+    # and training lowered it
+    assert reports[0]["losses"][-1] < 0.8 * reports[0]["losses"][0]
+
+
+# every query passes the merging (and is painted where no earlier one is): many segments
+PERMISSIVE = [
+    "MODEL.PANOPTIC_SEGFORMER.TEST.THING_SCORE_THRESHOLD", "0.0",
+    "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_SCORE_THRESHOLD", "0.0",
+    "MODEL.PANOPTIC_SEGFORMER.TEST.THING_OVERLAP_THRESHOLD", "1.0",
+    "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_OVERLAP_THRESHOLD", "1.0",
+]  # fmt: skip
+
+
+def write_own_predictions_as_ground_truth(weights, folder):
+    """The model's panoptic predictions on the sample, from this (single) process, written as
+    a COCO panoptic dataset (PNGs under ``folder/panoptic``, ``folder/panoptic.json``); returns
+    the number of predicted segments per image.
+
+    A 4 x 4 "person" is added in the top-left corner of each image: panopticapi divides by the
+    number of thing categories seen, and the barely trained model predicts no things.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from panopticapi.utils import id2rgb
+    from PIL import Image
+
+    from panoptic_segformer import PanopticSegFormerCheckpointer
+    from panoptic_segformer.data import PanopticSegFormerDatasetMapper
+
+    cfg = make_cfg(CONFIG, *SMALL, *PERMISSIVE, "MODEL.WEIGHTS", str(weights))
+    model = build_model(cfg).eval()
+    PanopticSegFormerCheckpointer(model).load(str(weights))
+    metadata = MetadataCatalog.get("coco_2017_train_panoptic")
+    to_dataset_id = {v: k for k, v in metadata.stuff_dataset_id_to_contiguous_id.items()}
+    to_dataset_id.update({v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()})
+    mapper = PanopticSegFormerDatasetMapper(cfg, False)
+    (folder / "panoptic").mkdir(parents=True)
+    annotations, counts = [], []
+    for record in DatasetCatalog.get(register_sample("psf_test_distributed_sample")):
+        with torch.no_grad():
+            (output,) = model([mapper(record)])
+        seg, segments = output["panoptic_seg"]
+        seg = seg.numpy()
+        counts.append(len(segments))
+        categories = {info["id"]: to_dataset_id[info["category_id"]] for info in segments}
+        person = int(seg.max()) + 1
+        seg[:4, :4] = person
+        categories[person] = 1
+        infos = []
+        for segment_id, category_id in categories.items():
+            ys, xs = (seg == segment_id).nonzero()
+            if len(ys) == 0:
+                continue
+            box = [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]
+            infos.append(
+                {
+                    "id": segment_id,
+                    "category_id": category_id,
+                    "iscrowd": 0,
+                    "area": int(len(ys)),
+                    "bbox": box,
+                }
+            )
+        name = os.path.basename(record["pan_seg_file_name"])
+        Image.fromarray(id2rgb(seg)).save(folder / "panoptic" / name)
+        annotations.append(
+            {"image_id": record["image_id"], "file_name": name, "segments_info": infos}
+        )
+    sample = json.loads((SAMPLE / "panoptic.json").read_text())
+    (folder / "panoptic.json").write_text(json.dumps({**sample, "annotations": annotations}))
+    return counts
+
+
+def test_two_processes_evaluate_exactly_like_one(tmp_path, two_machines):
+    # coco_2017_val_panoptic: the sample with its real ground truth; coco_2017_train_panoptic:
+    # the sample with the model's own one-process predictions as ground truth, so stuff PQ is
+    # close to 100 and any image lost, repeated or mixed up between the processes lowers it
+    weights = two_machines[0] / "model_final.pth"
+    own = tmp_path / "own"
+    segments_per_image = write_own_predictions_as_ground_truth(weights, own)
+    assert len(segments_per_image) == 2 and all(segments_per_image)
+    coco = tmp_path / "datasets" / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for split, panoptic, panoptic_json in (
+        ("val2017", SAMPLE / "panoptic", SAMPLE / "panoptic.json"),
+        ("train2017", own / "panoptic", own / "panoptic.json"),
+    ):
+        (coco / split).symlink_to(SAMPLE / "images")
+        (coco / f"panoptic_{split}").symlink_to(panoptic)
+        (coco / "annotations" / f"panoptic_{split}.json").symlink_to(panoptic_json)
+        write_instances_json(coco / "annotations" / f"instances_{split}.json")
+
+    test_sets = ["coco_2017_val_panoptic", "coco_2017_train_panoptic"]
+    opts = [*PERMISSIVE, "MODEL.WEIGHTS", str(weights), "DATASETS.TEST", str(tuple(test_sets))]
+    for run, gpus in (("one", "1"), ("two", "2")):
+        flags = ["--eval-only", "--num-gpus", gpus]
+        train_net(tmp_path / "datasets", tmp_path / run, flags, opts)
+    results = [
+        json.loads((tmp_path / run / "inference" / "results.json").read_text())
+        for run in ("one", "two")
+    ]
+    # PQ, SQ, RQ (all, things, stuff) and COCO AP of masks and boxes: exactly
+    assert results[0] == results[1]
+    own_pq = results[0]["coco_2017_train_panoptic"]["panoptic_seg"]
+    assert own_pq["PQ_st"] > 90 and own_pq["PQ_th"] == 0  # the added person is missed
+    for dataset in test_sets:
+        path = Path("inference") / dataset / "predictions.json"
+        predictions = [
+            sorted(
+                json.loads((tmp_path / run / path).read_text())["annotations"],
+                key=lambda a: a["image_id"],
+            )
+            for run in ("one", "two")
+        ]
+        assert len(predictions[0]) == 2 and predictions[0] == predictions[1]
