@@ -31,6 +31,7 @@ Examples:
   python tools/benchmark_model.py                        # R50 on the CPU, 800x1333
   python tools/benchmark_model.py --result-types panoptic_seg instances sem_seg  # all results
   python tools/benchmark_model.py --device cuda --reps 20 --warmup 5 --json r50.json
+  python tools/benchmark_model.py --device cuda --autocast float16   # mixed precision
 """
 
 import argparse
@@ -171,19 +172,27 @@ def dense_outputs(outputs: Dict[str, Tensor], seed: int = 0) -> Dict[str, Tensor
     g = torch.Generator().manual_seed(seed)
     dense = dict(outputs)
     for key in ("thing_masks", "stuff_masks"):
-        dense[key] = torch.rand(outputs[key].shape, generator=g).to(outputs[key].device)
+        dense[key] = torch.rand(outputs[key].shape, generator=g).to(outputs[key])
     for key in ("thing_scores", "stuff_scores"):
         dense[key] = torch.ones_like(outputs[key])
     return dense
 
 
 def time_stages(
-    model: PanopticSegFormer, images: Tensor, mask: Tensor, device: str, warmup: int, reps: int
+    model: PanopticSegFormer,
+    images: Tensor,
+    mask: Tensor,
+    device: str,
+    warmup: int,
+    reps: int,
+    autocast: Optional[torch.dtype] = None,
 ) -> Dict[str, float]:
-    """Median milliseconds of every stage and of post-processing."""
+    """Median milliseconds of every stage and of post-processing, under ``torch.autocast`` to
+    ``autocast`` when given."""
     size = tuple(images.shape[-2:])
     samples: Dict[str, List[float]] = {s: [] for s in [*STAGES, POSTPROCESS]}
-    with torch.inference_mode():
+    mixed = torch.autocast(device, dtype=autocast or torch.float32, enabled=autocast is not None)
+    with torch.inference_mode(), mixed:
         for rep in range(warmup + reps):
             stage_ms, outputs = time_forward(model, images, mask, device)
             dense = dense_outputs(outputs)
@@ -269,6 +278,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         default=["panoptic_seg"],
         help="what post-processing computes (default: panoptic_seg, as the model)",
     )
+    parser.add_argument(
+        "--autocast",
+        choices=["float16", "bfloat16"],
+        default=None,
+        help="run the model and post-processing under torch.autocast to this type",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--params-only", action="store_true", help="all four backbones, no runs")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -297,6 +312,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
     if not args.params_only:
         device = args.device
+        autocast = getattr(torch, args.autocast) if args.autocast else None
         model = model.to(device)
         images = torch.randn(1, 3, args.height, args.width, device=device)
         mask = torch.zeros(1, args.height, args.width, dtype=torch.bool, device=device)
@@ -305,13 +321,22 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         for kept in DETECTIONS:
             print(f"timing with {kept} thing queries kept ...", file=sys.stderr)
             model.max_detections = kept
-            timing[kept] = time_stages(model, images, mask, device, args.warmup, args.reps)
-        results.update(flops=flops, timing=timing, peak_memory_gib=peak_memory_gib(device))
+            timing[kept] = time_stages(
+                model, images, mask, device, args.warmup, args.reps, autocast
+            )
+        results.update(
+            flops=flops,
+            timing=timing,
+            peak_memory_gib=peak_memory_gib(device),
+            autocast=args.autocast,
+        )
         where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
         print(
             f"\n{args.backbone}, {args.height}x{args.width}, batch 1, {where} "
             f"({torch.get_num_threads()} threads), torch {torch.__version__}, "
-            f"median of {args.reps} after {args.warmup} warm-up; post-processing: "
+            f"median of {args.reps} after {args.warmup} warm-up; "
+            + (f"autocast to {args.autocast}; " if args.autocast else "float32; ")
+            + "post-processing: "
             + ", ".join(args.result_types)
         )
         print_stages(timing, flops, model.num_stuff_classes)

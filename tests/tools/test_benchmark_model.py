@@ -114,9 +114,30 @@ def test_full_run_tables(tool, monkeypatch, capsys, tmp_path, hide_fvcore):
         assert "not counted" in text
     assert "post-processing of 353 queries (300 things + 53 stuff) at 64x96" in text
     saved = json.loads(out_json.read_text())
-    assert set(saved) == {"parameters", "flops", "timing", "peak_memory_gib"}
+    assert set(saved) == {"parameters", "flops", "timing", "peak_memory_gib", "autocast"}
+    assert saved["autocast"] is None and "warm-up; float32;" in text
     assert set(saved["timing"]) == {"100", "300"}
     assert set(saved["timing"]["300"]) == {*STAGES, "post-processing"}
+
+
+def test_autocast_runs_the_model_in_half_precision(tool, monkeypatch, capsys):
+    dtypes = []
+
+    def build(name, **inference_kwargs):
+        model = tiny_model(name, **inference_kwargs)
+        head = model.location_decoder.class_heads[-1]
+        head.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(tool, "build_model", build)
+    argv = ["--height", "64", "--width", "96", "--reps", "1", "--warmup", "0", "--threads", "1"]
+    results = tool.main(argv + ["--autocast", "bfloat16"])
+    text = capsys.readouterr().out
+    # the FLOP count runs in float32; every timed forward in bfloat16
+    assert dtypes[-2:] == [torch.bfloat16, torch.bfloat16]
+    assert results["autocast"] == "bfloat16" and "autocast to bfloat16;" in text
+    _, rows = markdown_table(text, "stage")
+    assert [r[0] for r in rows] == [*STAGES, "post-processing", "total"]
 
 
 def test_params_only_skips_what_cannot_be_built(tool, monkeypatch, capsys):
