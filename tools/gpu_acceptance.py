@@ -285,22 +285,17 @@ PARTS = [
         ),
         _model_numbers("model_autocast"),
     ),
-    Part(
-        "amp training",
-        90,
-        lambda c: [PYTHON, "train_net.py", *_training_opts(c, 1)],
-        _training_numbers(1),
-        needs_detectron2=True,
-        prepare=_dataset_env,
-    ),
-    Part(
-        "2-gpu training",
-        90,
-        lambda c: [PYTHON, "train_net.py", *_training_opts(c, 2)],
-        _training_numbers(2),
-        needs_gpus=2,
-        needs_detectron2=True,
-        prepare=_dataset_env,
+    *(
+        Part(
+            "amp training" if gpus == 1 else f"{gpus}-gpu training",
+            90,
+            lambda c, gpus=gpus: [PYTHON, "train_net.py", *_training_opts(c, gpus)],
+            _training_numbers(gpus),
+            needs_gpus=gpus,
+            needs_detectron2=True,
+            prepare=_dataset_env,
+        )
+        for gpus in (1, 2)
     ),
 ]
 

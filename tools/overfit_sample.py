@@ -28,6 +28,26 @@ SAMPLE = ROOT.parent / "shared" / "data" / "coco_panoptic_sample"
 DATASET = "coco_panoptic_sample"
 
 
+# A small model trained from scratch on the CPU (also the distributed tests' model)
+SMALL_MODEL = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.WEIGHTS", "",
+    # ResNet-18 from scratch: GroupNorm instead of frozen BN, nothing frozen
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.RESNETS.NORM", "GN",
+    "MODEL.BACKBONE.FREEZE_AT", "0",
+    "MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM", "128",
+    "MODEL.PANOPTIC_SEGFORMER.DIM_FEEDFORWARD", "512",
+    "MODEL.PANOPTIC_SEGFORMER.ENC_LAYERS", "2",
+    "MODEL.PANOPTIC_SEGFORMER.DEC_LAYERS", "3",
+    "MODEL.PANOPTIC_SEGFORMER.NUM_QUERIES", "60",
+    "MODEL.PANOPTIC_SEGFORMER.THING_MASK_LAYERS", "2",
+    "MODEL.PANOPTIC_SEGFORMER.STUFF_MASK_LAYERS", "2",
+    "MODEL.PANOPTIC_SEGFORMER.DROPOUT", "0.0",
+]  # fmt: skip
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sample", default=str(SAMPLE), help="COCO panoptic sample folder")
@@ -50,21 +70,7 @@ def build_cfg(args):
     cfg = get_config(
         str(ROOT / "configs" / "r50.yaml"),
         [
-            "MODEL.DEVICE", "cpu",
-            "MODEL.WEIGHTS", "",
-            # ResNet-18 from scratch: GroupNorm instead of frozen BN, nothing frozen
-            "MODEL.RESNETS.DEPTH", "18",
-            "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-            "MODEL.RESNETS.NORM", "GN",
-            "MODEL.BACKBONE.FREEZE_AT", "0",
-            "MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM", "128",
-            "MODEL.PANOPTIC_SEGFORMER.DIM_FEEDFORWARD", "512",
-            "MODEL.PANOPTIC_SEGFORMER.ENC_LAYERS", "2",
-            "MODEL.PANOPTIC_SEGFORMER.DEC_LAYERS", "3",
-            "MODEL.PANOPTIC_SEGFORMER.NUM_QUERIES", "60",
-            "MODEL.PANOPTIC_SEGFORMER.THING_MASK_LAYERS", "2",
-            "MODEL.PANOPTIC_SEGFORMER.STUFF_MASK_LAYERS", "2",
-            "MODEL.PANOPTIC_SEGFORMER.DROPOUT", "0.0",
+            *SMALL_MODEL,
             "MODEL.PANOPTIC_SEGFORMER.TEST.INSTANCE_ON", "False",
             "DATASETS.TRAIN", f"('{DATASET}',)",
             "DATASETS.TEST", f"('{DATASET}',)",

@@ -33,27 +33,18 @@ from d2_helpers import (  # noqa: E402
 )
 from detectron2.modeling import build_model  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tools"))
+from overfit_sample import SMALL_MODEL  # noqa: E402
+
 pytestmark = needs_sample()
 
 CONFIG = str(CONFIGS[0].parent / "r50.yaml")
-# A ResNet-18 with GroupNorm from scratch and a narrow head (tools/overfit_sample.py's model),
-# short side 160, no augmentation and no dropout: each image is the same tensor however the
-# batch is split (both sample images pad to 160 x 256), so splitting cannot change the result.
+# tools/overfit_sample.py's small model (a ResNet-18 with GroupNorm from scratch, a narrow
+# head, dropout 0), short side 160 and no augmentation: each image is the same tensor however
+# the batch is split (both sample images pad to 160 x 256), so splitting cannot change the
+# result.
 SMALL = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.WEIGHTS", "",
-    "MODEL.RESNETS.DEPTH", "18",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.RESNETS.NORM", "GN",
-    "MODEL.BACKBONE.FREEZE_AT", "0",
-    "MODEL.PANOPTIC_SEGFORMER.HIDDEN_DIM", "128",
-    "MODEL.PANOPTIC_SEGFORMER.DIM_FEEDFORWARD", "512",
-    "MODEL.PANOPTIC_SEGFORMER.ENC_LAYERS", "2",
-    "MODEL.PANOPTIC_SEGFORMER.DEC_LAYERS", "3",
-    "MODEL.PANOPTIC_SEGFORMER.NUM_QUERIES", "60",
-    "MODEL.PANOPTIC_SEGFORMER.THING_MASK_LAYERS", "2",
-    "MODEL.PANOPTIC_SEGFORMER.STUFF_MASK_LAYERS", "2",
-    "MODEL.PANOPTIC_SEGFORMER.DROPOUT", "0.0",
+    *SMALL_MODEL,
     "INPUT.MIN_SIZE_TRAIN", "(160,)",
     "INPUT.MAX_SIZE_TRAIN", "256",
     "INPUT.MIN_SIZE_TEST", "160",
