@@ -353,10 +353,38 @@ class PanopticSegFormer(nn.Module):
         return out
 
 
+PER_BATCH = -1.0  # LAMBDA_THINGS / LAMBDA_STUFF: recomputed per batch (the authors' code)
+
+
+def _fixed_lambdas(ps) -> bool:
+    """Whether ``LAMBDA_THINGS`` and ``LAMBDA_STUFF`` are fixed weights (both >= 0) rather than
+    per batch (both -1).
+
+    Raises:
+        ValueError: only one of them is set, or one is negative other than -1.
+    """
+    values = {"LAMBDA_THINGS": ps.LAMBDA_THINGS, "LAMBDA_STUFF": ps.LAMBDA_STUFF}
+    for key, value in values.items():
+        if value < 0 and value != PER_BATCH:
+            raise ValueError(
+                f"MODEL.PANOPTIC_SEGFORMER.{key} must be >= 0 (a fixed weight) or -1 (per "
+                f"batch), got {value}"
+            )
+    per_batch = [key for key, value in values.items() if value == PER_BATCH]
+    if len(per_batch) == 1:
+        (unset,) = per_batch
+        (fixed,) = set(values) - {unset}
+        raise ValueError(
+            f"MODEL.PANOPTIC_SEGFORMER.{fixed} is {values[fixed]} but {unset} is -1 (per batch): "
+            "set both >= 0 for fixed weights, or both to -1"
+        )
+    return not per_batch
+
+
 def build_criterion(cfg) -> PanopticSegFormerCriterion:
     """The losses and matchers of ``MODEL.PANOPTIC_SEGFORMER``."""
     ps = cfg.MODEL.PANOPTIC_SEGFORMER
-    fixed = ps.LAMBDA_THINGS >= 0 or ps.LAMBDA_STUFF >= 0
+    fixed = _fixed_lambdas(ps)
     focal = dict(focal_alpha=ps.FOCAL_ALPHA, focal_gamma=ps.FOCAL_GAMMA)
     return PanopticSegFormerCriterion(
         ps.NUM_THING_CLASSES,

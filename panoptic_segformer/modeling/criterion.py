@@ -173,6 +173,9 @@ class PanopticSegFormerCriterion(nn.Module):
                 "set both lambda_things and lambda_stuff, or neither (per-batch weights); got "
                 f"lambda_things={lambda_things}, lambda_stuff={lambda_stuff}"
             )
+        for name, value in (("lambda_things", lambda_things), ("lambda_stuff", lambda_stuff)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.num_thing_classes = num_thing_classes
         self.num_stuff_classes = num_stuff_classes
         self.matcher = matcher if matcher is not None else HungarianMatcher()

@@ -170,5 +170,29 @@ def test_datasets_without_stuff_work_without_things_are_refused():
         tiny_model("MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES", "0")
 
 
+def test_loss_weights_lambda_are_both_fixed_or_both_per_batch():
+    from panoptic_segformer.meta_arch import build_criterion
+
+    def criterion(things, stuff):
+        cfg = make_cfg(BASE)
+        cfg.MODEL.PANOPTIC_SEGFORMER.LAMBDA_THINGS = float(things)
+        cfg.MODEL.PANOPTIC_SEGFORMER.LAMBDA_STUFF = float(stuff)
+        return build_criterion(cfg)
+
+    per_batch = criterion("-1", "-1")
+    assert per_batch.lambda_things is None and per_batch.lambda_stuff is None
+    fixed = criterion("0.25", "0")
+    assert (fixed.lambda_things, fixed.lambda_stuff) == (0.25, 0.0)
+    # one alone would train with the other at -1 (a negative loss weight)
+    with pytest.raises(ValueError, match="LAMBDA_THINGS is 0.5 but LAMBDA_STUFF is -1 .per batch"):
+        criterion("0.5", "-1")
+    with pytest.raises(ValueError, match="LAMBDA_STUFF is 2.0 but LAMBDA_THINGS is -1 .per batch"):
+        criterion("-1", "2")
+    with pytest.raises(
+        ValueError, match=r"LAMBDA_STUFF must be >= 0 .* or -1 .per batch., got -3.0"
+    ):
+        criterion("1", "-3")
+
+
 def test_class_id_maps_without_metadata_is_things_first():
     assert class_id_maps(None, 2, 3) == ([0, 1], [2, 3, 4])

@@ -130,6 +130,8 @@ def test_fixed_lambdas_and_thing_class_weight():
     assert float(fixed["loss_mask_stuff"]) == pytest.approx(6 * float(dynamic["loss_mask_stuff"]))
     with pytest.raises(ValueError, match="lambda_things=1.0, lambda_stuff=None"):
         PanopticSegFormerCriterion(2, 2, lambda_things=1.0)
+    with pytest.raises(ValueError, match="lambda_stuff must be >= 0, got -0.5"):
+        PanopticSegFormerCriterion(2, 2, lambda_things=1.0, lambda_stuff=-0.5)
     # with a class weight the thing mask decoder's class loss counts: logits 0 everywhere,
     # the matched row positive for class 1, normalised by one thing
     weighted = PanopticSegFormerCriterion(2, 2, thing_class_weight=2.0)(outputs, targets)
