@@ -63,7 +63,7 @@ def add_panoptic_segformer_config(cfg: CN) -> None:
     ps.FOCAL_ALPHA = 0.25
     ps.FOCAL_GAMMA = 2.0
     ps.MAX_PER_TARGET = 3  # "filter" matching: queries per thing reaching the mask decoder
-    ps.MAX_SELECTED = 100  # and at most this many per image
+    ps.MAX_SELECTED = 300  # and at most this many per image (rounds <= 300 // things)
     # lambda_things / lambda_stuff of Eq. 5: -1 = per batch from the thing and stuff counts
     # (authors' code); set both >= 0 for fixed weights (one alone is an error)
     ps.LAMBDA_THINGS = -1.0

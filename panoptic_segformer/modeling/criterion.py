@@ -143,7 +143,8 @@ class PanopticSegFormerCriterion(nn.Module):
             multiplies it by 0 (thing classes come from the location decoder).
         focal_alpha, focal_gamma: of every focal loss.
         max_per_target: most queries the filter selects per thing (the authors' max_pos, 3).
-        max_selected: most queries the filter selects per image (the authors' 100).
+        max_selected: most queries the filter selects per image: the rounds of matching
+            are at most ``max_selected // T`` (the authors' released assigner: 300).
         lambda_things, lambda_stuff: fixed Eq. (3) weights; both None (default) recomputes
             them per batch from the thing and stuff counts.
     """
@@ -163,7 +164,7 @@ class PanopticSegFormerCriterion(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         max_per_target: int = 3,
-        max_selected: int = 100,
+        max_selected: int = 300,
         lambda_things: Optional[float] = None,
         lambda_stuff: Optional[float] = None,
     ) -> None:

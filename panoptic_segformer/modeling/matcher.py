@@ -246,8 +246,8 @@ def repeated_hungarian_match(
     earlier round took, so every round gives each target one more, distinct query. Only
     complete rounds run, so every target gets the same number of queries: there are
     ``min(max_per_target, Q // T, max_total // T)`` rounds, and always at least one (the
-    authors bound the rounds by ``100 // T``, i.e. ``max_total=100``). Round one is exactly
-    :func:`hungarian_match`.
+    authors' released ``HungarianAssigner_filter`` bounds the rounds by ``300 // T``, i.e.
+    ``max_total=300``). Round one is exactly :func:`hungarian_match`.
 
     Args:
         cost (Tensor): (Q, T) matching cost, T <= Q.

@@ -181,6 +181,7 @@ def test_loss_weights_lambda_are_both_fixed_or_both_per_batch():
 
     per_batch = criterion("-1", "-1")
     assert per_batch.lambda_things is None and per_batch.lambda_stuff is None
+    assert per_batch.max_selected == 300  # the released filter's bound (300 // things rounds)
     fixed = criterion("0.25", "0")
     assert (fixed.lambda_things, fixed.lambda_stuff) == (0.25, 0.0)
     # one alone would train with the other at -1 (a negative loss weight)

@@ -270,3 +270,20 @@ def test_counts_average_across_two_processes(tmp_path):
     store, out = str(tmp_path / "store"), str(tmp_path / "counts")
     mp.spawn(_average_in_process, args=(store, out), nprocs=2)
     assert torch.load(f"{out}.0") == torch.load(f"{out}.1") == [2.0, 2.0]
+
+
+def test_filter_bounds_its_rounds_by_300_over_the_things_as_released():
+    # the authors' HungarianAssigner_filter runs min(max_pos, 300 // num_gts) rounds: 40 things
+    # among 300 queries get 3 queries each (a bound of 100 // 40 would give them 2)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 300, 5, generator=g)
+    boxes = torch.rand(1, 300, 4, generator=g) * 0.5 + 0.25
+    target = {
+        "thing_labels": torch.randint(0, 5, (40,), generator=g),
+        "thing_boxes": torch.rand(40, 4, generator=g) * 0.5 + 0.25,
+    }
+    ((query_idx, target_idx),) = PanopticSegFormerCriterion(5, 2).select_thing_queries(
+        logits, boxes, [target]
+    )
+    assert len(query_idx) == 120 and len(set(query_idx.tolist())) == 120
+    assert torch.bincount(target_idx).tolist() == [3] * 40

@@ -171,7 +171,7 @@ def test_repeated_match_properties(num_queries, num_targets, max_per_target):
 def test_repeated_match_max_total_bounds_rounds():
     g = torch.Generator().manual_seed(0)
     cost = torch.rand(300, 40, generator=g, dtype=torch.float64)
-    # the authors' bound: min(3, 100 // T) rounds, so 2 rounds for 40 things
+    # a bound of 100: min(3, 100 // T) rounds, so 2 rounds for 40 things
     query_idx, _ = repeated_hungarian_match(cost, max_per_target=3, max_total=100)
     assert len(query_idx) == 80
     # more things than max_total still gets the one-to-one round
