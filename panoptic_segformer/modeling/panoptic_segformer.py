@@ -322,6 +322,10 @@ class PanopticSegFormer(nn.Module):
                     scores[:num_kept],
                     labels[:num_kept],
                     max_detections=self.max_detections,
+                    # the merging's confidence exponents (pixel-wise argmax has none: the
+                    # authors' 1 and 2)
+                    alpha=self.merge_kwargs.get("alpha", 1.0),
+                    beta=self.merge_kwargs.get("beta", 2.0),
                 )
             if "sem_seg" in self.result_types:
                 num_classes = self.num_thing_classes + self.num_stuff_classes

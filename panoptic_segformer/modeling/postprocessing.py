@@ -562,12 +562,15 @@ def instance_results(
     *,
     mask_threshold: float = 0.5,
     max_detections: int = 100,
+    alpha: float = 1.0,
+    beta: float = 2.0,
 ) -> InstanceResults:
     """Instance-segmentation results from the thing queries of one image.
 
-    The score of a detection is its class probability times its mask score,
-    p * sum(m * binary) / (sum(binary) + 1) (the mask score of ``mask_wise_merging``, without the
-    alpha / beta exponents). The ``max_detections`` best scores are kept, in descending order.
+    The score of a detection is the confidence of Eq. (6), p^alpha * maskscore^beta with the
+    mask score sum(m * binary) / (sum(binary) + 1) of ``mask_wise_merging``: the authors' code
+    scores its instance results with the same confidence as its merging (p * maskscore^2). The
+    ``max_detections`` best scores are kept, in descending order.
 
     Args:
         mask_logits (Tensor): (Q, H, W) float mask values of the thing queries.
@@ -575,6 +578,8 @@ def instance_results(
         labels (Tensor): (Q,) integer category ids.
         mask_threshold: binarisation threshold of the mask values, in [0, 1].
         max_detections: the most detections returned, >= 0.
+        alpha: exponent of the class probability, >= 0.
+        beta: exponent of the mask score, >= 0.
 
     Returns:
         InstanceResults: masks (K, H, W) bool, boxes (K, 4) XYXY float in pixel edges from
@@ -582,17 +587,19 @@ def instance_results(
         for an empty mask), scores (K,) float32, classes (K,) int64, K = min(Q, max_detections).
 
     Raises:
-        ValueError: on mismatched shapes or dtypes, a threshold outside [0, 1] or a negative
-            ``max_detections``.
+        ValueError: on mismatched shapes or dtypes, a threshold outside [0, 1], a negative
+            ``max_detections``, alpha or beta.
     """
     _check_queries(mask_logits, scores, labels)
     _check_unit_interval(mask_threshold=mask_threshold)
     if max_detections < 0:
         raise ValueError(f"max_detections must be >= 0, got {max_detections}")
+    if alpha < 0 or beta < 0:
+        raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
 
     quality = _mask_quality(mask_logits, mask_threshold)
     binary, mask_scores = quality.binary, quality.mask_scores
-    detection_scores = scores.to(torch.float32) * mask_scores
+    detection_scores = scores.to(torch.float32).pow(alpha) * mask_scores.pow(beta)
     num_kept = min(max_detections, detection_scores.numel())
     top_scores, top = detection_scores.topk(num_kept, sorted=True)
     masks = binary[top]

@@ -290,19 +290,29 @@ def test_pixel_wise_argmax_hand_built():
 
 
 def test_instance_results_hand_built():
-    masks = torch.zeros(3, 6, 8)
+    masks = torch.zeros(4, 6, 8)
     masks[0, 1:4, 2:5] = 1.0  # rows 1-3, columns 2-4: mask score 9 / 10
     masks[1] = 0.3  # empty after thresholding
     masks[2, 5, 7] = 2.0  # one pixel in the corner: mask score 2 / 2
-    scores, labels = torch.tensor([0.5, 0.9, 0.8]), torch.tensor([4, 5, 6])
-    result = instance_results(masks, scores, labels, max_detections=3)
-    assert result.scores.tolist() == pytest.approx([0.8, 0.45, 0.0])
-    assert result.classes.tolist() == [6, 4, 5]
-    assert result.boxes.tolist() == [[7.0, 5.0, 8.0, 6.0], [2.0, 1.0, 5.0, 4.0], [0.0] * 4]
-    assert result.masks.dtype == torch.bool and torch.equal(result.masks[1], masks[0] > 0.5)
-    assert not result.masks[2].any()
+    masks[3, 0, 0] = 2.0  # one pixel: mask score 1
+    scores, labels = torch.tensor([0.5, 0.9, 0.8, 0.42]), torch.tensor([4, 5, 6, 7])
+    # scored as the authors: p * maskscore^2; query 3 (0.42 * 1) now ranks above query 0
+    # (0.5 * 0.9^2 = 0.405), which p * maskscore (0.45) would have put first
+    result = instance_results(masks, scores, labels, max_detections=4)
+    assert result.scores.tolist() == pytest.approx([0.8, 0.42, 0.405, 0.0])
+    assert result.classes.tolist() == [6, 7, 4, 5]
+    assert result.boxes.tolist() == [
+        [7.0, 5.0, 8.0, 6.0],
+        [0.0, 0.0, 1.0, 1.0],
+        [2.0, 1.0, 5.0, 4.0],
+        [0.0] * 4,
+    ]
+    assert result.masks.dtype == torch.bool and torch.equal(result.masks[2], masks[0] > 0.5)
+    assert not result.masks[3].any()
     top = instance_results(masks, scores, labels, max_detections=2)
-    assert top.masks.shape == (2, 6, 8) and top.classes.tolist() == [6, 4]
+    assert top.masks.shape == (2, 6, 8) and top.classes.tolist() == [6, 7]
+    plain = instance_results(masks, scores, labels, alpha=1.0, beta=1.0)
+    assert plain.scores.tolist() == pytest.approx([0.8, 0.45, 0.42, 0.0])
 
 
 def test_semantic_map_hand_built():
@@ -335,6 +345,8 @@ def test_bad_inputs_raise():
         pixel_wise_argmax(masks, scores, labels, is_thing, score_threshold=2)
     with pytest.raises(ValueError, match=r"max_detections must be >= 0, got -1"):
         instance_results(masks, scores, labels, max_detections=-1)
+    with pytest.raises(ValueError, match=r"alpha and beta must be >= 0, got alpha=1.0, beta=-1"):
+        instance_results(masks, scores, labels, beta=-1)
     with pytest.raises(ValueError, match=r"num_classes must be >= 1, got 0"):
         semantic_map(masks, scores, labels, num_classes=0)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 2\), got values in \[1, 2\]"):
