@@ -347,7 +347,7 @@ def run_part(part: Part, context: Context) -> Dict[str, object]:
     if status == "pass":
         try:
             row["numbers"] = part.numbers(context, output)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, IndexError) as e:
             row["status"] = f"fail: results unreadable ({e})"
     return row
 
