@@ -72,18 +72,25 @@ ONE_SGD_STEP = [
 TIMEOUT = 600
 
 
+def lay_out_coco(root, ground_truth):
+    """Makes ``root`` a DETECTRON2_DATASETS folder whose COCO panoptic splits are the sample's
+    images with the given ground truth: ``{split: (panoptic PNG folder, panoptic json)}``
+    (instances jsons from the sample's real segments); returns ``root``."""
+    coco = root / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for split, (panoptic, panoptic_json) in ground_truth.items():
+        (coco / split).symlink_to(SAMPLE / "images")
+        (coco / f"panoptic_{split}").symlink_to(panoptic)
+        (coco / "annotations" / f"panoptic_{split}.json").symlink_to(panoptic_json)
+        write_instances_json(coco / "annotations" / f"instances_{split}.json")
+    return root
+
+
 @pytest.fixture(scope="module")
 def datasets_root(tmp_path_factory):
     """A DETECTRON2_DATASETS folder whose COCO panoptic train2017 and val2017 are the sample."""
-    root = tmp_path_factory.mktemp("datasets")
-    coco = root / "coco"
-    (coco / "annotations").mkdir(parents=True)
-    for split in ("train2017", "val2017"):
-        (coco / split).symlink_to(SAMPLE / "images")
-        (coco / f"panoptic_{split}").symlink_to(SAMPLE / "panoptic")
-        (coco / "annotations" / f"panoptic_{split}.json").symlink_to(SAMPLE / "panoptic.json")
-        write_instances_json(coco / "annotations" / f"instances_{split}.json")
-    return root
+    real = (SAMPLE / "panoptic", SAMPLE / "panoptic.json")
+    return lay_out_coco(tmp_path_factory.mktemp("datasets"), {"train2017": real, "val2017": real})
 
 
 def free_port():
@@ -282,22 +289,19 @@ def test_two_processes_evaluate_exactly_like_one(tmp_path, two_machines):
     own = tmp_path / "own"
     segments_per_image = write_own_predictions_as_ground_truth(weights, own)
     assert len(segments_per_image) == 2 and all(segments_per_image)
-    coco = tmp_path / "datasets" / "coco"
-    (coco / "annotations").mkdir(parents=True)
-    for split, panoptic, panoptic_json in (
-        ("val2017", SAMPLE / "panoptic", SAMPLE / "panoptic.json"),
-        ("train2017", own / "panoptic", own / "panoptic.json"),
-    ):
-        (coco / split).symlink_to(SAMPLE / "images")
-        (coco / f"panoptic_{split}").symlink_to(panoptic)
-        (coco / "annotations" / f"panoptic_{split}.json").symlink_to(panoptic_json)
-        write_instances_json(coco / "annotations" / f"instances_{split}.json")
+    datasets = lay_out_coco(
+        tmp_path / "datasets",
+        {
+            "val2017": (SAMPLE / "panoptic", SAMPLE / "panoptic.json"),
+            "train2017": (own / "panoptic", own / "panoptic.json"),
+        },
+    )
 
     test_sets = ["coco_2017_val_panoptic", "coco_2017_train_panoptic"]
     opts = [*PERMISSIVE, "MODEL.WEIGHTS", str(weights), "DATASETS.TEST", str(tuple(test_sets))]
     for run, gpus in (("one", "1"), ("two", "2")):
         flags = ["--eval-only", "--num-gpus", gpus]
-        train_net(tmp_path / "datasets", tmp_path / run, flags, opts)
+        train_net(datasets, tmp_path / run, flags, opts)
     results = [
         json.loads((tmp_path / run / "inference" / "results.json").read_text())
         for run in ("one", "two")
