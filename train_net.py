@@ -61,10 +61,11 @@ class Trainer(DefaultTrainer):
     checkpointer."""
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__'s steps, but with a DistributedDataParallel that also wraps a
-        # CPU model (multi-process training on gloo) and Panoptic SegFormer's checkpointer,
-        # which loads MODEL.WEIGHTS / resumes raising on missing or mismatched weights and
-        # saves atomically (the periodic checkpoints too: build_hooks uses it)
+        # DefaultTrainer.__init__'s steps, written out because detectron2 has no hook for the
+        # DDP wrapping, which must also take a CPU model (multi-process training on gloo), nor
+        # for the checkpointer: ours loads MODEL.WEIGHTS / resumes raising on missing or
+        # mismatched weights and saves atomically (the periodic checkpoints too: build_hooks
+        # uses it)
         TrainerBase.__init__(self)
         logger = logging.getLogger("detectron2")
         if not logger.isEnabledFor(logging.INFO):  # setup_logger is not called for d2
