@@ -46,12 +46,18 @@ def add_panoptic_segformer_config(cfg: CN) -> None:
     ps.DIM_FEEDFORWARD = 1024  # FFN width of the encoder and location decoder
     ps.DROPOUT = 0.1  # of the encoder and location decoder
     ps.ENC_LAYERS = 6  # deformable encoder layers (Sec. 3.2)
-    ps.DEC_LAYERS = 6  # location decoder layers (Sec. 3.3)
+    # location decoder layers (Sec. 3.3); Table 6 ablates 0, 1, 2 (0 needs the mask decoder's
+    # classes: TEST.THING_CLASSES_FROM "mask_decoder" and THING_CLASS_WEIGHT > 0)
+    ps.DEC_LAYERS = 6
     ps.NUM_QUERIES = 300  # N_th: thing queries (Sec. 3.3)
     ps.THING_MASK_LAYERS = 4  # mask decoder, things stack (authors' code; paper D_m = 6)
     ps.STUFF_MASK_LAYERS = 6  # mask decoder, stuff stack (Sec. 3.4)
     ps.MASK_MLP_RATIO = 4.0  # MLP ratio of the mask decoder layers
     ps.BOX_FREE = False  # location decoder predicts mass centres, not boxes (Table 6)
+    # Table 8's "joint matching": one set of NUM_QUERIES + NUM_STUFF_CLASSES queries (353 on
+    # COCO) classified into things and stuff, no stuff queries, instead of query decoupling
+    ps.JOINT_MATCHING = False
+    ps.DEEP_SUPERVISION = True  # losses on every mask decoder layer; False = Fig. 5's "w/o ds"
 
     # Losses (Sec. 3.5, Eq. 4-5); weights of focal, L1, GIoU and dice
     ps.CLASS_WEIGHT = 2.0
@@ -88,6 +94,12 @@ def add_panoptic_segformer_config(cfg: CN) -> None:
     ps.TEST.MAX_DETECTIONS = 100  # thing queries kept: top scores over queries x classes
     ps.TEST.MASK_DECODER_LAYERS = 0  # early exit after this many layers, 0 = all (Table 10)
     ps.TEST.MERGE = "mask_wise"  # or "pixel_argmax" (Table 7)
+    # Table 7: pixel_argmax by class-weighted mask values p * m, "(p*)"; False: plain argmax of
+    # the mask values m, "(p)"
+    ps.TEST.PIXEL_ARGMAX_CLASS_WEIGHTED = True
+    # Sec. 3.3.3: thing classes from "location_decoder" (authors' code) or "mask_decoder" (its
+    # class heads; they need THING_CLASS_WEIGHT > 0)
+    ps.TEST.THING_CLASSES_FROM = "location_decoder"
     ps.TEST.ALPHA = 1.0  # Eq. 6: confidence = p^alpha * mask score^beta
     ps.TEST.BETA = 2.0
     ps.TEST.THING_SCORE_THRESHOLD = 0.25  # Algorithm 1 (Swin-L, PVTv2-B5: 0.3)

@@ -23,11 +23,7 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from panoptic_segformer.modeling import PanopticSegFormer as PanopticSegFormerModel
-from panoptic_segformer.modeling import (
-    PanopticSegFormerCriterion,
-    build_panoptic_segformer,
-    split_targets,
-)
+from panoptic_segformer.modeling import PanopticSegFormerCriterion, build_panoptic_segformer
 from panoptic_segformer.modeling.matcher import HungarianMatcher, MaskDecoderMatcher
 
 __all__ = [
@@ -102,7 +98,11 @@ def merge_kwargs_from_config(cfg, merge: str) -> Dict[str, float]:
     ``MODEL.PANOPTIC_SEGFORMER.TEST``."""
     test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
     if merge == "pixel_argmax":
-        return dict(score_threshold=test.PIXEL_SCORE_THRESHOLD, mask_threshold=test.MASK_THRESHOLD)
+        return dict(
+            score_threshold=test.PIXEL_SCORE_THRESHOLD,
+            mask_threshold=test.MASK_THRESHOLD,
+            class_weighted=test.PIXEL_ARGMAX_CLASS_WEIGHTED,
+        )
     return dict(
         alpha=test.ALPHA,
         beta=test.BETA,
@@ -187,6 +187,7 @@ class PanopticSegFormer(nn.Module):
                 "classifies thing queries) and NUM_STUFF_CLASSES >= 0 (0 for a dataset of things "
                 f"only); got {ps.NUM_THING_CLASSES} and {ps.NUM_STUFF_CLASSES}"
             )
+        _check_thing_classes(ps)
         backbone = build_backbone(cfg)
         _check_in_features(ps.IN_FEATURES, backbone)
         shapes = backbone.output_shape()
@@ -215,17 +216,19 @@ class PanopticSegFormer(nn.Module):
             dropout=ps.DROPOUT,
             num_encoder_layers=ps.ENC_LAYERS,
             num_decoder_layers=ps.DEC_LAYERS,
-            num_queries=ps.NUM_QUERIES,
+            num_queries=ps.NUM_QUERIES + (ps.NUM_STUFF_CLASSES if ps.JOINT_MATCHING else 0),
             num_thing_mask_layers=ps.THING_MASK_LAYERS,
             num_stuff_mask_layers=ps.STUFF_MASK_LAYERS,
             mask_mlp_ratio=ps.MASK_MLP_RATIO,
             box_free=ps.BOX_FREE,
+            joint_matching=ps.JOINT_MATCHING,
             criterion=build_criterion(cfg),
             max_detections=ps.TEST.MAX_DETECTIONS,
             mask_decoder_layers=ps.TEST.MASK_DECODER_LAYERS or None,
             merge=ps.TEST.MERGE,
             merge_kwargs=merge_kwargs_from_config(cfg, ps.TEST.MERGE),
             result_types=result_types,
+            thing_classes_from=ps.TEST.THING_CLASSES_FROM,
         )
         return {
             "backbone": backbone,
@@ -320,14 +323,7 @@ class PanopticSegFormer(nn.Module):
         masks = getattr(instances.gt_masks, "tensor", instances.gt_masks).bool()
         padded_masks = masks.new_zeros((len(masks), *padded))
         padded_masks[:, :h, :w] = masks
-        return split_targets(
-            labels,
-            padded_masks,
-            (h, w),
-            self.model.num_thing_classes,
-            self.model.num_stuff_classes,
-            box_free=self.model.location_decoder.box_free,
-        )
+        return self.model.split_targets(labels, padded_masks, (h, w))
 
     def _to_detectron2(self, result: Dict[str, object], size: Tuple[int, int]) -> Dict:
         out = {}
@@ -381,14 +377,38 @@ def _fixed_lambdas(ps) -> bool:
     return not per_batch
 
 
+def _check_thing_classes(ps) -> None:
+    """Raises ValueError, naming the keys, when nothing would classify or train the thing
+    classes: a location decoder of 0 layers classifies nothing, and the mask decoder's class
+    heads learn only with a positive THING_CLASS_WEIGHT."""
+    key = "MODEL.PANOPTIC_SEGFORMER."
+    source = ps.TEST.THING_CLASSES_FROM
+    if ps.DEC_LAYERS < 0:
+        raise ValueError(f"{key}DEC_LAYERS must be >= 0, got {ps.DEC_LAYERS}")
+    if ps.DEC_LAYERS == 0 and source == "location_decoder":
+        raise ValueError(
+            f"{key}DEC_LAYERS is 0: a location decoder without layers predicts no classes, so "
+            f"set {key}TEST.THING_CLASSES_FROM to 'mask_decoder' (and {key}THING_CLASS_WEIGHT "
+            "> 0 to train its class heads)"
+        )
+    if source == "mask_decoder" and ps.THING_CLASS_WEIGHT <= 0:
+        raise ValueError(
+            f"{key}TEST.THING_CLASSES_FROM is 'mask_decoder' but {key}THING_CLASS_WEIGHT is "
+            f"{ps.THING_CLASS_WEIGHT}: the mask decoder's class heads are then never trained; "
+            "set it > 0 (e.g. 2.0, the class loss weight)"
+        )
+
+
 def build_criterion(cfg) -> PanopticSegFormerCriterion:
     """The losses and matchers of ``MODEL.PANOPTIC_SEGFORMER``."""
     ps = cfg.MODEL.PANOPTIC_SEGFORMER
     fixed = _fixed_lambdas(ps)
     focal = dict(focal_alpha=ps.FOCAL_ALPHA, focal_gamma=ps.FOCAL_GAMMA)
+    # with joint matching the thing queries predict every class and there are no stuff queries
+    joint = ps.JOINT_MATCHING
     return PanopticSegFormerCriterion(
-        ps.NUM_THING_CLASSES,
-        ps.NUM_STUFF_CLASSES,
+        ps.NUM_THING_CLASSES + (ps.NUM_STUFF_CLASSES if joint else 0),
+        0 if joint else ps.NUM_STUFF_CLASSES,
         matcher=HungarianMatcher(
             cost_class=ps.MATCHER.CLASS_COST,
             cost_bbox=ps.MATCHER.BBOX_COST,
@@ -412,5 +432,6 @@ def build_criterion(cfg) -> PanopticSegFormerCriterion:
         max_selected=ps.MAX_SELECTED,
         lambda_things=ps.LAMBDA_THINGS if fixed else None,
         lambda_stuff=ps.LAMBDA_STUFF if fixed else None,
+        deep_supervision=ps.DEEP_SUPERVISION,
         **focal,
     )

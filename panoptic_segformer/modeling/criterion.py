@@ -15,6 +15,12 @@ the thing mask decoder; those queries are then matched one to one with a Dice co
 these matches get mask targets. Stuff query k always predicts stuff class k: its target is that
 class's mask, or nothing (weight 0) when the class is absent.
 
+Switches of the paper's ablations: without deep supervision (Fig. 5, "w/o ds") the mask decoder
+is supervised on its last layer only (the Dice losses of the tail masks and the class losses of
+the last layer; the earlier layers' terms stay in the dict, weighted 0). Without location
+decoder layers (Table 6, "0") every thing query reaches the thing mask decoder and is matched
+one to one by the mask decoder's own last class head and the Dice cost, without box costs.
+
 lambda_things / lambda_stuff are, by default, recomputed per batch from the numbers of things
 and stuff segments (averaged over processes when distributed, each at least 1), as the
 authors' code does; fixed values are a switch. Every loss is a sum divided by the number of
@@ -147,6 +153,8 @@ class PanopticSegFormerCriterion(nn.Module):
             are at most ``max_selected // T`` (the authors' released assigner: 300).
         lambda_things, lambda_stuff: fixed Eq. (3) weights; both None (default) recomputes
             them per batch from the thing and stuff counts.
+        deep_supervision: supervise every mask decoder layer (paper Sec. 3.3.3); False
+            supervises the last one only (Fig. 5's "w/o ds").
     """
 
     def __init__(
@@ -167,6 +175,7 @@ class PanopticSegFormerCriterion(nn.Module):
         max_selected: int = 300,
         lambda_things: Optional[float] = None,
         lambda_stuff: Optional[float] = None,
+        deep_supervision: bool = True,
     ) -> None:
         super().__init__()
         if (lambda_things is None) != (lambda_stuff is None):
@@ -193,6 +202,7 @@ class PanopticSegFormerCriterion(nn.Module):
         self.max_selected = max_selected
         self.lambda_things = lambda_things
         self.lambda_stuff = lambda_stuff
+        self.deep_supervision = deep_supervision
 
     @torch.no_grad()
     def select_thing_queries(
@@ -318,15 +328,21 @@ class PanopticSegFormerCriterion(nn.Module):
         masks: List[Tensor] = outputs["thing_masks"]
         logits: List[Tensor] = outputs["thing_logits"]
         selection: List[MatchIndices] = outputs["selection"]
-        # Class and box of a selected query come from the location decoder's last layer.
-        last_logits, last_boxes = outputs["pred_logits"][-1], outputs["pred_boxes"][-1]
-        rows = [q.to(last_logits.device) for q, _ in selection]
+        rows = [q.to(logits[-1].device) for q, _ in selection]
+        if len(outputs["pred_logits"]):
+            # Class and box of a selected query come from the location decoder's last layer.
+            last_logits, last_boxes = outputs["pred_logits"][-1], outputs["pred_boxes"][-1]
+            match_logits = [last_logits[i, q] for i, q in enumerate(rows)]
+            match_boxes = [last_boxes[i, q] for i, q in enumerate(rows)]
+        else:  # no location decoder layers: the mask decoder's own classes, no boxes
+            match_logits = [logits[-1][i, : len(q)] for i, q in enumerate(rows)]
+            match_boxes = None
         final = [_upsample_x2(masks[-1][i, : len(q)]) for i, q in enumerate(rows)]
         size = (2 * masks[-1].shape[-2], 2 * masks[-1].shape[-1])
         resized = [_resize_targets(t["thing_masks"], size) for t in targets]
         matches = self.mask_matcher(
-            [last_logits[i, q] for i, q in enumerate(rows)],
-            [last_boxes[i, q] for i, q in enumerate(rows)],
+            match_logits,
+            match_boxes,
             final,
             [t["thing_labels"] for t in targets],
             [t["thing_boxes"] for t in targets],
@@ -339,9 +355,10 @@ class PanopticSegFormerCriterion(nn.Module):
 
         losses = {}
         for j, layer_masks in enumerate(masks):
-            name = "loss_mask_things" if j == len(masks) - 1 else f"t{j}.loss_mask_things"
+            last = j == len(masks) - 1
+            name = "loss_mask_things" if last else f"t{j}.loss_mask_things"
             pred = _upsample_x2(layer_masks[batch_idx, row_idx])
-            losses[name] = self.mask_weight * dice_loss(
+            losses[name] = self._layer_weight(self.mask_weight, last) * dice_loss(
                 pred, target_masks, num_normalizer=num_things
             )
         # Rows that only pad the batch are not queries: no class loss there. (N, Qs, K) targets,
@@ -356,7 +373,8 @@ class PanopticSegFormerCriterion(nn.Module):
             focal = sigmoid_focal_loss(
                 layer_logits[valid], onehot, self.focal_alpha, self.focal_gamma, num_things
             )
-            losses[f"t{j}.loss_cls_things"] = self.thing_class_weight * focal
+            weight = self._layer_weight(self.thing_class_weight, j == len(logits) - 1)
+            losses[f"t{j}.loss_cls_things"] = weight * focal
         return losses
 
     def _stuff_losses(
@@ -377,15 +395,25 @@ class PanopticSegFormerCriterion(nn.Module):
 
         losses = {}
         for j, layer_masks in enumerate(masks):
-            name = "loss_mask_stuff" if j == len(masks) - 1 else f"s{j}.loss_mask_stuff"
+            last = j == len(masks) - 1
+            name = "loss_mask_stuff" if last else f"s{j}.loss_mask_stuff"
             # Only present classes have a target; absent ones have weight 0.
             pred = _upsample_x2(layer_masks[batch_idx, class_idx])
-            losses[name] = self.mask_weight * dice_loss(
+            losses[name] = self._layer_weight(self.mask_weight, last) * dice_loss(
                 pred, target_masks, num_normalizer=num_stuff
             )
         for j, layer_logits in enumerate(logits):
             focal = sigmoid_focal_loss(
                 layer_logits, present, self.focal_alpha, self.focal_gamma, num_stuff
             )
-            losses[f"s{j}.loss_cls_stuff"] = self.class_weight * self.stuff_class_factor * focal
+            weight = self._layer_weight(
+                self.class_weight * self.stuff_class_factor, j == len(logits) - 1
+            )
+            losses[f"s{j}.loss_cls_stuff"] = weight * focal
         return losses
+
+    def _layer_weight(self, weight: float, last_layer: bool) -> float:
+        """A mask decoder loss weight, 0 for the layers before the last without deep
+        supervision (the terms stay, so every parameter still gets a gradient: DDP needs no
+        unused-parameter search)."""
+        return weight if self.deep_supervision or last_layer else 0.0

@@ -3,7 +3,8 @@
 Deformable DETR's decoder with iterative box refinement (not two-stage). Each layer's class and
 box heads are the auxiliary detection branch; the last layer's class scores also rank things at
 inference (authors' code). With ``box_free`` the box head predicts mass centres (x, y) instead
-of boxes (paper Table 6).
+of boxes (paper Table 6). With no layers (Table 6's "0") the learned thing queries go to the mask
+decoder unchanged, and there are no class or box predictions.
 
 Shape shorthand: N batch, Q thing queries, S memory tokens, L levels, C channels, K thing
 classes, B box size (4 for (cx, cy, w, h), 2 for mass centres), D decoder layers.
@@ -92,7 +93,8 @@ class LocationDecoder(nn.Module):
 
     Args:
         layer: the decoder layer to copy D times.
-        num_layers: D.
+        num_layers: D; 0 (paper Table 6) returns the learned queries themselves, with empty
+            (0, N, Q, ...) predictions.
         num_queries: Q thing queries.
         num_classes: K thing classes (sigmoid scores, no "no object" class).
         d_model: channels C.
@@ -111,20 +113,24 @@ class LocationDecoder(nn.Module):
         prior_prob: float = 0.01,
     ) -> None:
         super().__init__()
-        if num_layers < 1 or num_queries < 1 or num_classes < 1:
+        if num_layers < 0 or num_queries < 1 or num_classes < 1:
             raise ValueError(
-                "num_layers, num_queries and num_classes must be positive, got "
+                "num_layers must be >= 0, num_queries and num_classes positive, got "
                 f"{num_layers}, {num_queries}, {num_classes}"
             )
         self.d_model = d_model
         self.box_free = box_free
+        self.num_classes = num_classes
+        self.box_dim = 2 if box_free else 4
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
-        # Each query embedding holds its positional part and its content part (2C).
-        self.query_embed = nn.Embedding(num_queries, 2 * d_model)
-        self.reference_points = nn.Linear(d_model, 2)
-        box_dim = 2 if box_free else 4
+        # Each query embedding holds its positional part and its content part (2C); without
+        # layers only the content part is used, so only it exists.
+        self.query_embed = nn.Embedding(num_queries, (2 if num_layers else 1) * d_model)
+        self.reference_points = nn.Linear(d_model, 2) if num_layers else None
         self.class_heads = nn.ModuleList(nn.Linear(d_model, num_classes) for _ in range(num_layers))
-        self.box_heads = nn.ModuleList(MLP(d_model, d_model, box_dim, 3) for _ in range(num_layers))
+        self.box_heads = nn.ModuleList(
+            MLP(d_model, d_model, self.box_dim, 3) for _ in range(num_layers)
+        )
         self.reset_parameters(prior_prob)
 
     def reset_parameters(self, prior_prob: float = 0.01) -> None:
@@ -136,14 +142,15 @@ class LocationDecoder(nn.Module):
         for module in self.layers.modules():
             if isinstance(module, MSDeformAttn):
                 module.reset_parameters()
-        nn.init.xavier_uniform_(self.reference_points.weight)
-        nn.init.zeros_(self.reference_points.bias)
+        if self.reference_points is not None:
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
         for head in self.class_heads:
             nn.init.constant_(head.bias, -math.log((1 - prior_prob) / prior_prob))
         for head in self.box_heads:
             nn.init.zeros_(head.layers[-1].weight)
             nn.init.zeros_(head.layers[-1].bias)
-        if not self.box_free:
+        if self.box_heads and not self.box_free:
             # Only the first layer sets the initial size; later layers start with zero deltas
             # and so keep it (Deformable DETR's box-refinement initialisation).
             nn.init.constant_(self.box_heads[0].layers[-1].bias[2:], -2.0)
@@ -170,6 +177,14 @@ class LocationDecoder(nn.Module):
             - "pred_boxes" (Tensor): (D, N, Q, B) normalised boxes (cx, cy, w, h) or centres.
         """
         n = memory.shape[0]
+        if not self.layers:
+            queries = self.query_embed.weight[None].expand(n, -1, -1)
+            empty = queries.new_zeros((0, *queries.shape[:2]))
+            return {
+                "queries": queries,
+                "pred_logits": empty[..., None].expand(-1, -1, -1, self.num_classes),
+                "pred_boxes": empty[..., None].expand(-1, -1, -1, self.box_dim),
+            }
         # (Q, 2C) -> 2 x (N, Q, C)
         query_pos, tgt = self.query_embed.weight.split(self.d_model, dim=1)
         query_pos = query_pos[None].expand(n, -1, -1)

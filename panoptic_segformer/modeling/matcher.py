@@ -152,7 +152,7 @@ def dice_cost(
 
 def mask_decoder_matching_cost(
     logits: Tensor,
-    pred_boxes: Tensor,
+    pred_boxes: Optional[Tensor],
     pred_masks: Tensor,
     target_labels: Tensor,
     target_boxes: Tensor,
@@ -172,7 +172,8 @@ def mask_decoder_matching_cost(
 
     Args:
         logits (Tensor): (Q, K) class logits.
-        pred_boxes (Tensor): (Q, B) normalised cxcywh boxes, or (Q, 2) mass centres.
+        pred_boxes (Tensor, optional): (Q, B) normalised cxcywh boxes, or (Q, 2) mass
+            centres; None (a model without location decoder layers) leaves out the box costs.
         pred_masks (Tensor): (Q, H, W) masks, convention named by ``mask_activation``.
         target_labels (Tensor): (T,) int64 classes.
         target_boxes (Tensor): (T, B) in the same form.
@@ -188,11 +189,12 @@ def mask_decoder_matching_cost(
     Returns:
         Tensor: (Q, T) costs.
     """
-    return (
-        cost_class * focal_class_cost(logits, target_labels, focal_alpha, focal_gamma)
-        + box_cost(pred_boxes, target_boxes, cost_bbox, cost_giou)
-        + cost_dice * dice_cost(pred_masks, target_masks, mask_activation)
-    )
+    cost = cost_class * focal_class_cost(
+        logits, target_labels, focal_alpha, focal_gamma
+    ) + cost_dice * dice_cost(pred_masks, target_masks, mask_activation)
+    if pred_boxes is not None:
+        cost = cost + box_cost(pred_boxes, target_boxes, cost_bbox, cost_giou)
+    return cost
 
 
 def _to_numpy_cost(cost: Tensor) -> np.ndarray:
@@ -412,7 +414,7 @@ class MaskDecoderMatcher(nn.Module):
     def forward(
         self,
         pred_logits: Sequence[Tensor],
-        pred_boxes: Sequence[Tensor],
+        pred_boxes: Optional[Sequence[Tensor]],
         pred_masks: Sequence[Tensor],
         target_labels: Sequence[Tensor],
         target_boxes: Sequence[Tensor],
@@ -424,7 +426,8 @@ class MaskDecoderMatcher(nn.Module):
 
         Args:
             pred_logits (Sequence[Tensor]): N tensors (Q_i, K) class logits.
-            pred_boxes (Sequence[Tensor]): N tensors (Q_i, B) boxes or centres.
+            pred_boxes (Sequence[Tensor], optional): N tensors (Q_i, B) boxes or centres;
+                None matches without box costs (no location decoder layers).
             pred_masks (Sequence[Tensor]): N tensors (Q_i, H, W) masks.
             target_labels (Sequence[Tensor]): N tensors (T_i,) int64.
             target_boxes (Sequence[Tensor]): N tensors (T_i, B) in the same form.
@@ -437,6 +440,8 @@ class MaskDecoderMatcher(nn.Module):
         Raises:
             ValueError: an image has more things than queries.
         """
+        if pred_boxes is None:
+            pred_boxes = [None] * len(pred_logits)
         _check_batch(pred_logits, pred_boxes, pred_masks, target_labels, target_boxes, target_masks)
         return [
             hungarian_match(

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion
+from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion, split_targets
 from panoptic_segformer.modeling.decoupled_mask_decoder import DecoupledMaskDecoder, gather_queries
 from panoptic_segformer.modeling.encoder import (
     DeformableEncoder,
@@ -42,6 +42,8 @@ from panoptic_segformer.modeling.postprocessing import (
 
 MERGERS = {"mask_wise": mask_wise_merging, "pixel_argmax": pixel_wise_argmax}
 RESULT_TYPES = ("panoptic_seg", "instances", "sem_seg")
+# where the classes of the thing queries come from at inference
+THING_CLASS_SOURCES = ("location_decoder", "mask_decoder")
 
 
 class PanopticSegFormer(nn.Module):
@@ -68,6 +70,15 @@ class PanopticSegFormer(nn.Module):
         result_types: what :meth:`postprocess` returns, any of "panoptic_seg", "instances"
             and "sem_seg". Panoptic only by default: the other two need every query's mask
             at full resolution, several times the cost of the merging.
+        thing_classes_from: at inference, the classes and scores of things come from the
+            location decoder's last class head ("location_decoder", the authors' code) or from
+            the thing mask decoder's last class head ("mask_decoder", paper Sec. 3.3.3; its
+            class loss weight must then be positive). Without location decoder layers only
+            "mask_decoder" can classify.
+        joint_matching: one query set for things and stuff (paper Table 8): the location
+            decoder and the thing mask decoder classify into all K + Z classes, there are no
+            stuff queries, and every segment is matched as a thing is. The parts must be built
+            so (:func:`build_panoptic_segformer` does).
     """
 
     def __init__(
@@ -86,6 +97,8 @@ class PanopticSegFormer(nn.Module):
         merge: str = "mask_wise",
         merge_kwargs: Optional[Dict[str, float]] = None,
         result_types: Sequence[str] = ("panoptic_seg",),
+        thing_classes_from: str = "location_decoder",
+        joint_matching: bool = False,
     ) -> None:
         super().__init__()
         if merge not in MERGERS:
@@ -97,6 +110,16 @@ class PanopticSegFormer(nn.Module):
             )
         if max_detections < 1:
             raise ValueError(f"max_detections must be positive, got {max_detections}")
+        _check_class_source(thing_classes_from, location_decoder, criterion)
+        query_classes = num_thing_classes + (num_stuff_classes if joint_matching else 0)
+        stuff_queries = 0 if joint_matching else num_stuff_classes
+        built = (location_decoder.num_classes, mask_decoder.num_stuff_classes)
+        if built != (query_classes, stuff_queries):
+            raise ValueError(
+                f"with joint_matching={joint_matching}, the location decoder must classify into "
+                f"{query_classes} classes and the mask decoder hold {stuff_queries} stuff "
+                f"queries; they were built for {built[0]} and {built[1]}"
+            )
         self.backbone = backbone
         self.neck = neck
         self.position_encoding = position_encoding
@@ -113,6 +136,8 @@ class PanopticSegFormer(nn.Module):
             MERGERS[merge], dict(merge_kwargs or {}), f"merge={merge!r}"
         )
         self.result_types = tuple(result_types)
+        self.thing_classes_from = thing_classes_from
+        self.joint_matching = joint_matching
         d_model = location_decoder.d_model
         num_levels = len(neck.lateral_convs) + len(neck.extra_convs)
         self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
@@ -164,8 +189,9 @@ class PanopticSegFormer(nn.Module):
         Returns:
             With targets, the criterion's losses. Without, a dict with
             ``thing_masks`` (N, k, H1, W1), ``thing_scores`` (N, k), ``thing_labels`` (N, k) in
-            [0, K), ``thing_boxes`` (N, k, B) normalised, ``stuff_masks`` (N, Z, H1, W1) and
-            ``stuff_scores`` (N, Z); masks cover the padded input.
+            [0, K) (in [0, K + Z) with joint matching), ``thing_boxes`` (N, k, B) normalised
+            (only with location decoder layers), ``stuff_masks`` (N, Z, H1, W1) and
+            ``stuff_scores`` (N, Z) (Z = 0 with joint matching); masks cover the padded input.
         """
         feats = self.neck(features)
         masks = [
@@ -197,9 +223,13 @@ class PanopticSegFormer(nn.Module):
     ) -> Dict[str, Tensor]:
         if self.criterion is None:
             raise RuntimeError("this model has no criterion; build it with one to train")
-        selection = self.criterion.select_thing_queries(
-            located["pred_logits"][-1], located["pred_boxes"][-1], targets
-        )
+        if len(located["pred_logits"]):
+            selection = self.criterion.select_thing_queries(
+                located["pred_logits"][-1], located["pred_boxes"][-1], targets
+            )
+        else:  # no location decoder layers: every query goes on, matched by the mask decoder
+            every = torch.arange(located["queries"].shape[1], device=located["queries"].device)
+            selection = [(every, every[:0]) for _ in targets]
         thing_queries, _ = gather_queries(located["queries"], [q for q, _ in selection])
         things = self.mask_decoder.forward_things(thing_queries, memory, shapes, padding)
         stuff = self.mask_decoder.forward_stuff(memory, shapes, padding)
@@ -221,29 +251,63 @@ class PanopticSegFormer(nn.Module):
         shapes: List[Tuple[int, int]],
         padding: Tensor,
     ) -> Dict[str, Tensor]:
-        # Thing classes come from the location decoder: top-k of its (Q x K) sigmoid scores;
-        # a query may be kept for several classes.
-        logits = located["pred_logits"][-1]  # (N, Q, K)
-        num_classes = logits.shape[-1]
-        scores = logits.sigmoid().flatten(1)  # (N, Q*K)
-        top_scores, top = scores.topk(min(self.max_detections, scores.shape[1]), dim=1)
-        query_idx, labels = top // num_classes, top % num_classes
-        queries = located["queries"]
-        # (N, k) -> (N, k, C) gather of the kept queries
-        kept = queries.gather(1, query_idx[..., None].expand(-1, -1, queries.shape[-1]))
-        boxes = located["pred_boxes"][-1]
-        kept_boxes = boxes.gather(1, query_idx[..., None].expand(-1, -1, boxes.shape[-1]))
         layers = self.mask_decoder_layers
-        things = self.mask_decoder.forward_things(kept, memory, shapes, padding, layers)
+        queries = located["queries"]
+        if self.thing_classes_from == "location_decoder":
+            # Top-k of the location decoder's (Q x K) sigmoid scores; a query may be kept for
+            # several classes.
+            top_scores, query_idx, labels = _top_detections(
+                located["pred_logits"][-1], self.max_detections
+            )
+            things = self.mask_decoder.forward_things(
+                _gather(queries, query_idx), memory, shapes, padding, layers
+            )
+            thing_masks = things["masks"][-1]
+        else:
+            # The mask decoder classifies (Sec. 3.3.3). It runs on the location decoder's k
+            # best queries (by their highest class score), as in training it runs on those
+            # the filter selects near the things; without location decoder layers, on all.
+            if len(located["pred_logits"]):
+                best = located["pred_logits"][-1].amax(dim=-1)  # (N, Q)
+                candidates = best.topk(min(self.max_detections, best.shape[1]), dim=1).indices
+            else:
+                candidates = torch.arange(queries.shape[1], device=queries.device)
+                candidates = candidates[None].expand(queries.shape[0], -1)
+            things = self.mask_decoder.forward_things(
+                _gather(queries, candidates), memory, shapes, padding, layers
+            )
+            top_scores, local_idx, labels = _top_detections(
+                things["logits"][-1], self.max_detections
+            )
+            query_idx = candidates.gather(1, local_idx)
+            thing_masks = _gather(things["masks"][-1], local_idx)
         stuff = self.mask_decoder.forward_stuff(memory, shapes, padding, layers)
-        return {
-            "thing_masks": things["masks"][-1],
+        outputs = {
+            "thing_masks": thing_masks,
             "thing_scores": top_scores,
             "thing_labels": labels,
-            "thing_boxes": kept_boxes,
             "stuff_masks": stuff["masks"][-1],
             "stuff_scores": stuff["logits"][-1].sigmoid(),
         }
+        if len(located["pred_boxes"]):
+            outputs["thing_boxes"] = _gather(located["pred_boxes"][-1], query_idx)
+        return outputs
+
+    def split_targets(
+        self, labels: Tensor, masks: Tensor, image_size: Tuple[int, int]
+    ) -> Dict[str, Tensor]:
+        """One image's segments as this model's criterion targets (:func:`split_targets`);
+        with joint matching every segment is a target of the thing queries.
+
+        Args:
+            labels (Tensor): (T,) int64 model class ids: things [0, K), stuff [K, K + Z).
+            masks (Tensor): (T, Hm, Wm) bool masks at the padded input resolution.
+            image_size: (h, w) of the valid image inside the masks.
+        """
+        total = self.num_thing_classes + self.num_stuff_classes
+        things = total if self.joint_matching else self.num_thing_classes
+        box_free = self.location_decoder.box_free
+        return split_targets(labels, masks, image_size, things, total - things, box_free)
 
     def postprocess(
         self,
@@ -280,7 +344,8 @@ class PanopticSegFormer(nn.Module):
             )
         mask_h, mask_w = outputs["thing_masks"].shape[-2:]
         num_kept = outputs["thing_scores"].shape[1]
-        stuff_labels = torch.arange(self.num_stuff_classes, device=outputs["stuff_scores"].device)
+        stuff_scores = outputs["stuff_scores"]
+        stuff_labels = torch.arange(stuff_scores.shape[1], device=stuff_scores.device)
         results = []
         for i, ((h, w), out_size) in enumerate(zip(image_sizes, output_sizes)):
             # (k + Z, H1, W1) cropped to the valid part at stride 8
@@ -292,7 +357,8 @@ class PanopticSegFormer(nn.Module):
             ]
             scores = torch.cat([outputs["thing_scores"][i], outputs["stuff_scores"][i]])
             labels = torch.cat([outputs["thing_labels"][i], stuff_labels + self.num_thing_classes])
-            is_thing = torch.arange(len(scores), device=scores.device) < num_kept
+            # (with joint matching, thing queries also predict stuff classes)
+            is_thing = labels < self.num_thing_classes
 
             def resize(x: Tensor) -> Tensor:
                 if x.shape[0] == 0:
@@ -317,10 +383,12 @@ class PanopticSegFormer(nn.Module):
                         resize(masks[keep]), *chosen, **self.merge_kwargs
                     )
             if "instances" in self.result_types:
+                # the thing queries' results of thing classes
+                rows = is_thing.nonzero().squeeze(1)
                 result["instances"] = instance_results(
-                    resized[:num_kept],
-                    scores[:num_kept],
-                    labels[:num_kept],
+                    resized[rows],
+                    scores[rows],
+                    labels[rows],
                     max_detections=self.max_detections,
                     # the merging's confidence exponents (pixel-wise argmax has none: the
                     # authors' 1 and 2)
@@ -350,6 +418,38 @@ class PanopticSegFormer(nn.Module):
         return mask_wise_candidates(peak, scores, is_thing, **{n: options[n] for n in names})
 
 
+def _check_class_source(
+    source: str, location_decoder: LocationDecoder, criterion: Optional[PanopticSegFormerCriterion]
+) -> None:
+    if source not in THING_CLASS_SOURCES:
+        raise ValueError(f"thing_classes_from must be one of {THING_CLASS_SOURCES}, got {source!r}")
+    if source == "location_decoder" and not location_decoder.layers:
+        raise ValueError(
+            "a location decoder of 0 layers predicts no classes: take the thing classes from "
+            "the mask decoder (thing_classes_from='mask_decoder')"
+        )
+    if source == "mask_decoder" and criterion is not None and criterion.thing_class_weight <= 0:
+        raise ValueError(
+            "thing classes from the mask decoder need its class heads trained, but the "
+            f"criterion's thing_class_weight is {criterion.thing_class_weight}; make it positive"
+        )
+
+
+def _top_detections(logits: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Top-k of the (N, Q, K) sigmoid class scores over queries x classes: scores, query
+    indices and classes, each (N, min(k, Q K))."""
+    num_classes = logits.shape[-1]
+    scores = logits.sigmoid().flatten(1)  # (N, Q*K)
+    top_scores, top = scores.topk(min(k, scores.shape[1]), dim=1)
+    return top_scores, top // num_classes, top % num_classes
+
+
+def _gather(values: Tensor, index: Tensor) -> Tensor:
+    """values (N, Q, ...) at the (N, k) query indices -> (N, k, ...)."""
+    expanded = index.reshape(*index.shape, *([1] * (values.dim() - 2)))
+    return values.gather(1, expanded.expand(-1, -1, *values.shape[2:]))
+
+
 def build_panoptic_segformer(
     backbone: Optional[nn.Module],
     in_channels: Sequence[int],
@@ -368,6 +468,7 @@ def build_panoptic_segformer(
     num_stuff_mask_layers: int = 6,
     mask_mlp_ratio: float = 4.0,
     box_free: bool = False,
+    joint_matching: bool = False,
     criterion: Optional[PanopticSegFormerCriterion] = None,
     with_criterion: bool = True,
     **inference_kwargs: object,
@@ -384,23 +485,31 @@ def build_panoptic_segformer(
             3 as the paper's text.
         n_heads, n_points: of every deformable attention (8, 4).
         d_ffn, dropout: of the encoder and location decoder FFNs (1024, 0.1).
-        num_encoder_layers, num_decoder_layers: 6 and 6.
+        num_encoder_layers, num_decoder_layers: 6 and 6; 0 decoder layers (paper Table 6)
+            needs ``thing_classes_from="mask_decoder"``.
         num_queries: thing queries (300).
         num_thing_mask_layers, num_stuff_mask_layers: mask decoder stacks (4 and 6).
         mask_mlp_ratio: MLP ratio of the mask decoder layers (4).
         box_free: location decoder predicts mass centres (paper Table 6).
-        criterion: the losses; None builds the default one (unless ``with_criterion`` is off).
+        joint_matching: one set of ``num_queries`` queries classified into all K + Z classes
+            and no stuff queries (paper Table 8; its fair comparison uses 300 + 53 = 353).
+        criterion: the losses; None builds the default one (unless ``with_criterion`` is off),
+            for K + Z thing classes and no stuff with joint matching.
         with_criterion: False builds an inference-only model.
-        **inference_kwargs: ``max_detections``, ``mask_decoder_layers``, ``merge`` and
-            ``merge_kwargs`` of :class:`PanopticSegFormer`.
+        **inference_kwargs: ``max_detections``, ``mask_decoder_layers``, ``merge``,
+            ``merge_kwargs``, ``result_types`` and ``thing_classes_from`` of
+            :class:`PanopticSegFormer`.
     """
     if num_feature_levels < MASK_LEVELS:
         raise ValueError(
             f"num_feature_levels must be at least {MASK_LEVELS} (the mask decoder reads three), "
             f"got {num_feature_levels}"
         )
+    # classes of the thing queries and number of stuff queries
+    query_classes = num_thing_classes + (num_stuff_classes if joint_matching else 0)
+    stuff_queries = 0 if joint_matching else num_stuff_classes
     if criterion is None and with_criterion:
-        criterion = PanopticSegFormerCriterion(num_thing_classes, num_stuff_classes)
+        criterion = PanopticSegFormerCriterion(query_classes, stuff_queries)
     encoder_layer = DeformableEncoderLayer(
         d_model, d_ffn, dropout, num_feature_levels, n_heads, n_points
     )
@@ -416,13 +525,13 @@ def build_panoptic_segformer(
             decoder_layer,
             num_decoder_layers,
             num_queries,
-            num_thing_classes,
+            query_classes,
             d_model,
             box_free=box_free,
         ),
         mask_decoder=DecoupledMaskDecoder(
-            num_thing_classes,
-            num_stuff_classes,
+            query_classes,
+            stuff_queries,
             d_model,
             n_heads,
             mask_mlp_ratio,
@@ -432,5 +541,6 @@ def build_panoptic_segformer(
         criterion=criterion if with_criterion else None,
         num_thing_classes=num_thing_classes,
         num_stuff_classes=num_stuff_classes,
+        joint_matching=joint_matching,
         **inference_kwargs,
     )

@@ -497,14 +497,17 @@ def pixel_wise_argmax(
     *,
     score_threshold: float = 0.25,
     mask_threshold: float = 0.5,
+    class_weighted: bool = True,
 ) -> Tuple[Tensor, List[SegmentInfo]]:
-    """The pixel-wise argmax baseline of the paper's Table 7.
+    """The pixel-wise argmax baselines of the paper's Table 7.
 
     Table 7's "(p*)" variant "considers both class probability and mask prediction probability in
-    its pixel-wise argmax strategy [3]" (MaskFormer). The rule implemented here:
+    its pixel-wise argmax strategy [3]" (MaskFormer); its "(p)" is the plain pixel-wise argmax of
+    DETR, over the mask values alone. The rule implemented here:
 
     1. Drop queries with class probability p below ``score_threshold``.
-    2. Each pixel takes the remaining query q* = argmax_q p_q * m_q[h, w] (ties: lowest index).
+    2. Each pixel takes the remaining query q* = argmax_q p_q * m_q[h, w] ("(p*)",
+       ``class_weighted``) or q* = argmax_q m_q[h, w] ("(p)"); ties: lowest index.
     3. The pixel is void if no query remains or m_{q*}[h, w] <= ``mask_threshold`` (the winner's
        own mask does not cover it), as in MaskFormer's panoptic inference.
     4. Every query that wins at least one pixel is a segment, in query order; stuff queries of
@@ -519,6 +522,7 @@ def pixel_wise_argmax(
         is_thing (Tensor): (Q,) bool, True for thing queries.
         score_threshold: minimum class probability of a query, in [0, 1].
         mask_threshold: binarisation threshold of the mask values, in [0, 1].
+        class_weighted: weight the mask values by the class probability in the argmax.
 
     Returns:
         panoptic_seg (Tensor): (H, W) int32 segment ids, 0 = void.
@@ -538,7 +542,8 @@ def pixel_wise_argmax(
         return panoptic_seg, []
 
     masks = mask_logits[kept]
-    winner = (scores[kept, None, None] * masks).argmax(dim=0)  # (H, W) index into kept
+    weighted = scores[kept, None, None] * masks if class_weighted else masks
+    winner = weighted.argmax(dim=0)  # (H, W) index into kept
     covered = masks.gather(0, winner[None]).squeeze(0) > mask_threshold
 
     # Map each kept query to its segment id (0 where it wins no pixel).

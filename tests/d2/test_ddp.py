@@ -35,7 +35,19 @@ SWITCHES = {
     "pixel argmax": [PS + "TEST.MERGE", "pixel_argmax"],
     "thing class loss": [PS + "THING_CLASS_WEIGHT", "1.0"],
     "fixed lambdas": [PS + "LAMBDA_THINGS", "1.0", PS + "LAMBDA_STUFF", "1.0"],
-}
+    # the paper's ablations (Tables 6, 8, Fig. 5, Sec. 3.3.3)
+    "location decoder of 0 layers": [
+        PS + "DEC_LAYERS", "0",
+        PS + "TEST.THING_CLASSES_FROM", "mask_decoder",
+        PS + "THING_CLASS_WEIGHT", "2.0",
+    ],
+    "location decoder of 1 layer": [PS + "DEC_LAYERS", "1"],
+    "joint matching": [PS + "JOINT_MATCHING", "True"],
+    "no deep supervision": [PS + "DEEP_SUPERVISION", "False"],
+    "mask decoder classes": [
+        PS + "TEST.THING_CLASSES_FROM", "mask_decoder", PS + "THING_CLASS_WEIGHT", "2.0",
+    ],
+}  # fmt: skip
 # batches of two images by their classes (contiguous ids: 0..79 things, 80.. stuff)
 BATCHES = {
     "things and stuff": ([3, 90], [7]),

@@ -197,3 +197,42 @@ def test_loss_weights_lambda_are_both_fixed_or_both_per_batch():
 
 def test_class_id_maps_without_metadata_is_things_first():
     assert class_id_maps(None, 2, 3) == ([0, 1], [2, 3, 4])
+
+
+def test_paper_switches_build_what_they_name():
+    ps = "MODEL.PANOPTIC_SEGFORMER."
+    mask_classes = [
+        ps + "TEST.THING_CLASSES_FROM",
+        "mask_decoder",
+        ps + "THING_CLASS_WEIGHT",
+        "2.0",
+    ]
+    # Table 6: a location decoder of 0 layers, its queries straight to the mask decoder
+    model, _ = tiny_model(ps + "DEC_LAYERS", "0", *mask_classes)
+    assert len(model.model.location_decoder.layers) == 0
+    assert model.model.thing_classes_from == "mask_decoder"
+    # Table 8: joint matching, NUM_QUERIES + NUM_STUFF_CLASSES queries over all 133 classes
+    model, _ = tiny_model(ps + "JOINT_MATCHING", "True")
+    assert model.model.joint_matching and model.model.criterion.num_stuff_classes == 0
+    assert model.model.location_decoder.query_embed.num_embeddings == 20 + 53
+    assert model.model.location_decoder.class_heads[0].out_features == 133
+    assert model.model.mask_decoder.thing_class_heads[0].out_features == 133
+    # Fig. 5: without deep supervision; Table 7: the plain pixel-wise argmax "(p)"
+    model, _ = tiny_model(
+        ps + "DEEP_SUPERVISION", "False",
+        ps + "TEST.MERGE", "pixel_argmax",
+        ps + "TEST.PIXEL_ARGMAX_CLASS_WEIGHTED", "False",
+    )  # fmt: skip
+    assert not model.model.criterion.deep_supervision
+    assert model.model.merge_kwargs["class_weighted"] is False
+    # what nothing would classify or train is refused, naming the keys
+    with pytest.raises(
+        ValueError, match="DEC_LAYERS is 0: .*TEST.THING_CLASSES_FROM to 'mask_decoder'"
+    ):
+        tiny_model(ps + "DEC_LAYERS", "0")
+    with pytest.raises(
+        ValueError, match=r"THING_CLASSES_FROM is 'mask_decoder' but .*THING_CLASS_WEIGHT is 0.0"
+    ):
+        tiny_model(ps + "TEST.THING_CLASSES_FROM", "mask_decoder")
+    with pytest.raises(ValueError, match="thing_classes_from must be one of .* got 'masks'"):
+        tiny_model(ps + "TEST.THING_CLASSES_FROM", "masks")

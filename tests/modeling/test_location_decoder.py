@@ -103,8 +103,23 @@ def test_gradients_reach_every_parameter():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="must be positive, got 6, 0, 80"):
+    with pytest.raises(ValueError, match="num_queries and num_classes positive, got 6, 0, 80"):
         LocationDecoder(LocationDecoderLayer(), num_queries=0)
+    with pytest.raises(ValueError, match="num_layers must be >= 0, .* got -1, 300, 80"):
+        LocationDecoder(LocationDecoderLayer(), num_layers=-1)
+
+
+@pytest.mark.parametrize("box_free, box_dim", [(False, 4), (True, 2)])
+def test_zero_layers_pass_the_learned_queries_on(box_free, box_dim):
+    # paper Table 6's "0": no location decoding, no predictions, no unused parameters
+    decoder = make_decoder(box_free, num_layers=0)
+    out = run(decoder)
+    torch.testing.assert_close(out["queries"], decoder.query_embed.weight.expand(2, 7, 32))
+    assert out["pred_logits"].shape == (0, 2, 7, 5)
+    assert out["pred_boxes"].shape == (0, 2, 7, box_dim)
+    assert [name for name, _ in decoder.named_parameters()] == ["query_embed.weight"]
+    out["queries"].sum().backward()
+    assert decoder.query_embed.weight.grad.abs().sum() > 0
 
 
 def test_mlp_and_inverse_sigmoid():

@@ -96,11 +96,31 @@ def test_inference_shapes_and_postprocess():
 def test_inference_switches():
     torch.manual_seed(0)
     images, padding, _ = synthetic_batch()
-    early = tiny_model(mask_decoder_layers=1).eval()
+    # early exit: the first layer's masks, from a stack of two layers and a tail; the second
+    # layer and the tails do not run
+    model = tiny_model(num_thing_mask_layers=2, num_stuff_mask_layers=2).eval()
+    layer_masks = {}
+    for stack in ("things", "stuff"):
+        for name, module in [
+            ("0", getattr(model.mask_decoder, stack).layers[0]),
+            ("1", getattr(model.mask_decoder, stack).layers[1]),
+            ("tail", getattr(model.mask_decoder, stack).tail),
+        ]:
+            module.register_forward_hook(
+                lambda m, args, out, key=(stack, name): layer_masks.__setitem__(key, out[1])
+            )
     with torch.no_grad():
-        out = early(images, padding)
-    # early exit: the first layer's mask, not the tail's
-    assert out["thing_masks"].shape == (2, 6, 8, 12)
+        full = model(images, padding)
+        assert set(layer_masks) == {(s, n) for s in ("things", "stuff") for n in ("0", "1", "tail")}
+        torch.testing.assert_close(full["thing_masks"], layer_masks["things", "tail"])
+        layer_masks.clear()
+        model.mask_decoder_layers = 1
+        early = model(images, padding)
+    assert set(layer_masks) == {("things", "0"), ("stuff", "0")}
+    torch.testing.assert_close(early["thing_masks"], layer_masks["things", "0"])
+    torch.testing.assert_close(early["stuff_masks"], layer_masks["stuff", "0"])
+    assert not torch.allclose(early["thing_masks"], full["thing_masks"])
+    assert not torch.allclose(early["stuff_masks"], full["stuff_masks"])
     argmax = tiny_model(merge="pixel_argmax", merge_kwargs={"score_threshold": 0.0}).eval()
     with torch.no_grad():
         out = argmax(images, padding)
@@ -247,3 +267,163 @@ def test_images_without_segments_train(second_has_things):
     sum(losses.values()).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_thing_classes_from_the_mask_decoder():
+    # Sec. 3.3.3: the mask decoder's last class head classifies the location decoder's k best
+    # queries (by their highest class score); the location decoder's scores are not used
+    torch.manual_seed(0)
+    criterion = PanopticSegFormerCriterion(K, Z, thing_class_weight=2.0)
+    model = tiny_model(thing_classes_from="mask_decoder", criterion=criterion).eval()
+    images, padding, targets = synthetic_batch()
+    captured = {}
+    model.location_decoder.register_forward_hook(lambda m, a, out: captured.update(out))
+    with torch.no_grad():
+        out = model(images, padding)
+        # independent: rerun the thing stack on the 6 queries of the highest location score
+        best = captured["pred_logits"][-1].max(dim=-1).values.argsort(dim=1, descending=True)
+        candidates = best[:, :6]
+        queries = torch.stack([captured["queries"][i, c] for i, c in enumerate(candidates)])
+    seen = {}
+    model.mask_decoder.things.register_forward_hook(lambda m, a, out: seen.update(args=a))
+    with torch.no_grad():
+        model(images, padding)
+        things = model.mask_decoder.forward_things(queries, *seen["args"][1:3], seen["args"][4])
+    scores = things["logits"][-1].sigmoid()  # (2, 6, K)
+    top, index = scores.flatten(1).topk(6, dim=1)
+    torch.testing.assert_close(out["thing_scores"], top)
+    assert torch.equal(out["thing_labels"], index % K)
+    rows = index // K
+    expected_masks = torch.stack([things["masks"][-1][i, r] for i, r in enumerate(rows)])
+    torch.testing.assert_close(out["thing_masks"], expected_masks)
+    expected_boxes = torch.stack(
+        [captured["pred_boxes"][-1][i, candidates[i, r]] for i, r in enumerate(rows)]
+    )
+    torch.testing.assert_close(out["thing_boxes"], expected_boxes)
+    # the location decoder would have scored otherwise
+    location_top = captured["pred_logits"][-1].sigmoid().flatten(1).topk(6, dim=1).values
+    assert not torch.allclose(out["thing_scores"], location_top)
+    with pytest.raises(ValueError, match="criterion's thing_class_weight is 0.0; make it positive"):
+        tiny_model(thing_classes_from="mask_decoder")
+    with pytest.raises(ValueError, match="thing_classes_from must be one of"):
+        tiny_model(thing_classes_from="encoder")
+
+
+def test_location_decoder_of_zero_layers_trains_and_predicts():
+    # Table 6's "0": the learned queries go to the mask decoder, which classifies them and is
+    # matched one to one on its own classes and masks
+    torch.manual_seed(0)
+    criterion = PanopticSegFormerCriterion(K, Z, thing_class_weight=2.0)
+    model = tiny_model(
+        num_decoder_layers=0, thing_classes_from="mask_decoder", criterion=criterion, dropout=0.0
+    )
+    images, padding, targets = synthetic_batch()
+    calls = []
+    real_matcher = criterion.mask_matcher.forward
+    criterion.mask_matcher.forward = lambda *a: calls.append(a) or real_matcher(*a)
+    losses = model(images, padding, targets)
+    assert not [
+        n for n in losses if "bbox" in n or "giou" in n or n.startswith(("d0.", "loss_cls"))
+    ]
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert float(losses["t0.loss_cls_things"].detach()) > 0
+    sum(losses.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    # every query went to the matcher, classified by the thing stack's last head, no boxes
+    logits, boxes, masks = calls[0][:3]
+    assert boxes is None and [len(x) for x in logits] == [12, 12] == [len(m) for m in masks]
+    model.eval()
+    with torch.no_grad():
+        out = model(images, padding)
+    assert "thing_boxes" not in out and out["thing_masks"].shape == (2, 6, 8, 12)
+    assert model.postprocess(out, (64, 96), [(64, 96), (48, 80)])[0]["panoptic_seg"][0].shape == (
+        64,
+        96,
+    )
+    with pytest.raises(ValueError, match="0 layers predicts no classes"):
+        tiny_model(num_decoder_layers=0)
+
+
+def test_without_deep_supervision_only_the_last_mask_layer_is_supervised():
+    torch.manual_seed(0)
+    images, padding, targets = synthetic_batch()
+    model = tiny_model(num_thing_mask_layers=2, num_stuff_mask_layers=2, dropout=0.0)
+    deep = model(images, padding, targets)
+    model.criterion.deep_supervision = False
+    shallow = model(images, padding, targets)
+    assert set(deep) == set(shallow)
+    earlier = [n for n in deep if n.startswith(("t0.", "s0."))]
+    last = ["loss_mask_things", "loss_mask_stuff", "s1.loss_cls_stuff", "t1.loss_cls_things"]
+    assert len(earlier) == 4
+    for name in earlier:
+        assert float(shallow[name].detach()) == 0.0
+        assert name.endswith("cls_things") or float(deep[name].detach()) > 0
+    for name in last + [n for n in deep if n.startswith(("d0.", "loss_"))]:
+        torch.testing.assert_close(shallow[name], deep[name])
+    # the layers' mask heads learn only with deep supervision, the tails' alike in both;
+    # every parameter still has a gradient (maybe zero)
+    grads = {}
+    for name, losses in (("deep", deep), ("shallow", shallow)):
+        model.zero_grad()
+        sum(losses.values()).backward(retain_graph=True)
+        assert [n for n, p in model.named_parameters() if p.grad is None] == []
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if ".to_mask." in n}
+    layer_heads = [n for n in grads["deep"] if ".layers." in n]
+    assert len(layer_heads) == 2 * 2 * 8  # 2 stacks x 2 layers x (3 level maps + fuse) x 2
+    assert all(not grads["shallow"][n].any() for n in layer_heads)
+    assert sum(bool(grads["deep"][n].any()) for n in layer_heads) >= 8
+    for n in grads["deep"]:
+        if ".tail." in n:
+            torch.testing.assert_close(grads["shallow"][n], grads["deep"][n])
+
+
+def test_joint_matching_one_query_set_for_things_and_stuff():
+    # Table 8's "joint matching": the thing queries classify into K + Z classes and there are
+    # no stuff queries; stuff segments are matched and predicted as things are
+    torch.manual_seed(0)
+    model = tiny_model(
+        joint_matching=True, num_queries=12 + Z, result_types=["panoptic_seg", "instances"]
+    )
+    assert model.location_decoder.class_heads[0].out_features == K + Z
+    assert model.mask_decoder.stuff_query.num_embeddings == 0
+    images, padding, targets = synthetic_batch()
+    labels = torch.tensor([0, 2, K + 1])
+    masks = torch.stack(
+        [targets[0]["thing_masks"][0], targets[0]["thing_masks"][1], targets[0]["stuff_masks"][0]]
+    )
+    joint_targets = model.split_targets(labels, masks, (64, 96))
+    assert joint_targets["thing_labels"].tolist() == [0, 2, K + 1]
+    assert len(joint_targets["stuff_labels"]) == 0 and joint_targets["thing_boxes"].shape == (3, 4)
+    second = model.split_targets(torch.tensor([0]), targets[1]["thing_masks"], (48, 80))
+    losses = model(images, padding, [joint_targets, second])
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    # a stuff class predicted by a thing query is a stuff segment, and not an instance
+    model.eval()
+    with torch.no_grad():
+        model.location_decoder.class_heads[-1].bias[K + 1] = 10.0
+        out = model(images, padding)
+    assert out["stuff_masks"].shape == (2, 0, 8, 12)
+    assert (out["thing_labels"] == K + 1).any()
+    out["thing_masks"] = out["thing_masks"] + 1
+    result = model.postprocess(out, (64, 96), [(64, 96), (48, 80)])[0]
+    segments = result["panoptic_seg"][1]
+    assert [(s["category_id"], s["isthing"]) for s in segments if s["category_id"] == K + 1] == [
+        (K + 1, False)
+    ]
+    assert (result["instances"].classes < K).all()
+    with pytest.raises(
+        ValueError, match="must classify into 5 classes and the mask decoder hold 0"
+    ):
+        from panoptic_segformer.modeling.panoptic_segformer import PanopticSegFormer
+
+        PanopticSegFormer(
+            **{k: getattr(model, k) for k in ("backbone", "neck", "position_encoding", "encoder")},
+            location_decoder=tiny_model().location_decoder,
+            mask_decoder=model.mask_decoder,
+            criterion=None,
+            num_thing_classes=K,
+            num_stuff_classes=Z,
+            joint_matching=True,
+        )

@@ -287,6 +287,16 @@ def test_pixel_wise_argmax_hand_built():
     assert [i["score"] for i in infos] == pytest.approx([0.9, 0.5, 0.8])
     seg, infos = pixel_wise_argmax(masks, scores, labels, is_thing, score_threshold=0.95)
     assert infos == [] and not seg.any()
+    # Table 7's plain "(p)": the argmax of the mask values alone. (0,0): query 0's 1.0 beats
+    # 0.6; (0,1): query 1's 1.0 beats 0.5; (1,0): query 1's 0.6 now beats 0.4 and covers the
+    # pixel, which the class-weighted argmax left void.
+    seg, infos = pixel_wise_argmax(masks, scores, labels, is_thing, class_weighted=False)
+    assert torch.equal(seg, torch.tensor([[1, 2, 3, 0], [2, 0, 3, 0]], dtype=torch.int32))
+    # where the class weighting decides: p 0.9 x 0.6 beats p 0.3 x 0.9, the mask values do not
+    masks = torch.tensor([[[0.6]], [[0.9]]])
+    two = (torch.tensor([0.9, 0.3]), torch.tensor([1, 2]), torch.tensor([True, True]))
+    assert pixel_wise_argmax(masks, *two)[1][0]["category_id"] == 1
+    assert pixel_wise_argmax(masks, *two, class_weighted=False)[1][0]["category_id"] == 2
 
 
 def test_instance_results_hand_built():
