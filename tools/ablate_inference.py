@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Inference ablations of one checkpoint on one dataset: mask-wise merging vs pixel-wise argmax
-(paper Table 7) and early exit after the first 1, 2, 3 or all mask-decoder layers (Table 10).
+"""Inference ablations of one checkpoint on one dataset: mask-wise merging vs pixel-wise argmax,
+class-weighted "(p*)" and plain "(p)" (paper Table 7), early exit after the first 1, 2, 3 or all
+mask-decoder layers (Table 10), and thing classes from the mask decoder (Sec. 3.3.3).
 
 Every variant runs the same weights on the same images through detectron2's
-COCOPanopticEvaluator; only the inference switches change (``MERGE`` and
-``MASK_DECODER_LAYERS`` of ``MODEL.PANOPTIC_SEGFORMER.TEST``). Images per second count the
-model's forward and post-processing, not data loading or evaluation.
+COCOPanopticEvaluator; only the inference switches change (``MERGE``,
+``PIXEL_ARGMAX_CLASS_WEIGHTED``, ``MASK_DECODER_LAYERS`` and ``THING_CLASSES_FROM`` of
+``MODEL.PANOPTIC_SEGFORMER.TEST``). Images per second count the model's forward and
+post-processing, not data loading or evaluation. The training switches (Table 6's
+``DEC_LAYERS``, Table 8's ``JOINT_MATCHING``, Fig. 5's ``DEEP_SUPERVISION``) describe the
+checkpoint: pass them as overrides with its weights.
 
     python tools/ablate_inference.py --config-file configs/r50.yaml \
         --output output/ablation MODEL.WEIGHTS model.pth
@@ -30,14 +34,17 @@ import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# variant name -> (merge, mask-decoder layers at inference; None = all)
+# variant name -> inference switches: merge, mask-decoder layers (None = all), and the options
+# that differ from the config's (pixel-argmax class weighting, source of the thing classes)
 VARIANTS = OrderedDict(
     [
-        ("mask_wise", ("mask_wise", None)),
-        ("pixel_argmax", ("pixel_argmax", None)),
-        ("exit_1", ("mask_wise", 1)),
-        ("exit_2", ("mask_wise", 2)),
-        ("exit_3", ("mask_wise", 3)),
+        ("mask_wise", dict(merge="mask_wise", layers=None)),
+        ("pixel_argmax", dict(merge="pixel_argmax", layers=None, class_weighted=True)),  # (p*)
+        ("pixel_argmax_plain", dict(merge="pixel_argmax", layers=None, class_weighted=False)),
+        ("exit_1", dict(merge="mask_wise", layers=1)),
+        ("exit_2", dict(merge="mask_wise", layers=2)),
+        ("exit_3", dict(merge="mask_wise", layers=3)),
+        ("mask_decoder_classes", dict(merge="mask_wise", layers=None, classes="mask_decoder")),
     ]
 )
 METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
@@ -81,16 +88,26 @@ class _Timed(torch.nn.Module):
         return outputs
 
 
-def set_variant(meta: torch.nn.Module, cfg, merge: str, layers: Optional[int]) -> None:
-    """Switches the inference of a built meta-architecture in place."""
+def set_variant(
+    meta: torch.nn.Module,
+    cfg,
+    merge: str,
+    layers: Optional[int],
+    class_weighted: Optional[bool] = None,
+    classes: Optional[str] = None,
+) -> None:
+    """Switches the inference of a built meta-architecture in place (None: the config's)."""
     from panoptic_segformer.meta_arch import merge_kwargs_from_config
     from panoptic_segformer.modeling.panoptic_segformer import MERGERS
     from panoptic_segformer.modeling.postprocessing import merge_options
 
     kwargs = merge_kwargs_from_config(cfg, merge)
+    if class_weighted is not None:
+        kwargs["class_weighted"] = class_weighted
     meta.model.merge = merge
     meta.model.merge_kwargs = merge_options(MERGERS[merge], kwargs, f"merge={merge!r}")
     meta.model.mask_decoder_layers = layers
+    meta.model.thing_classes_from = classes or cfg.MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASSES_FROM
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
@@ -131,11 +148,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     loader = train_net.Trainer.build_test_loader(cfg, dataset)
     rows = OrderedDict()
     for name in tqdm.tqdm(args.variants, desc="variants"):
-        merge, layers = VARIANTS[name]
-        if layers is not None and layers > depth:
+        variant = VARIANTS[name]
+        if variant["layers"] is not None and variant["layers"] > depth:
             print(f"skipping {name}: the thing mask decoder has only {depth} layers")
             continue
-        set_variant(meta, cfg, merge, layers)
+        if (
+            variant.get("classes") == "mask_decoder"
+            and cfg.MODEL.PANOPTIC_SEGFORMER.THING_CLASS_WEIGHT <= 0
+        ):
+            print(
+                f"skipping {name}: MODEL.PANOPTIC_SEGFORMER.THING_CLASS_WEIGHT is "
+                f"{cfg.MODEL.PANOPTIC_SEGFORMER.THING_CLASS_WEIGHT}, the mask decoder's class "
+                "heads were not trained"
+            )
+            continue
+        set_variant(meta, cfg, **variant)
         timed = _Timed(meta)
         evaluator = COCOPanopticEvaluator(dataset, os.path.join(args.output, name))
         results = inference_on_dataset(timed, loader, evaluator)["panoptic_seg"]

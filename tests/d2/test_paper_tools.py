@@ -78,11 +78,13 @@ def test_ablate_inference_table(tmp_path, sample_dataset):
             "MODEL.PANOPTIC_SEGFORMER.STUFF_MASK_LAYERS", "2"]  # fmt: skip
     result = tool.main(
         ["--config-file", R50, "--dataset", sample_dataset, "--num-images", "1",
-         "--variants", "mask_wise,pixel_argmax,exit_1,exit_3",
+         "--variants", "mask_wise,pixel_argmax,pixel_argmax_plain,exit_1,exit_3,"
+                       "mask_decoder_classes",
          "--output", str(tmp_path), *opts]
     )  # fmt: skip
     rows = result["variants"]
-    assert list(rows) == ["mask_wise", "pixel_argmax", "exit_1"]  # exit_3 > 2 layers: skipped
+    # exit_3 > 2 layers, and mask-decoder classes with an untrained class head: skipped
+    assert list(rows) == ["mask_wise", "pixel_argmax", "pixel_argmax_plain", "exit_1"]
     for row in rows.values():
         assert set(row) == {*tool.METRICS, "images_per_second"} and row["images_per_second"] > 0
         assert all(0 <= row[m] <= 100 for m in tool.METRICS)
