@@ -20,6 +20,11 @@ flushed to disk and renamed over the final name (``os.replace``, atomic on POSIX
 named ``*.pth`` or ``last_checkpoint`` is complete, and ``last_checkpoint`` only ever names a
 complete checkpoint. A kill mid-save can leave a ``<name>.pth.tmp``, which the next save of that
 name overwrites.
+
+Every file is read as data (:mod:`panoptic_segformer.safe_load`): detectron2 reads ``.pkl`` with
+``pickle.load`` and torch files with ``torch.load``'s default, which a crafted file makes run
+code (the default does before torch 2.6). A file asking for anything but weights data is refused
+with a ``pickle.UnpicklingError`` naming the file.
 """
 
 import os
@@ -27,6 +32,8 @@ from typing import Any, Callable, Dict, List
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+
+from panoptic_segformer.safe_load import load_pickle, load_torch
 
 __all__ = ["PanopticSegFormerCheckpointer"]
 
@@ -62,8 +69,42 @@ def _write_atomically(path: str, mode: str, write: Callable[[Any], None]) -> Non
 
 
 class PanopticSegFormerCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that raises on missing or mismatched weights and saves
-    atomically (see module)."""
+    """``DetectionCheckpointer`` that reads files as data, raises on missing or mismatched
+    weights and saves atomically (see module)."""
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        """detectron2's ``_load_file`` (same formats, same result) with every file read as data.
+
+        detectron2 reads ``.pkl`` and ``.pyth`` inline with ``pickle.load`` and ``torch.load``,
+        so those two formats are read here; torch files go through the parent (it handles the
+        ``?matching_heuristics=True`` suffix) and its ``_torch_load``, overridden below.
+        """
+        if filename.endswith(".pkl"):
+            data = load_pickle(filename)
+            if "model" in data and "__author__" in data:  # detectron2's model zoo
+                self.logger.info(f"Reading a file from '{data['__author__']}'")
+                return data
+            # Caffe2 / Detectron1: detection models nest their weights under "blobs"
+            data = data.get("blobs", data)
+            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+        if filename.endswith(".pyth"):  # pycls
+            data = load_torch(filename)
+            if "model_state" not in data:
+                raise ValueError(
+                    f"cannot load .pyth file {filename!r}: pycls checkpoints hold 'model_state', "
+                    f"this one {sorted(data)}"
+                )
+            model = {
+                k: v
+                for k, v in data["model_state"].items()
+                if not k.endswith("num_batches_tracked")
+            }
+            return {"model": model, "__author__": "pycls", "matching_heuristics": True}
+        return super()._load_file(filename)
+
+    def _torch_load(self, f: str) -> Dict[str, Any]:
+        return load_torch(f)
 
     def save(self, name: str, **kwargs: Any) -> None:
         """fvcore's ``Checkpointer.save`` (same contents, file name and log line), written

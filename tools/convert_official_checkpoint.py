@@ -8,7 +8,10 @@ built from ``--config-file``, and the result is checked against that model: each
 either renamed or explicitly ignored (below), each model entry is filled exactly once and every
 shape is equal; otherwise the tool refuses, naming the keys. The output,
 ``{"model": ..., "__author__": ...}``, loads as ``MODEL.WEIGHTS``; a summary of the counts per
-part is printed and written to ``<output>.json``.
+part is printed and written to ``<output>.json``. The input is read as data (``torch.load`` with
+``weights_only=True``: tensors, numbers, strings, lists, tuples and dicts, which is all an mmcv
+checkpoint's ``state_dict``, ``meta`` and ``optimizer`` hold); a file asking for anything else
+could run code, and is refused with a ``pickle.UnpicklingError`` naming it.
 
 No tensor needs a reshape, split or merge: both query embeddings are one (Q, 2C) table in both
 codes, split the same way (location decoder: position then content, as Deformable DETR; stuff

@@ -18,6 +18,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from panoptic_segformer.safe_load import load_torch
+
 # depth -> (torchvision constructor, channels of layer1..layer4)
 _RESNETS: Dict[int, Tuple[Callable[..., nn.Module], List[int]]] = {
     18: (torchvision.models.resnet18, [64, 128, 256, 512]),
@@ -72,8 +74,7 @@ def _read_state_dict(path: str) -> Dict[str, Tensor]:
     ``module.`` / ``model.`` prefix shared by every key. Never downloads anything."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
-    # weights_only: a checkpoint is data, never code to run.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_torch(path)  # data, never code to run
     # mmcv checkpoints nest the weights under "state_dict", the original Swin ones under "model".
     for wrapper in ("state_dict", "model"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):

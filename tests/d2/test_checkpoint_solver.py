@@ -1,11 +1,17 @@
-"""MODEL.WEIGHTS loading never leaves a silently random model; the authors' optimiser."""
+"""MODEL.WEIGHTS loading never leaves a silently random model nor runs code from the file; the
+authors' optimiser."""
 
+import pickle
+import re
+
+import numpy as np
 import pytest
 
 pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
 
 import torch  # noqa: E402
 from d2_helpers import CONFIGS, TINY, make_cfg  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from panoptic_segformer import PanopticSegFormerCheckpointer  # noqa: E402
@@ -117,11 +123,23 @@ def test_bad_solver_settings_raise():
         build_optimizer(make_cfg(BASE, *TINY, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "x"), model)
 
 
-def test_imagenet_pkl_is_matched_by_name_heuristics(tmp_path):
-    # the format of detectron2://ImageNetPretrained/torchvision/R-50.pkl: numpy arrays under the
-    # backbone's own names, matched onto the model by detectron2's heuristics
-    import pickle
+def write_imagenet_weights(path, weights, protocol=None):
+    """``weights`` (backbone names -> numpy arrays) as ``.pkl`` in the format of
+    detectron2://ImageNetPretrained/torchvision/R-50.pkl, or as pycls' ``.pyth``."""
+    if path.suffix == ".pyth":
+        torch.save({"model_state": {k: torch.from_numpy(v) for k, v in weights.items()}}, path)
+    else:
+        payload = {"model": weights, "__author__": "torchvision", "matching_heuristics": True}
+        path.write_bytes(pickle.dumps(payload, protocol=protocol))
 
+
+# protocol 2: the highest Python 2 wrote
+@pytest.mark.parametrize(
+    "name, protocol", [("R-18.pkl", 2), ("R-18.pkl", pickle.HIGHEST_PROTOCOL), ("R-18.pyth", None)]
+)
+def test_imagenet_weights_are_matched_by_name_heuristics(tmp_path, name, protocol):
+    # numpy arrays (tensors in .pyth) under the backbone's own names, matched onto the model by
+    # detectron2's heuristics
     source = tiny(seed=4)
     weights = {
         k[len("backbone.") :]: v.numpy()
@@ -129,14 +147,52 @@ def test_imagenet_pkl_is_matched_by_name_heuristics(tmp_path):
         if k.startswith("backbone.")
     }
     weights["fc.weight"] = torch.zeros(1000, 512).numpy()  # an ImageNet classifier: unused
-    payload = {"model": weights, "__author__": "torchvision", "matching_heuristics": True}
-    (tmp_path / "R-18.pkl").write_bytes(pickle.dumps(payload))
+    write_imagenet_weights(tmp_path / name, weights, protocol)
     model = tiny(seed=5)
-    PanopticSegFormerCheckpointer(model).load(str(tmp_path / "R-18.pkl"))
+    PanopticSegFormerCheckpointer(model).load(str(tmp_path / name))
     assert torch.equal(model.backbone.res5[1].conv2.weight, source.backbone.res5[1].conv2.weight)
     del weights["res5.1.conv2.weight"]
-    (tmp_path / "R-18-partial.pkl").write_bytes(pickle.dumps(payload))
+    write_imagenet_weights(tmp_path / f"partial-{name}", weights, protocol)
     with pytest.raises(
         RuntimeError, match=r"backbone weights are missing: backbone\.res5\.1\.conv2"
     ):
-        PanopticSegFormerCheckpointer(tiny()).load(str(tmp_path / "R-18-partial.pkl"))
+        PanopticSegFormerCheckpointer(tiny()).load(str(tmp_path / f"partial-{name}"))
+
+
+LEGACY = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+
+@pytest.mark.parametrize(
+    "name, payload",
+    [
+        ("zoo.pkl", {"model": {"a.weight": LEGACY}, "__author__": "Detectron2 Model Zoo"}),
+        ("caffe2.pkl", {"blobs": {"res2_0_branch2a_w": LEGACY, "conv1_w_momentum": LEGACY}}),
+        ("msra.pkl", {"res2_0_branch2a_w": LEGACY, "conv1_w": LEGACY, "conv1_w_momentum": LEGACY}),
+        ("pycls.pyth", {"model_state": {"a.weight": torch.ones(2), "bn.num_batches_tracked": 3}}),
+    ],
+)
+def test_every_format_reads_as_detectron2_reads_it(tmp_path, name, payload):
+    path = str(tmp_path / name)
+    if name.endswith(".pkl"):
+        (tmp_path / name).write_bytes(pickle.dumps(payload, protocol=2))
+    else:
+        torch.save(payload, path)
+    model = torch.nn.Linear(2, 2)  # reading the file does not look at the model
+    ours = PanopticSegFormerCheckpointer(model)._load_file(path)
+    theirs = DetectionCheckpointer(model)._load_file(path)
+    assert ours.keys() == theirs.keys() and ours["model"].keys() == theirs["model"].keys()
+    for key, value in theirs["model"].items():
+        assert type(ours["model"][key]) is type(value)
+        np.testing.assert_array_equal(ours["model"][key], value)
+    assert {k: v for k, v in ours.items() if k != "model"} == {
+        k: v for k, v in theirs.items() if k != "model"
+    }
+
+
+@pytest.mark.parametrize("name", ["R-50.pkl", "model.pth", "RegNetY-4.0GF.pyth"])
+def test_weights_that_would_run_code_are_refused_naming_the_file(crafted_weights, name):
+    path = str(crafted_weights.write(name))
+    model = torch.nn.Linear(2, 2)  # the file is refused before the model is looked at
+    with pytest.raises(pickle.UnpicklingError, match=f"refusing to load '{re.escape(path)}'"):
+        PanopticSegFormerCheckpointer(model).load(path)
+    assert not crafted_weights.marker.exists()

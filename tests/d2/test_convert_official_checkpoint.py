@@ -10,6 +10,7 @@ converted weights compute the same masks, queries and class scores in our mask d
 import copy
 import importlib.util
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -477,7 +478,21 @@ def test_full_size_configs_convert_completely(tool, config):
 
 def test_cli_writes_a_checkpoint_the_checkpointer_loads(tool, tmp_path, capsys):
     official = random_tensors(tiny_shapes())
-    checkpoint = {"meta": {"epoch": 24, "CLASSES": ("person",)}, "state_dict": official}
+    # what mmcv 1.3's save_checkpoint writes for mmdet 2.12's EpochBasedRunner
+    meta = {
+        "env_info": "sys.platform: linux\nPyTorch: 1.8.1",
+        "config": "model = dict(type='PanSeg')",
+        "seed": None,
+        "exp_name": "panformer_r50_24e_coco_panoptic.py",
+        "hook_msgs": {"last_ckpt": "work_dirs/epoch_24.pth"},
+        "epoch": 24,
+        "iter": 88000,
+        "mmcv_version": "1.3.4",
+        "time": "Sat Jun 12 10:00:00 2021",
+        "CLASSES": ("person", "bicycle"),
+    }
+    adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    checkpoint = {"meta": meta, "state_dict": official, "optimizer": adamw.state_dict()}
     torch.save(checkpoint, tmp_path / "official.pth")
     output = tmp_path / "converted.pth"
     args = ["--config-file", str(BASE), "--input", str(tmp_path / "official.pth")]
@@ -500,3 +515,12 @@ def test_cli_writes_a_checkpoint_the_checkpointer_loads(tool, tmp_path, capsys):
     assert tool.main([*args, "--output", str(tmp_path / "refused.pth"), "--opts", *TINY]) == 1
     assert "model.mask_decoder.stuff_query.weight" in capsys.readouterr().err
     assert not (tmp_path / "refused.pth").exists()
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_naming_it(tool, tmp_path, crafted_weights):
+    path = crafted_weights.write("official.pth")
+    output = tmp_path / "converted.pth"
+    args = ["--config-file", str(BASE), "--input", str(path), "--output", str(output)]
+    with pytest.raises(pickle.UnpicklingError, match=f"refusing to load '{re.escape(str(path))}'"):
+        tool.main([*args, "--opts", *TINY])
+    assert not crafted_weights.marker.exists() and not output.exists()

@@ -128,7 +128,7 @@ def train_net(datasets_root, output_dir, flags, opts):
 
 
 def load_weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 @pytest.fixture(scope="module")

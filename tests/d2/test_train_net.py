@@ -4,6 +4,8 @@ detectron2's trainer, a checkpoint, then inference and COCOPanopticEvaluator."""
 import json
 import logging
 import math
+import pickle
+import re
 import sys
 
 import pytest
@@ -35,7 +37,7 @@ def sample_dataset(tmp_path_factory):
     return register_sample(DATASET, instances_json=instances)
 
 
-def args_for(output_dir, *extra, eval_only=False):
+def args_for(output_dir, *extra, eval_only=False, resume=False):
     opts = [
         *TINY,
         "DATASETS.TRAIN", f"('{DATASET}',)",
@@ -54,9 +56,8 @@ def args_for(output_dir, *extra, eval_only=False):
         *extra,
     ]  # fmt: skip
     argv = ["--config-file", str(CONFIGS[0].parent / "r50.yaml")]
-    return default_argument_parser().parse_args(
-        argv + (["--eval-only"] if eval_only else []) + opts
-    )
+    flags = (["--eval-only"] if eval_only else []) + (["--resume"] if resume else [])
+    return default_argument_parser().parse_args(argv + flags + opts)
 
 
 @needs_sample()
@@ -82,6 +83,42 @@ def test_train_then_evaluate(tmp_path, sample_dataset):
     assert {k: v for k, v in written["segm"].items() if k not in nan} == {
         k: v for k, v in again["segm"].items() if k not in nan
     }
+
+
+@needs_sample()
+def test_resume_restores_iteration_optimizer_and_scheduler(tmp_path, sample_dataset):
+    # no test dataset: the evaluation after the last iteration has nothing to do
+    no_test = ["DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", "1"]
+    trained = train_net.Trainer(
+        train_net.setup(args_for(tmp_path, *no_test, "SOLVER.MAX_ITER", "2"))
+    )
+    trained.resume_or_load(resume=False)
+    trained.train()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    longer = args_for(tmp_path, *no_test, "SOLVER.MAX_ITER", "4", resume=True)
+    resumed = train_net.Trainer(train_net.setup(longer))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    assert resumed.scheduler.state_dict() == trained.scheduler.state_dict()
+    assert resumed.scheduler.last_epoch == 2
+    theirs, ours = trained.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert ours["param_groups"] == theirs["param_groups"]
+    assert ours["state"].keys() == theirs["state"].keys() and ours["state"]
+    for index, state in theirs["state"].items():
+        assert state.keys() == ours["state"][index].keys()
+        assert all(torch.equal(ours["state"][index][k], v) for k, v in state.items())
+    assert all(float(state["step"]) == 2 for state in ours["state"].values())
+    model = resumed.model.state_dict()
+    assert all(torch.equal(model[k], v) for k, v in trained.model.state_dict().items())
+
+
+def test_resume_refuses_a_last_checkpoint_that_would_run_code(tmp_path, crafted_weights):
+    path = crafted_weights.write("model_0000099.pth")
+    (tmp_path / "last_checkpoint").write_text(path.name)
+    args = args_for(tmp_path, "MODEL.WEIGHTS", "unused.pth", eval_only=True, resume=True)
+    with pytest.raises(pickle.UnpicklingError, match=f"refusing to load '{re.escape(str(path))}'"):
+        train_net.main(args)
+    assert not crafted_weights.marker.exists()
 
 
 @needs_sample()

@@ -1,0 +1,54 @@
+"""Fixtures shared by the test folders."""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+class _CreatesAFile:
+    """Unpickling it calls ``open(path, "w")``: the file appears if a loader runs the pickle's
+    code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class CraftedWeights:
+    """Writes weight files that create ``marker`` when unpickled by a loader that runs code."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.marker = directory / "created by unpickling"
+
+    def write(self, name: str) -> Path:
+        """``directory / name`` holding a checkpoint of the usual layout (``.pkl``: ``pickle`` of
+        numpy arrays, other names: ``torch.save`` of tensors) with the crafted object after a
+        legitimate weight."""
+        path = self.directory / name
+        pkl = name.endswith(".pkl")
+        weights = {
+            "conv.weight": np.zeros(2) if pkl else torch.zeros(2),  # what the file may hold
+            "conv.bias": _CreatesAFile(self.marker),
+        }
+        # "model_state": the layout of pycls' .pyth
+        checkpoint = {"model": weights, "model_state": weights, "__author__": "crafted"}
+        if pkl:
+            path.write_bytes(pickle.dumps(checkpoint))
+        else:
+            torch.save(checkpoint, path)
+        return path
+
+
+@pytest.fixture
+def crafted_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CraftedWeights:
+    """Crafted weight files in ``tmp_path``; ``torch.load`` without ``weights_only`` runs their
+    code, as it does by default before torch 2.6 (the variable forces that default on newer
+    torch, and is ignored where ``weights_only`` is passed)."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    return CraftedWeights(tmp_path)
