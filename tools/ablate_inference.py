@@ -3,17 +3,20 @@
 (paper Table 7) and early exit after the first 1, 2, 3 or all mask-decoder layers (Table 10).
 
 Every variant runs the same weights on the same images through detectron2's
-COCOPanopticEvaluator; only the inference switches change (``MERGE`` and
-``MASK_DECODER_LAYERS`` of ``MODEL.PANOPTIC_SEGFORMER.TEST``). Images per second count the
-model's forward and post-processing, not data loading or evaluation.
+COCOPanopticEvaluator (PQ) and :class:`panoptic_segformer.evaluation.BoundaryPanopticEvaluator`
+(Boundary PQ of Cheng et al., CVPR 2021, boundary width 2% of the image diagonal: Table 7's right
+half); only the inference switches change (``MERGE`` and ``MASK_DECODER_LAYERS`` of
+``MODEL.PANOPTIC_SEGFORMER.TEST``). Images per second count the model's forward and
+post-processing, not data loading or evaluation.
 
     python tools/ablate_inference.py --config-file configs/r50.yaml \
         --output output/ablation MODEL.WEIGHTS model.pth
     python tools/ablate_inference.py --config-file configs/r50.yaml --num-images 500 \
         --variants mask_wise,pixel_argmax --output output/ablation MODEL.WEIGHTS model.pth
 
-Prints one table (PQ, SQ, RQ of all / things / stuff and images per second per variant) and
-writes it as JSON to --output/ablate_inference.json.
+Prints one table (PQ, SQ, RQ of all / things / stuff, Boundary PQ of all / things / stuff and
+images per second per variant) and writes it as JSON to --output/ablate_inference.json; a kind
+of category (things or stuff) absent from the images gives NaN for its Boundary PQ.
 """
 
 import argparse
@@ -40,7 +43,10 @@ VARIANTS = OrderedDict(
         ("exit_3", ("mask_wise", 3)),
     ]
 )
-METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+# table column -> BoundaryPanopticEvaluator's key
+BOUNDARY_METRICS = OrderedDict([("BPQ", "PQ"), ("BPQ_th", "PQ_th"), ("BPQ_st", "PQ_st")])
+METRICS = PANOPTIC_METRICS + tuple(BOUNDARY_METRICS)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -100,12 +106,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
 
-    from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
+    from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators, inference_on_dataset
     from detectron2.utils.logger import setup_logger
 
     import train_net
     from panoptic_segformer.config import get_config
     from panoptic_segformer.data import register_subset
+    from panoptic_segformer.evaluation import BoundaryPanopticEvaluator
     from panoptic_segformer.predictor import Predictor
 
     setup_logger(name="panoptic_segformer")
@@ -137,9 +144,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             continue
         set_variant(meta, cfg, merge, layers)
         timed = _Timed(meta)
-        evaluator = COCOPanopticEvaluator(dataset, os.path.join(args.output, name))
-        results = inference_on_dataset(timed, loader, evaluator)["panoptic_seg"]
-        rows[name] = {m: results[m] for m in METRICS}
+        evaluator = DatasetEvaluators(
+            [
+                COCOPanopticEvaluator(dataset, os.path.join(args.output, name)),
+                BoundaryPanopticEvaluator(dataset),
+            ]
+        )
+        results = inference_on_dataset(timed, loader, evaluator)
+        rows[name] = {m: results["panoptic_seg"][m] for m in PANOPTIC_METRICS}
+        rows[name].update(
+            {m: results["boundary_panoptic_seg"][k] for m, k in BOUNDARY_METRICS.items()}
+        )
         rows[name]["images_per_second"] = timed.images / timed.seconds
     result = {
         "config": args.config_file,
