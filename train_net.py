@@ -52,7 +52,11 @@ from torch.nn.parallel import DistributedDataParallel
 from panoptic_segformer import PanopticSegFormerCheckpointer
 from panoptic_segformer.config import get_config
 from panoptic_segformer.data import PanopticSegFormerDatasetMapper
-from panoptic_segformer.evaluation import PanopticInstanceEvaluator, check_panoptic_dataset
+from panoptic_segformer.evaluation import (
+    BoundaryPanopticEvaluator,
+    PanopticInstanceEvaluator,
+    check_panoptic_dataset,
+)
 from panoptic_segformer.solver import build_optimizer
 
 
@@ -107,10 +111,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """COCOPanopticEvaluator, COCOEvaluator (instance masks and boxes, where the dataset
-        has an instances json; :class:`PanopticInstanceEvaluator`) and SemSegEvaluator (where
-        it has semantic ground truth), as the results enabled by
-        MODEL.PANOPTIC_SEGFORMER.TEST.*_ON."""
+        """COCOPanopticEvaluator (and :class:`BoundaryPanopticEvaluator` with
+        TEST.BOUNDARY_PQ), COCOEvaluator (instance masks and boxes, where the dataset has an
+        instances json; :class:`PanopticInstanceEvaluator`) and SemSegEvaluator (where it has
+        semantic ground truth), as the results enabled by MODEL.PANOPTIC_SEGFORMER.TEST.*_ON."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         check_panoptic_dataset(dataset_name)
         metadata = MetadataCatalog.get(dataset_name)
@@ -118,6 +122,8 @@ class Trainer(DefaultTrainer):
         evaluators = []
         if test.PANOPTIC_ON:
             evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+            if cfg.TEST.BOUNDARY_PQ:
+                evaluators.append(BoundaryPanopticEvaluator(dataset_name))
         if test.INSTANCE_ON and _ground_truth(metadata, "json_file", "instances json"):
             evaluators.append(PanopticInstanceEvaluator(dataset_name, output_dir=output_folder))
         if test.SEMANTIC_ON and _ground_truth(metadata, "sem_seg_root", "semantic ground truth"):

@@ -32,7 +32,7 @@ def get_config(config_file: str, opts: Sequence[str] = (), cpu_fallback: bool = 
 
 def add_panoptic_segformer_config(cfg: CN) -> None:
     """Adds the keys of Panoptic SegFormer (``MODEL.PANOPTIC_SEGFORMER``, ``MODEL.TIMM``,
-    ``INPUT``, ``SOLVER``) to a detectron2 config, in place."""
+    ``INPUT``, ``SOLVER``, ``TEST``) to a detectron2 config, in place."""
     cfg.MODEL.PANOPTIC_SEGFORMER = CN()
     ps = cfg.MODEL.PANOPTIC_SEGFORMER
     ps.NUM_THING_CLASSES = 80  # K: classes of the location decoder's thing queries
@@ -133,3 +133,6 @@ def add_panoptic_segformer_config(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     cfg.SOLVER.LR_MULTIPLIER_KEYS = ["sampling_offsets", "reference_points"]
+
+    # Evaluation: also report Boundary PQ (Cheng et al., CVPR 2021; Table 7) beside PQ
+    cfg.TEST.BOUNDARY_PQ = False

@@ -4,20 +4,22 @@ class-weighted "(p*)" and plain "(p)" (paper Table 7), early exit after the firs
 mask-decoder layers (Table 10), and thing classes from the mask decoder (Sec. 3.3.3).
 
 Every variant runs the same weights on the same images through detectron2's
-COCOPanopticEvaluator; only the inference switches change (``MERGE``,
-``PIXEL_ARGMAX_CLASS_WEIGHTED``, ``MASK_DECODER_LAYERS`` and ``THING_CLASSES_FROM`` of
-``MODEL.PANOPTIC_SEGFORMER.TEST``). Images per second count the model's forward and
-post-processing, not data loading or evaluation. The training switches (Table 6's
-``DEC_LAYERS``, Table 8's ``JOINT_MATCHING``, Fig. 5's ``DEEP_SUPERVISION``) describe the
-checkpoint: pass them as overrides with its weights.
+COCOPanopticEvaluator (PQ) and :class:`panoptic_segformer.evaluation.BoundaryPanopticEvaluator`
+(Boundary PQ of Cheng et al., CVPR 2021, boundary width 2% of the image diagonal: Table 7's right
+half); only the inference switches change (``MERGE``, ``PIXEL_ARGMAX_CLASS_WEIGHTED``,
+``MASK_DECODER_LAYERS`` and ``THING_CLASSES_FROM`` of ``MODEL.PANOPTIC_SEGFORMER.TEST``). Images
+per second count the model's forward and post-processing, not data loading or evaluation. The
+training switches (Table 6's ``DEC_LAYERS``, Table 8's ``JOINT_MATCHING``, Fig. 5's
+``DEEP_SUPERVISION``) describe the checkpoint: pass them as overrides with its weights.
 
     python tools/ablate_inference.py --config-file configs/r50.yaml \
         --output output/ablation MODEL.WEIGHTS model.pth
     python tools/ablate_inference.py --config-file configs/r50.yaml --num-images 500 \
         --variants mask_wise,pixel_argmax --output output/ablation MODEL.WEIGHTS model.pth
 
-Prints one table (PQ, SQ, RQ of all / things / stuff and images per second per variant) and
-writes it as JSON to --output/ablate_inference.json.
+Prints one table (PQ, SQ, RQ of all / things / stuff, Boundary PQ of all / things / stuff and
+images per second per variant) and writes it as JSON to --output/ablate_inference.json; a kind
+of category (things or stuff) absent from the images gives NaN for its Boundary PQ.
 """
 
 import argparse
@@ -47,7 +49,10 @@ VARIANTS = OrderedDict(
         ("mask_decoder_classes", dict(merge="mask_wise", layers=None, classes="mask_decoder")),
     ]
 )
-METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+# table column -> BoundaryPanopticEvaluator's key
+BOUNDARY_METRICS = OrderedDict([("BPQ", "PQ"), ("BPQ_th", "PQ_th"), ("BPQ_st", "PQ_st")])
+METRICS = PANOPTIC_METRICS + tuple(BOUNDARY_METRICS)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -117,12 +122,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
 
-    from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
+    from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators, inference_on_dataset
     from detectron2.utils.logger import setup_logger
 
     import train_net
     from panoptic_segformer.config import get_config
     from panoptic_segformer.data import register_subset
+    from panoptic_segformer.evaluation import BoundaryPanopticEvaluator
     from panoptic_segformer.predictor import Predictor
 
     setup_logger(name="panoptic_segformer")
@@ -164,9 +170,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             continue
         set_variant(meta, cfg, **variant)
         timed = _Timed(meta)
-        evaluator = COCOPanopticEvaluator(dataset, os.path.join(args.output, name))
-        results = inference_on_dataset(timed, loader, evaluator)["panoptic_seg"]
-        rows[name] = {m: results[m] for m in METRICS}
+        evaluator = DatasetEvaluators(
+            [
+                COCOPanopticEvaluator(dataset, os.path.join(args.output, name)),
+                BoundaryPanopticEvaluator(dataset),
+            ]
+        )
+        results = inference_on_dataset(timed, loader, evaluator)
+        rows[name] = {m: results["panoptic_seg"][m] for m in PANOPTIC_METRICS}
+        rows[name].update(
+            {m: results["boundary_panoptic_seg"][k] for m, k in BOUNDARY_METRICS.items()}
+        )
         rows[name]["images_per_second"] = timed.images / timed.seconds
     result = {
         "config": args.config_file,

@@ -71,7 +71,7 @@ def test_analyze_model_over_dataset_images(tmp_path, sample_dataset):
 
 
 @needs_sample()
-def test_ablate_inference_table(tmp_path, sample_dataset):
+def test_ablate_inference_table(tmp_path, sample_dataset, capsys):
     tool = load_tool("ablate_inference")
     opts = [*TINY, "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "200",
             "MODEL.PANOPTIC_SEGFORMER.THING_MASK_LAYERS", "2",
@@ -85,9 +85,13 @@ def test_ablate_inference_table(tmp_path, sample_dataset):
     rows = result["variants"]
     # exit_3 > 2 layers, and mask-decoder classes with an untrained class head: skipped
     assert list(rows) == ["mask_wise", "pixel_argmax", "pixel_argmax_plain", "exit_1"]
+    assert tool.METRICS[-3:] == ("BPQ", "BPQ_th", "BPQ_st")  # Boundary PQ: Table 7's right half
     for row in rows.values():
         assert set(row) == {*tool.METRICS, "images_per_second"} and row["images_per_second"] > 0
-        assert all(0 <= row[m] <= 100 for m in tool.METRICS)
+        assert all(isinstance(row[m], float) and 0 <= row[m] <= 100 for m in tool.METRICS)
+        # min(IoU, boundary IoU) <= IoU per pair: Boundary PQ never exceeds PQ
+        assert all(row["B" + m] <= row[m] + 1e-9 for m in ("PQ", "PQ_th", "PQ_st"))
+    assert "| BPQ | BPQ_th | BPQ_st | images/s |" in capsys.readouterr().out
     assert result["dataset"] == f"{sample_dataset}_first1"
     assert (
         json.loads((tmp_path / "ablate_inference.json").read_text())["variants"].keys()

@@ -137,6 +137,21 @@ def test_missing_instances_json_is_skipped_with_a_warning(tmp_path, caplog):
     assert f"the instances json {tmp_path / 'no.json'} does not exist" in caplog.text
 
 
+@needs_sample()
+def test_boundary_pq_is_added_on_request(tmp_path, sample_dataset):
+    cfg = make_cfg(
+        CONFIGS[0].parent / "r50.yaml", "MODEL.PANOPTIC_SEGFORMER.TEST.INSTANCE_ON", "False"
+    )
+
+    def names():
+        evaluators = train_net.Trainer.build_evaluator(cfg, sample_dataset, str(tmp_path))
+        return [type(e).__name__ for e in evaluators._evaluators]
+
+    assert names() == ["COCOPanopticEvaluator"]  # TEST.BOUNDARY_PQ is off by default
+    cfg.TEST.BOUNDARY_PQ = True
+    assert names() == ["COCOPanopticEvaluator", "BoundaryPanopticEvaluator"]
+
+
 def test_amp_on_the_cpu_is_refused_by_name():
     cfg = make_cfg(
         CONFIGS[0].parent / "r50.yaml", "MODEL.DEVICE", "cpu", "SOLVER.AMP.ENABLED", "True"
