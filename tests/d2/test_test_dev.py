@@ -287,13 +287,15 @@ def test_evaluation_of_test_dev_is_the_writer_alone(tmp_path):
 
 @needs_sample
 def test_train_net_eval_only_writes_the_submission(tmp_path):
-    # the README's command on a tiny random model that paints segments
+    # the README's command on a tiny random model that paints segments, in two processes (gloo):
+    # each predicts one image, the main process writes both
     torch.manual_seed(0)
     weights = tmp_path / "init.pth"
     torch.save({"model": build_model(make_cfg(CONFIG, *TINY)).state_dict()}, weights)
     output_dir = tmp_path / "out"
     command = [
         sys.executable, str(ROOT / "train_net.py"), "--config-file", str(CONFIG), "--eval-only",
+        "--num-gpus", "2",
         *TINY, *PERMISSIVE,
         # above most of the untrained masks' values: several segments per image, out of 10
         # thing and 53 stuff candidates (the merging of more takes seconds on the CPU)
