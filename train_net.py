@@ -5,6 +5,9 @@ Examples:
     python train_net.py --config-file configs/r50.yaml --num-gpus 8
     python train_net.py --config-file configs/r50.yaml --num-gpus 8 --resume
     python train_net.py --config-file configs/r50.yaml --eval-only MODEL.WEIGHTS model.pth
+    # COCO test-dev: the submission zip for COCO's server, under OUTPUT_DIR/inference/<dataset>
+    python train_net.py --config-file configs/r50.yaml --eval-only MODEL.WEIGHTS model.pth \
+        DATASETS.TEST "('coco_2017_test-dev_panoptic',)"
     # two machines of 8 GPUs (run on each, with its --machine-rank)
     python train_net.py --config-file configs/swin_l.yaml --num-gpus 8 --num-machines 2 \
         --machine-rank 0 --dist-url tcp://<address of machine 0>:29500
@@ -54,6 +57,8 @@ from panoptic_segformer.config import get_config
 from panoptic_segformer.data import PanopticSegFormerDatasetMapper
 from panoptic_segformer.evaluation import (
     BoundaryPanopticEvaluator,
+    COCOPanopticSubmissionWriter,
+    SUBMISSION_EVALUATOR_TYPE,
     PanopticInstanceEvaluator,
     check_panoptic_dataset,
 )
@@ -114,11 +119,22 @@ class Trainer(DefaultTrainer):
         """COCOPanopticEvaluator (and :class:`BoundaryPanopticEvaluator` with
         TEST.BOUNDARY_PQ), COCOEvaluator (instance masks and boxes, where the dataset has an
         instances json; :class:`PanopticInstanceEvaluator`) and SemSegEvaluator (where it has
-        semantic ground truth), as the results enabled by MODEL.PANOPTIC_SEGFORMER.TEST.*_ON."""
+        semantic ground truth), as the results enabled by MODEL.PANOPTIC_SEGFORMER.TEST.*_ON;
+        for a dataset without ground truth (COCO test-dev), :class:`COCOPanopticSubmissionWriter`
+        alone, which writes the panoptic predictions for COCO's evaluation server."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        check_panoptic_dataset(dataset_name)
         metadata = MetadataCatalog.get(dataset_name)
         test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
+        if metadata.get("evaluator_type", None) == SUBMISSION_EVALUATOR_TYPE:
+            if not test.PANOPTIC_ON:
+                raise ValueError(
+                    f"{dataset_name!r} has no ground truth: its panoptic predictions are written "
+                    "as a COCO submission, which needs MODEL.PANOPTIC_SEGFORMER.TEST.PANOPTIC_ON"
+                )
+            return COCOPanopticSubmissionWriter(
+                dataset_name, output_folder, cfg.TEST.SUBMISSION_NAME
+            )
+        check_panoptic_dataset(dataset_name)
         evaluators = []
         if test.PANOPTIC_ON:
             evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
@@ -214,6 +230,8 @@ def setup(args):
     cfg = get_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # the package's own log lines (the submission's path, the dataset mapper, the kernels in use)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="panoptic_segformer")
     share_cpu_threads(cfg)
     return cfg
 

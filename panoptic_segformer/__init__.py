@@ -3,7 +3,7 @@
 The model core (``panoptic_segformer.layers`` and ``panoptic_segformer.modeling``) is plain
 PyTorch and imports without detectron2. Where detectron2 is installed, importing this package
 also registers the detectron2 layer: the ``PanopticSegFormer`` meta-architecture, the
-``D2TimmBackbone`` backbone and the ADE20K panoptic datasets, and exports
+``D2TimmBackbone`` backbone, the ADE20K panoptic datasets and COCO panoptic test-dev, and exports
 :func:`add_panoptic_segformer_config` and :class:`PanopticSegFormerCheckpointer`.
 """
 

@@ -32,7 +32,8 @@ def get_config(config_file: str, opts: Sequence[str] = (), cpu_fallback: bool = 
 
 def add_panoptic_segformer_config(cfg: CN) -> None:
     """Adds the keys of Panoptic SegFormer (``MODEL.PANOPTIC_SEGFORMER``, ``MODEL.TIMM``,
-    ``INPUT``, ``SOLVER``, ``TEST``) to a detectron2 config, in place."""
+    ``INPUT``, ``SOLVER``, ``TEST.BOUNDARY_PQ``, ``TEST.SUBMISSION_NAME``) to a detectron2
+    config, in place."""
     cfg.MODEL.PANOPTIC_SEGFORMER = CN()
     ps = cfg.MODEL.PANOPTIC_SEGFORMER
     ps.NUM_THING_CLASSES = 80  # K: classes of the location decoder's thing queries
@@ -108,6 +109,10 @@ def add_panoptic_segformer_config(cfg: CN) -> None:
     ps.TEST.STUFF_OVERLAP_THRESHOLD = 0.2  # 1 - t_keep for stuff
     ps.TEST.MASK_THRESHOLD = 0.5  # binarisation of the (ReLU) mask values
     ps.TEST.PIXEL_SCORE_THRESHOLD = 0.25  # score threshold of MERGE = "pixel_argmax"
+
+    # <alg> of the COCO panoptic submission written for a dataset without ground truth
+    # (coco_2017_test-dev_panoptic): panoptic_test-dev2017_<alg>_results.zip
+    cfg.TEST.SUBMISSION_NAME = "PanopticSegFormer"
 
     # timm backbones (Swin-L, PVTv2-B5) behind MODEL.BACKBONE.NAME = "D2TimmBackbone"
     cfg.MODEL.TIMM = CN()

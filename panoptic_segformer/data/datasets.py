@@ -1,4 +1,5 @@
-"""Registration of datasets in COCO-panoptic format: any custom one, and ADE20K panoptic.
+"""Registration of datasets in COCO-panoptic format: any custom one, ADE20K panoptic, and COCO
+panoptic's test-dev images (no ground truth: its predictions are written as a submission).
 
 Datasets follow detectron2's "standard" panoptic convention: one contiguous id per category,
 equal to its index in the json's ``categories`` list; ``thing_classes`` and ``stuff_classes``
@@ -14,13 +15,18 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
+from panoptic_segformer.evaluation import SUBMISSION_EVALUATOR_TYPE
+
 __all__ = [
+    "load_image_info_json",
     "load_panoptic_json",
     "metadata_from_categories",
     "register_all_ade20k_panoptic",
+    "register_all_coco_panoptic_test",
     "register_panoptic_dataset",
     "register_subset",
     "select_images",
@@ -44,6 +50,16 @@ _ADE20K_PANOPTIC_SPLITS = {
     ),
 }
 
+# COCO panoptic's test images, without ground truth: name -> (images, image-info json, the split
+# in COCO's submission file names), relative to {root}/coco as detectron2 lays out COCO.
+_COCO_PANOPTIC_TEST_SPLITS = {
+    "coco_2017_test-dev_panoptic": (
+        "test2017",
+        "annotations/image_info_test-dev2017.json",
+        "test-dev2017",
+    ),
+}
+
 # Metadata keys that describe the classes; built from the json unless all are given.
 _CLASS_KEYS = (
     "stuff_classes",
@@ -54,10 +70,10 @@ _CLASS_KEYS = (
 logger = logging.getLogger(__name__)
 
 
-def _read_json(path: str) -> Dict[str, Any]:
-    """Reads a json file, or raises FileNotFoundError naming it."""
+def _read_json(path: str, what: str = "Panoptic json") -> Dict[str, Any]:
+    """Reads a json file, or raises FileNotFoundError naming it (as ``what``)."""
     if not PathManager.isfile(path):
-        raise FileNotFoundError(f"Panoptic json {path} does not exist.")
+        raise FileNotFoundError(f"{what} {path} does not exist.")
     with PathManager.open(path) as f:
         return json.load(f)
 
@@ -287,6 +303,67 @@ def register_all_ade20k_panoptic(root: str) -> None:
             evaluator_type="ade20k_panoptic_seg",
             ignore_label=255,
             label_divisor=1000,
+        )
+
+
+def load_image_info_json(image_info_json: str, image_root: str) -> List[Dict[str, Any]]:
+    """Loads a COCO image-info json (``images`` without annotations, as test-dev's) into
+    detectron2 dicts for inference.
+
+    Args:
+        image_info_json: path of the json; its ``images`` have ``id``, ``file_name``,
+            ``height`` and ``width``.
+        image_root: folder of the images, named as in the json.
+
+    Returns:
+        One dict per image: ``file_name``, ``image_id``, ``height``, ``width``.
+
+    Raises:
+        FileNotFoundError: if the json does not exist.
+    """
+    content = _read_json(image_info_json, "Image-info json")
+    return [
+        {
+            "file_name": os.path.join(image_root, image["file_name"]),
+            "image_id": image["id"],
+            "height": image["height"],
+            "width": image["width"],
+        }
+        for image in content["images"]
+    ]
+
+
+def register_all_coco_panoptic_test(root: str) -> None:
+    """Registers "coco_2017_test-dev_panoptic": COCO test-dev's images and image-info json
+    (``{root}/coco/test2017``, ``{root}/coco/annotations/image_info_test-dev2017.json``).
+
+    The metadata is ``coco_2017_val_panoptic``'s (COCO panoptic's 133 categories: the
+    image-info json lists the 80 detection categories only), with ``evaluator_type``
+    "coco_panoptic_submission" (train_net.py writes the predictions for COCO's evaluation server,
+    :class:`panoptic_segformer.evaluation.COCOPanopticSubmissionWriter`) and
+    ``submission_split`` "test-dev2017". Nothing is read now; ``DatasetCatalog.get`` raises
+    FileNotFoundError naming the json when it is missing. A name that is already registered is
+    left alone (with a log line).
+
+    Args:
+        root: the datasets folder, usually ``$DETECTRON2_DATASETS``.
+    """
+    classes = metadata_from_categories(COCO_CATEGORIES)
+    for name, (images, image_info, split) in _COCO_PANOPTIC_TEST_SPLITS.items():
+        if name in DatasetCatalog.list():
+            logger.info(f"dataset {name!r} is already registered; leaving it as it is")
+            continue
+        image_root = os.path.join(root, "coco", images)
+        image_info_json = os.path.join(root, "coco", image_info)
+        DatasetCatalog.register(name, partial(load_image_info_json, image_info_json, image_root))
+        MetadataCatalog.get(name).set(
+            image_root=image_root,
+            image_info_json=image_info_json,
+            submission_split=split,
+            evaluator_type=SUBMISSION_EVALUATOR_TYPE,
+            ignore_label=255,
+            label_divisor=1000,
+            **classes,
         )
 
 

@@ -6,7 +6,7 @@ pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from d2_helpers import CONFIGS, TINY, make_cfg  # noqa: E402
+from d2_helpers import CONFIGS, PERMISSIVE, TINY, make_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
@@ -15,14 +15,6 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from panoptic_segformer.meta_arch import class_id_maps  # noqa: E402
 
 BASE = CONFIGS[0].parent / "r50.yaml"
-# every query passes the merging: an untrained model then still paints segments
-PERMISSIVE = [
-    "MODEL.PANOPTIC_SEGFORMER.TEST.THING_SCORE_THRESHOLD", "0.0",
-    "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_SCORE_THRESHOLD", "0.0",
-    "MODEL.PANOPTIC_SEGFORMER.TEST.MASK_THRESHOLD", "0.0",
-    "MODEL.PANOPTIC_SEGFORMER.TEST.THING_OVERLAP_THRESHOLD", "1.0",
-    "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_OVERLAP_THRESHOLD", "1.0",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
