@@ -22,9 +22,10 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 
 
-def read_version() -> str:
-    text = (ROOT / "panoptic_segformer" / "__init__.py").read_text()
-    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+def read_constant(path: str, name: str) -> str:
+    """The string constant ``name = "..."`` of a package file, read without importing it."""
+    text = (ROOT / path).read_text()
+    return re.search(rf'^{name} = "([^"]+)"', text, re.M).group(1)
 
 
 def load_build_helpers():
@@ -93,10 +94,15 @@ def get_extensions():
 
 
 ext_modules, cmdclass = get_extensions()
+# timm's oldest release with what the Swin / PVTv2 backbones use, and the one the tests need
+# (they build on the meta device); both are explained in panoptic_segformer/modeling/backbone.py.
+BACKBONE = "panoptic_segformer/modeling/backbone.py"
+TIMM_MIN_VERSION = read_constant(BACKBONE, "TIMM_MIN_VERSION")
+TIMM_TEST_MIN_VERSION = read_constant(BACKBONE, "TIMM_FACTORY_KWARGS_MIN_VERSION")
 
 setup(
     name="panoptic_segformer",
-    version=read_version(),
+    version=read_constant("panoptic_segformer/__init__.py", "__version__"),
     description="Panoptic SegFormer (CVPR 2022) for detectron2",
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
@@ -106,8 +112,8 @@ setup(
     package_data={"panoptic_segformer.layers": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h"]},
     install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "scipy", "ninja"],
     extras_require={
-        "test": ["pytest>=7", "timm>=0.9", "fvcore"],
-        "timm": ["timm>=0.9"],
+        "test": ["pytest>=7", f"timm>={TIMM_TEST_MIN_VERSION}", "fvcore"],
+        "timm": [f"timm>={TIMM_MIN_VERSION}"],
         "benchmark": ["fvcore"],
         "robustness": ["imagecorruptions"],
     },

@@ -89,7 +89,11 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from panoptic_segformer.modeling.backbone import _import_timm, _read_state_dict  # noqa: E402
+from panoptic_segformer.modeling.backbone import (  # noqa: E402
+    _checkpoint_filter_fn,
+    _import_timm,
+    _read_state_dict,
+)
 
 AUTHOR = "Panoptic-SegFormer (official) converted"
 _SHOWN = 30  # keys named per kind of problem in an error
@@ -376,10 +380,9 @@ def _convert_timm(
     """
     timm = _import_timm()
     architecture = features.pretrained_cfg["architecture"]
+    filter_fn = _checkpoint_filter_fn(timm, architecture)
     with parameters_on_meta():
         full = timm.create_model(architecture, pretrained=False)
-    module = importlib.import_module(type(full).__module__)
-    filter_fn = getattr(module, "checkpoint_filter_fn", lambda state_dict, model: state_dict)
     stripped = {key[len("backbone.") :]: tensor for key, tensor in official.items()}
     # timm passes tensors it only renames through: identity tells where each one came from
     source = {id(tensor): key for key, tensor in official.items()}

@@ -10,6 +10,7 @@ Shape shorthand: N batch, C_i channels and s_i stride of output level i.
 
 import importlib
 import os
+import re
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -191,6 +192,17 @@ class ResNetBackbone(nn.Module):
         self.load_state_dict(state_dict)
 
 
+# The oldest timm with everything the timm backbones use: Swin's strict_img_size and
+# always_partition (timm 1.0.8, commit 4c531be4; older releases build a Swin without them, as
+# Swin ignores unknown arguments) and a public checkpoint_filter_fn in pvt_v2 (1.0.7, commit
+# 88a1006e). setup.py's extras read it from here.
+TIMM_MIN_VERSION = "1.0.8"
+# ``device=`` / ``dtype=`` reach Swin's and PVTv2's constructors from timm 1.0.21 (commits
+# ea9aaabe, e3ed1404); before, PVTv2 rejects them and Swin ignores them. The tests build on the
+# meta device, so setup.py's test extra requires it.
+TIMM_FACTORY_KWARGS_MIN_VERSION = "1.0.21"
+
+
 def _import_timm() -> Any:
     try:
         return importlib.import_module("timm")
@@ -200,22 +212,62 @@ def _import_timm() -> Any:
         ) from e
 
 
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    """(major, minor, patch) of a release string such as "1.0.8" or "1.0.9.dev0"."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"cannot read a version number from {version!r}")
+    return tuple(int(part) for part in match.groups())
+
+
+def _check_timm_version(timm: Any, model_name: str, timm_kwargs: Dict[str, Any]) -> None:
+    """Raises an ImportError naming ``model_name`` and both versions when the installed timm is
+    older than what building it with ``timm_kwargs`` needs (older releases fail later with a
+    cryptic TypeError, or build a different model without a word)."""
+    needs = [
+        (TIMM_MIN_VERSION, "(Swin's strict_img_size / always_partition, PVTv2's checkpoint filter)")
+    ]
+    factory = [f"{k}=" for k in ("device", "dtype") if k in timm_kwargs]
+    if factory:
+        needs.append((TIMM_FACTORY_KWARGS_MIN_VERSION, f"for {' and '.join(factory)}"))
+    for version, reason in needs:
+        if _version_tuple(timm.__version__) < _version_tuple(version):
+            raise ImportError(
+                f"{model_name} needs timm >= {version} {reason}, but timm {timm.__version__} is "
+                f"installed: pip install 'timm>={version}'"
+            )
+
+
+def _checkpoint_filter_fn(timm: Any, model_name: str) -> Callable[..., Dict[str, Tensor]]:
+    """The ``checkpoint_filter_fn`` of ``model_name``'s family, which maps the original Swin /
+    PVTv2 releases to timm's names. Raises an ImportError naming the model when the family's
+    module has none (PVTv2 before timm 1.0.7): the weights would load unconverted."""
+    module = importlib.import_module(timm.models.model_entrypoint(model_name).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        raise ImportError(
+            f"{model_name}: timm {timm.__version__} has no {module.__name__}.checkpoint_filter_fn "
+            f"to convert its pretrained checkpoint (timm >= {TIMM_MIN_VERSION} has one for Swin "
+            "and PVTv2)"
+        )
+    return filter_fn
+
+
 def _timm_state_dict(
     timm: Any, model_name: str, path: str, timm_kwargs: Dict[str, Any]
 ) -> Dict[str, Tensor]:
-    """Reads a checkpoint into the layout of timm's full ``model_name`` model, classifier dropped.
+    """Reads a checkpoint for timm's ``model_name`` and checks it, classifier aside, against the
+    full model once converted by the family's ``checkpoint_filter_fn``, since timm's own loader is
+    not strict for feature extractors.
 
-    The checkpoint is converted with the model family's ``checkpoint_filter_fn`` (which maps the
-    original Swin / PVTv2 releases to timm's names) and checked against a full model, since timm's
-    own loader is not strict for feature extractors.
+    Returns the checkpoint unconverted: timm's loader converts it with the same function, and a
+    second conversion is not a no-op (before timm 1.0.31, Swin's filter takes a timm checkpoint
+    without a classifier for an original one and moves its downsampling layers again).
     """
+    filter_fn = _checkpoint_filter_fn(timm, model_name)
     full = timm.create_model(model_name, pretrained=False, **timm_kwargs)
-    state_dict = _read_state_dict(path)
-    filter_fn = getattr(
-        importlib.import_module(type(full).__module__), "checkpoint_filter_fn", None
-    )
-    if filter_fn is not None:
-        state_dict = filter_fn(state_dict, full)
+    checkpoint = _read_state_dict(path)
+    state_dict = filter_fn(checkpoint, full)
     classifiers = full.pretrained_cfg.get("classifier") or ()
     classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
     expected = full.state_dict()
@@ -225,7 +277,7 @@ def _timm_state_dict(
         for d in (state_dict, expected)
     )
     _check_state_dict(expected, state_dict, path)
-    return state_dict
+    return checkpoint
 
 
 class TimmBackbone(nn.Module):
@@ -239,7 +291,10 @@ class TimmBackbone(nn.Module):
         output_norm: add a LayerNorm to every output, as Swin-Transformer-Object-Detection
             (the authors' Swin backbone) does.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``, ``img_size``,
-            ``device="meta"`` to inspect a model without allocating it).
+            ``device="meta"`` to inspect a model without allocating it, from timm 1.0.21).
+
+    Raises:
+        ImportError: naming the model, when timm is missing or older than it needs.
     """
 
     def __init__(
@@ -252,11 +307,13 @@ class TimmBackbone(nn.Module):
     ) -> None:
         super().__init__()
         timm = _import_timm()
+        _check_timm_version(timm, model_name, timm_kwargs)
         out_indices = tuple(out_indices)
         pretrained: Dict[str, Any] = {"pretrained": False}
         if pretrained_path is not None:
             state_dict = _timm_state_dict(timm, model_name, pretrained_path, timm_kwargs)
-            # Hand the checked weights to timm; blank url / hub id so nothing can be fetched.
+            # Hand the checked weights to timm (which converts them); blank url / hub id so
+            # nothing can be fetched.
             overlay = dict(state_dict=state_dict, file="", url="", hf_hub_id="")
             pretrained = {"pretrained": True, "pretrained_cfg_overlay": overlay}
         self.model = timm.create_model(

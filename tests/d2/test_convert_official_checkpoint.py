@@ -476,6 +476,19 @@ def test_full_size_configs_convert_completely(tool, config):
     assert len(report.ignored) == 24 + ignored
 
 
+def test_a_timm_family_without_checkpoint_filter_is_refused_naming_it(tool, monkeypatch):
+    pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    import timm.models.pvt_v2 as pvt_v2
+
+    model = tool.build_model_for_conversion(make_cfg(ROOT / "configs" / "pvtv2_b5.yaml"))
+    official = {k: torch.empty(s, device="meta") for k, s in original_pvt_v2_b5().items()}
+    # as pvt_v2 before timm 1.0.7, whose filter was private: the names would pass unconverted
+    monkeypatch.delattr(pvt_v2, "checkpoint_filter_fn")
+    message = r"pvt_v2_b5: timm \S+ has no timm\.models\.pvt_v2\.checkpoint_filter_fn"
+    with pytest.raises(ImportError, match=message):
+        tool.convert_state_dict(official, model)
+
+
 def test_cli_writes_a_checkpoint_the_checkpointer_loads(tool, tmp_path, capsys):
     official = random_tensors(tiny_shapes())
     # what mmcv 1.3's save_checkpoint writes for mmdet 2.12's EpochBasedRunner

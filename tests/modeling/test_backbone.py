@@ -10,6 +10,8 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from panoptic_segformer.modeling.backbone import (
+    TIMM_FACTORY_KWARGS_MIN_VERSION,
+    TIMM_MIN_VERSION,
     ResNetBackbone,
     TimmBackbone,
     build_backbone,
@@ -308,3 +310,80 @@ def test_timm_load_pretrained_names_bad_keys(tmp_path, monkeypatch):
     torch.save(state_dict, path)
     with pytest.raises(ValueError, match=r"missing keys \['stages.2.blocks.0.attn.q.weight'\]"):
         TimmBackbone("pvt_v2_b0", pretrained_path=str(path))
+
+
+@pytest.mark.parametrize(
+    "name, model", [("swin_large", "swin_large_patch4_window7_224"), ("pvt_v2_b5", "pvt_v2_b5")]
+)
+def test_timm_too_old_raises_naming_model_and_versions(monkeypatch, name, model):
+    timm = pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    # timm 0.9.16 builds Swin without always_partition, silently (Swin ignores unknown arguments)
+    monkeypatch.setattr(timm, "__version__", "0.9.16")
+    message = rf"{model} needs timm >= 1\.0\.8 .*but timm 0\.9\.16 is installed"
+    with pytest.raises(ImportError, match=message):
+        build_backbone(name)
+
+
+@pytest.mark.parametrize("version, builds", [("1.0.7", False), ("1.0.8", True), ("1.0.10", True)])
+def test_timm_minimum_version_is_the_boundary(monkeypatch, version, builds):
+    timm = pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    assert TIMM_MIN_VERSION == "1.0.8"
+    monkeypatch.setattr(timm, "__version__", version)
+    if builds:
+        assert TimmBackbone("pvt_v2_b0").out_channels == [64, 160, 256]
+    else:
+        with pytest.raises(ImportError, match=rf"pvt_v2_b0 needs timm >= 1\.0\.8 .*{version}"):
+            TimmBackbone("pvt_v2_b0")
+
+
+def test_timm_device_argument_needs_newer_timm(monkeypatch):
+    timm = pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    assert TIMM_FACTORY_KWARGS_MIN_VERSION == "1.0.21"
+    # timm 1.0.20's PVTv2 rejects device=, its Swin builds on the CPU instead of the meta device
+    monkeypatch.setattr(timm, "__version__", "1.0.20")
+    message = r"pvt_v2_b0 needs timm >= 1\.0\.21 for device= and dtype=, but timm 1\.0\.20"
+    with pytest.raises(ImportError, match=message):
+        TimmBackbone("pvt_v2_b0", device="meta", dtype=torch.float16)
+
+
+def test_timm_missing_checkpoint_filter_raises_naming_model(tmp_path, monkeypatch):
+    timm = pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    import timm.models.pvt_v2 as pvt_v2
+
+    _forbid_downloads(monkeypatch)
+    path = tmp_path / "pvt.pth"
+    torch.save(timm.create_model("pvt_v2_b0").state_dict(), path)
+    # as pvt_v2 before timm 1.0.7, whose filter was private: the weights would load unconverted
+    monkeypatch.delattr(pvt_v2, "checkpoint_filter_fn")
+    message = r"pvt_v2_b0: timm \S+ has no timm\.models\.pvt_v2\.checkpoint_filter_fn"
+    with pytest.raises(ImportError, match=message):
+        TimmBackbone("pvt_v2_b0", pretrained_path=str(path))
+
+
+def test_timm_converts_the_checkpoint_once(tmp_path, monkeypatch):
+    """timm's loader applies the family's checkpoint_filter_fn itself, so it must get the
+    checkpoint as saved: before timm 1.0.31, Swin's filter moves the downsampling layers of a
+    converted checkpoint without a classifier once more."""
+    timm = pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    import timm.models.swin_transformer as swin
+
+    _forbid_downloads(monkeypatch)
+    full = timm.create_model("swin_tiny_patch4_window7_224", strict_img_size=False, **TINY_SWIN)
+    checkpoint = _original_swin_layout(full.state_dict())
+    path = tmp_path / "swin_tiny.pth"
+    torch.save(checkpoint, path)
+    filter_fn, inputs = swin.checkpoint_filter_fn, []
+
+    def recording_filter_fn(state_dict, model):
+        inputs.append(sorted(state_dict))
+        return filter_fn(state_dict, model)
+
+    monkeypatch.setattr(swin, "checkpoint_filter_fn", recording_filter_fn)
+    TimmBackbone(
+        "swin_tiny_patch4_window7_224",
+        pretrained_path=str(path),
+        strict_img_size=False,
+        **TINY_SWIN,
+    )
+    # once to check the checkpoint against the full model, once in timm's loader
+    assert inputs == [sorted(checkpoint)] * 2
