@@ -1,6 +1,7 @@
 """Shared helpers of the detectron2-layer tests (each test module skips without detectron2)."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,20 @@ PERMISSIVE = [
     "MODEL.PANOPTIC_SEGFORMER.TEST.THING_OVERLAP_THRESHOLD", "1.0",
     "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_OVERLAP_THRESHOLD", "1.0",
 ]  # fmt: skip
+# the score and overlap thresholds of PERMISSIVE, the masks' binarisation kept: every query
+# passes the merging and is painted where its mask has pixels no earlier one took
+PERMISSIVE_SCORES = [
+    "MODEL.PANOPTIC_SEGFORMER.TEST.THING_SCORE_THRESHOLD", "0.0",
+    "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_SCORE_THRESHOLD", "0.0",
+    "MODEL.PANOPTIC_SEGFORMER.TEST.THING_OVERLAP_THRESHOLD", "1.0",
+    "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_OVERLAP_THRESHOLD", "1.0",
+]  # fmt: skip
+# the pixel-wise argmax merging (Table 7) without a score threshold: each pixel goes to its
+# best query, so even an untrained model paints thing and stuff segments side by side
+PIXEL_ARGMAX = [
+    "MODEL.PANOPTIC_SEGFORMER.TEST.MERGE", "pixel_argmax",
+    "MODEL.PANOPTIC_SEGFORMER.TEST.PIXEL_SCORE_THRESHOLD", "0.0",
+]  # fmt: skip
 
 
 def make_cfg(config_file, *opts):
@@ -50,8 +65,10 @@ def needs_sample():
     )
 
 
-def register_sample(name, **kwargs):
-    """Registers the two-image COCO panoptic sample as dataset ``name`` (once); returns it."""
+def register_sample(name, ground_truth=SAMPLE, **kwargs):
+    """Registers the two-image COCO panoptic sample as dataset ``name`` (once), with the ground
+    truth in ``ground_truth`` (``panoptic/`` PNGs and ``panoptic.json``; by default the
+    sample's own); returns ``name``."""
     from detectron2.data import DatasetCatalog
 
     from panoptic_segformer.data import register_panoptic_dataset
@@ -60,8 +77,8 @@ def register_sample(name, **kwargs):
         register_panoptic_dataset(
             name,
             str(SAMPLE / "images"),
-            str(SAMPLE / "panoptic"),
-            str(SAMPLE / "panoptic.json"),
+            str(ground_truth / "panoptic"),
+            str(ground_truth / "panoptic.json"),
             **kwargs,
         )
     return name
@@ -98,3 +115,66 @@ def write_instances_json(path):
     data = {"images": panoptic["images"], "annotations": annotations, "categories": things}
     path.write_text(json.dumps(data))
     return str(path)
+
+
+def write_own_predictions_as_ground_truth(cfg, dataset, folder):
+    """The panoptic predictions on the sample dataset ``dataset`` of the model of ``cfg`` (with
+    its ``MODEL.WEIGHTS``), from this (single) process, written as a COCO panoptic dataset (PNGs
+    under ``folder/panoptic``, ``folder/panoptic.json``); returns the number of predicted
+    segments per image.
+
+    Contiguous ids become COCO's by detectron2's own ``coco_2017_train_panoptic`` metadata, not
+    by the package's: a mistake in the package's id maps then shows as a mismatch. A 4 x 4
+    "person" is added in the top-left corner of each image: panopticapi divides by the number of
+    thing categories seen, and a barely trained model may predict no things.
+    """
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.modeling import build_model
+    from panopticapi.utils import id2rgb
+    from PIL import Image
+
+    from panoptic_segformer import PanopticSegFormerCheckpointer
+    from panoptic_segformer.data import PanopticSegFormerDatasetMapper
+
+    model = build_model(cfg).eval()
+    PanopticSegFormerCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    metadata = MetadataCatalog.get("coco_2017_train_panoptic")
+    to_dataset_id = {v: k for k, v in metadata.stuff_dataset_id_to_contiguous_id.items()}
+    to_dataset_id.update({v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()})
+    mapper = PanopticSegFormerDatasetMapper(cfg, False)
+    (folder / "panoptic").mkdir(parents=True)
+    annotations, counts = [], []
+    for record in DatasetCatalog.get(dataset):
+        with torch.no_grad():
+            (output,) = model([mapper(record)])
+        seg, segments = output["panoptic_seg"]
+        seg = seg.numpy()
+        counts.append(len(segments))
+        categories = {info["id"]: to_dataset_id[info["category_id"]] for info in segments}
+        person = int(seg.max()) + 1
+        seg[:4, :4] = person
+        categories[person] = 1
+        infos = []
+        for segment_id, category_id in categories.items():
+            ys, xs = (seg == segment_id).nonzero()
+            if len(ys) == 0:
+                continue
+            box = [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]
+            infos.append(
+                {
+                    "id": segment_id,
+                    "category_id": category_id,
+                    "iscrowd": 0,
+                    "area": int(len(ys)),
+                    "bbox": box,
+                }
+            )
+        name = os.path.basename(record["pan_seg_file_name"])
+        Image.fromarray(id2rgb(seg)).save(folder / "panoptic" / name)
+        annotations.append(
+            {"image_id": record["image_id"], "file_name": name, "segments_info": infos}
+        )
+    sample = json.loads((SAMPLE / "panoptic.json").read_text())
+    (folder / "panoptic.json").write_text(json.dumps({**sample, "annotations": annotations}))
+    return counts

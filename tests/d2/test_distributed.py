@@ -20,16 +20,17 @@ import pytest
 pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
 pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panopticapi installed")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from d2_helpers import (  # noqa: E402
     CONFIGS,
+    PERMISSIVE_SCORES,
     ROOT,
     SAMPLE,
     make_cfg,
     needs_sample,
     register_sample,
     write_instances_json,
+    write_own_predictions_as_ground_truth,
 )
 from detectron2.modeling import build_model  # noqa: E402
 
@@ -213,81 +214,15 @@ def test_two_machines_train_in_step(two_machines):
     assert reports[0]["losses"][-1] < 0.8 * reports[0]["losses"][0]
 
 
-# every query passes the merging (and is painted where no earlier one is): many segments
-PERMISSIVE = [
-    "MODEL.PANOPTIC_SEGFORMER.TEST.THING_SCORE_THRESHOLD", "0.0",
-    "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_SCORE_THRESHOLD", "0.0",
-    "MODEL.PANOPTIC_SEGFORMER.TEST.THING_OVERLAP_THRESHOLD", "1.0",
-    "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_OVERLAP_THRESHOLD", "1.0",
-]  # fmt: skip
-
-
-def write_own_predictions_as_ground_truth(weights, folder):
-    """The model's panoptic predictions on the sample, from this (single) process, written as
-    a COCO panoptic dataset (PNGs under ``folder/panoptic``, ``folder/panoptic.json``); returns
-    the number of predicted segments per image.
-
-    A 4 x 4 "person" is added in the top-left corner of each image: panopticapi divides by the
-    number of thing categories seen, and the barely trained model predicts no things.
-    """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from panopticapi.utils import id2rgb
-    from PIL import Image
-
-    from panoptic_segformer import PanopticSegFormerCheckpointer
-    from panoptic_segformer.data import PanopticSegFormerDatasetMapper
-
-    cfg = make_cfg(CONFIG, *SMALL, *PERMISSIVE, "MODEL.WEIGHTS", str(weights))
-    model = build_model(cfg).eval()
-    PanopticSegFormerCheckpointer(model).load(str(weights))
-    metadata = MetadataCatalog.get("coco_2017_train_panoptic")
-    to_dataset_id = {v: k for k, v in metadata.stuff_dataset_id_to_contiguous_id.items()}
-    to_dataset_id.update({v: k for k, v in metadata.thing_dataset_id_to_contiguous_id.items()})
-    mapper = PanopticSegFormerDatasetMapper(cfg, False)
-    (folder / "panoptic").mkdir(parents=True)
-    annotations, counts = [], []
-    for record in DatasetCatalog.get(register_sample("psf_test_distributed_sample")):
-        with torch.no_grad():
-            (output,) = model([mapper(record)])
-        seg, segments = output["panoptic_seg"]
-        seg = seg.numpy()
-        counts.append(len(segments))
-        categories = {info["id"]: to_dataset_id[info["category_id"]] for info in segments}
-        person = int(seg.max()) + 1
-        seg[:4, :4] = person
-        categories[person] = 1
-        infos = []
-        for segment_id, category_id in categories.items():
-            ys, xs = (seg == segment_id).nonzero()
-            if len(ys) == 0:
-                continue
-            box = [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]
-            infos.append(
-                {
-                    "id": segment_id,
-                    "category_id": category_id,
-                    "iscrowd": 0,
-                    "area": int(len(ys)),
-                    "bbox": box,
-                }
-            )
-        name = os.path.basename(record["pan_seg_file_name"])
-        Image.fromarray(id2rgb(seg)).save(folder / "panoptic" / name)
-        annotations.append(
-            {"image_id": record["image_id"], "file_name": name, "segments_info": infos}
-        )
-    sample = json.loads((SAMPLE / "panoptic.json").read_text())
-    (folder / "panoptic.json").write_text(json.dumps({**sample, "annotations": annotations}))
-    return counts
-
-
 def test_two_processes_evaluate_exactly_like_one(tmp_path, two_machines):
     # coco_2017_val_panoptic: the sample with its real ground truth; coco_2017_train_panoptic:
     # the sample with the model's own one-process predictions as ground truth, so stuff PQ is
     # close to 100 and any image lost, repeated or mixed up between the processes lowers it
     weights = two_machines[0] / "model_final.pth"
     own = tmp_path / "own"
-    segments_per_image = write_own_predictions_as_ground_truth(weights, own)
+    cfg = make_cfg(CONFIG, *SMALL, *PERMISSIVE_SCORES, "MODEL.WEIGHTS", str(weights))
+    sample = register_sample("psf_test_distributed_sample")
+    segments_per_image = write_own_predictions_as_ground_truth(cfg, sample, own)
     assert len(segments_per_image) == 2 and all(segments_per_image)
     datasets = lay_out_coco(
         tmp_path / "datasets",
@@ -298,7 +233,13 @@ def test_two_processes_evaluate_exactly_like_one(tmp_path, two_machines):
     )
 
     test_sets = ["coco_2017_val_panoptic", "coco_2017_train_panoptic"]
-    opts = [*PERMISSIVE, "MODEL.WEIGHTS", str(weights), "DATASETS.TEST", str(tuple(test_sets))]
+    opts = [
+        *PERMISSIVE_SCORES,
+        "MODEL.WEIGHTS",
+        str(weights),
+        "DATASETS.TEST",
+        str(tuple(test_sets)),
+    ]
     for run, gpus in (("one", "1"), ("two", "2")):
         flags = ["--eval-only", "--num-gpus", gpus]
         train_net(datasets, tmp_path / run, flags, opts)

@@ -94,7 +94,9 @@ def test_class_ids_are_converted_both_ways(interleaved_dataset):
     model.eval()
     with torch.no_grad():
         (out,) = model([{"image": image()}])
-    for info in out["panoptic_seg"][1]:
+    segments = out["panoptic_seg"][1]
+    assert {info["isthing"] for info in segments} == {True, False}  # both maps are checked
+    for info in segments:
         assert info["category_id"] in ((1, 3, 4) if info["isthing"] else (0, 2))
     assert set(out["instances"].pred_classes.tolist()) <= {1, 3, 4}
     assert out["sem_seg"].shape == (5, 64, 96)
@@ -157,7 +159,8 @@ def test_datasets_without_stuff_work_without_things_are_refused():
     model.eval()
     with torch.no_grad():
         (out,) = model([{"image": image()}])
-    assert all(info["isthing"] for info in out["panoptic_seg"][1])
+    segments = out["panoptic_seg"][1]
+    assert segments and all(info["isthing"] for info in segments)
     with pytest.raises(ValueError, match="NUM_THING_CLASSES must be >= 1 .* got 0 and 53"):
         tiny_model("MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES", "0")
 

@@ -38,6 +38,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from d2_helpers import (  # noqa: E402
     CONFIGS,
+    PERMISSIVE,
+    PIXEL_ARGMAX,
     ROOT,
     SAMPLE,
     TINY,
@@ -75,20 +77,7 @@ TRAIN = [
 ]  # fmt: skip
 # the test-time thresholds: the configs' own, and with every query passing the merging, so
 # that an untrained model still paints segments
-THRESHOLDS = {
-    "default": [],
-    "mask_wise": [
-        "MODEL.PANOPTIC_SEGFORMER.TEST.THING_SCORE_THRESHOLD", "0.0",
-        "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_SCORE_THRESHOLD", "0.0",
-        "MODEL.PANOPTIC_SEGFORMER.TEST.MASK_THRESHOLD", "0.0",
-        "MODEL.PANOPTIC_SEGFORMER.TEST.THING_OVERLAP_THRESHOLD", "1.0",
-        "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_OVERLAP_THRESHOLD", "1.0",
-    ],
-    "pixel_argmax": [
-        "MODEL.PANOPTIC_SEGFORMER.TEST.MERGE", "pixel_argmax",
-        "MODEL.PANOPTIC_SEGFORMER.TEST.PIXEL_SCORE_THRESHOLD", "0.0",
-    ],
-}  # fmt: skip
+THRESHOLDS = {"default": [], "mask_wise": PERMISSIVE, "pixel_argmax": PIXEL_ARGMAX}
 
 
 # --- interrupted training -------------------------------------------------------------------
@@ -388,6 +377,13 @@ def assert_valid(outputs, metadata, height, width):
     assert tuple(outputs["sem_seg"].shape) == (len(things | stuff), height, width)
 
 
+# the kinds of segment (isthing) the untrained model paints on a blank image: with the configs'
+# thresholds none (its scores pass none: this case checks the empty result, no segment and every
+# pixel void); with every query passing the mask-wise merging, stuff; with the pixel-wise argmax,
+# things and stuff, so that the category checks run on both
+PAINTED = {"default": set(), "mask_wise": {False}, "pixel_argmax": {False, True}}
+
+
 @pytest.mark.parametrize("thresholds", sorted(THRESHOLDS))
 @pytest.mark.parametrize("value", [0, 255], ids=["black", "white"])
 def test_blank_images_give_valid_panoptic_results(thresholds, value):
@@ -395,8 +391,8 @@ def test_blank_images_give_valid_panoptic_results(thresholds, value):
     model = predictor(thresholds)
     outputs = model(image)
     assert_valid(outputs, model.metadata, 90, 150)
-    if thresholds != "default":  # the untrained model's scores pass the configs' thresholds
-        assert outputs["panoptic_seg"][1], "no segment: the checks above ran on nothing"
+    segments = outputs["panoptic_seg"][1]
+    assert {s["isthing"] for s in segments} == PAINTED[thresholds], segments
 
 
 def assert_same_outputs(ours, theirs):

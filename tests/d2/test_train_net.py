@@ -1,4 +1,4 @@
-"""train_net.py end to end on the two real COCO images: a few training iterations through
+"""train_net.py end to end on the two real COCO images: a training iteration through
 detectron2's trainer, a checkpoint, then inference and COCOPanopticEvaluator."""
 
 import json
@@ -7,6 +7,7 @@ import math
 import pickle
 import re
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -16,12 +17,14 @@ pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panoptica
 
 from d2_helpers import (  # noqa: E402
     CONFIGS,
+    PIXEL_ARGMAX,
     ROOT,
     TINY,
     make_cfg,
     needs_sample,
     register_sample,
     write_instances_json,
+    write_own_predictions_as_ground_truth,
 )
 from detectron2.engine import default_argument_parser  # noqa: E402
 
@@ -29,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import train_net  # noqa: E402
 
 DATASET = "psf_test_coco_sample"
+OWN = "psf_test_own_predictions"  # the sample with a model's predictions as ground truth
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +47,10 @@ def args_for(output_dir, *extra, eval_only=False, resume=False):
         "DATASETS.TRAIN", f"('{DATASET}',)",
         "DATASETS.TEST", f"('{DATASET}',)",
         "MODEL.PANOPTIC_SEGFORMER.NUM_QUERIES", "50",  # the second image has 26 things
+        "MODEL.PANOPTIC_SEGFORMER.TEST.MAX_DETECTIONS", "20",  # fewer full-size masks to resize
+        "SEED", "0",
         "SOLVER.IMS_PER_BATCH", "2",
-        "SOLVER.MAX_ITER", "3",
+        "SOLVER.MAX_ITER", "1",
         "SOLVER.CHECKPOINT_PERIOD", "100",
         "INPUT.MIN_SIZE_TRAIN", "(160,)",
         "INPUT.MAX_SIZE_TRAIN", "256",
@@ -62,27 +68,68 @@ def args_for(output_dir, *extra, eval_only=False, resume=False):
 
 @needs_sample()
 def test_train_then_evaluate(tmp_path, sample_dataset):
-    results = train_net.main(args_for(tmp_path))
+    # the pixel-wise argmax paints dozens of thing and stuff segments after one iteration
+    results = train_net.main(args_for(tmp_path, *PIXEL_ARGMAX))
     assert (tmp_path / "model_final.pth").is_file()
+    # the evaluation after the last iteration, on the real ground truth (PQ ~0 so soon)
     panoptic = results["panoptic_seg"]
     for key in ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"):
         assert math.isfinite(panoptic[key]) and 0 <= panoptic[key] <= 100, key
     # COCOEvaluator read the instance masks and boxes (AP is nan where nothing matches)
     assert {"AP", "AP50", "APs"} <= set(results["segm"]) and "AP" in results["bbox"]
+
+    # --eval-only of the trained weights on the sample and on the sample whose ground truth is
+    # their own predictions (plus a 4 x 4 person per image), which a correct evaluation scores
+    # ~100: category ids, images and PNGs must all be matched up
+    weights = str(tmp_path / "model_final.pth")
+    own_test = ["MODEL.WEIGHTS", weights, "DATASETS.TEST", f"('{DATASET}', '{OWN}')"]
+    args = args_for(tmp_path, *PIXEL_ARGMAX, *own_test, eval_only=True)
+    cfg = make_cfg(args.config_file, *args.opts)
+    write_own_predictions_as_ground_truth(cfg, sample_dataset, tmp_path / "own")
+    register_sample(OWN, ground_truth=tmp_path / "own")
+    again = train_net.main(args)
+
     # the trained weights evaluate the same way with --eval-only
-    again = train_net.main(
-        args_for(tmp_path, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), eval_only=True)
-    )
-    assert again["panoptic_seg"] == pytest.approx(panoptic)
-    assert again["segm"] == pytest.approx(results["segm"], nan_ok=True)
+    assert again[DATASET]["panoptic_seg"] == pytest.approx(panoptic)
+    assert again[DATASET]["segm"] == pytest.approx(results["segm"], nan_ok=True)
     # and the main process wrote them as JSON (NaN as null)
     written = json.loads((tmp_path / "inference" / "results.json").read_text())
-    assert written["panoptic_seg"] == again["panoptic_seg"]
-    nan = [k for k, v in again["segm"].items() if math.isnan(v)]
-    assert all(written["segm"][k] is None for k in nan)
-    assert {k: v for k, v in written["segm"].items() if k not in nan} == {
-        k: v for k, v in again["segm"].items() if k not in nan
+    assert written[DATASET]["panoptic_seg"] == again[DATASET]["panoptic_seg"]
+    assert written[OWN] == again[OWN]
+    segm = again[DATASET]["segm"]
+    nan = [k for k, v in segm.items() if math.isnan(v)]
+    assert all(written[DATASET]["segm"][k] is None for k in nan)
+    assert {k: v for k, v in written[DATASET]["segm"].items() if k not in nan} == {
+        k: v for k, v in segm.items() if k not in nan
     }
+
+    # the evaluator's predictions, turned into COCO's category ids by the dataset's metadata,
+    # are the ground truth written from detectron2's own COCO metadata, image by image (the
+    # added person is the last segment of each image)
+    def segments(annotations):
+        return {
+            a["image_id"]: [(s["id"], s["category_id"]) for s in a["segments_info"]]
+            for a in annotations
+        }
+
+    ground_truth = json.loads((tmp_path / "own" / "panoptic.json").read_text())
+    predictions = json.loads((tmp_path / "inference" / OWN / "predictions.json").read_text())
+    expected = {k: v[:-1] for k, v in segments(ground_truth["annotations"]).items()}
+    assert segments(predictions["annotations"]) == expected
+    isthing = {c["id"]: c["isthing"] for c in ground_truth["categories"]}
+    kinds = Counter(isthing[c] for image in expected.values() for _, c in image)
+    assert kinds[True] > 5 and kinds[False] > 5, kinds  # the checks below are not vacuous
+    own = again[OWN]["panoptic_seg"]
+    # every stuff segment is matched, and only the corner's 16 pixels make an IoU below 1; a
+    # swapped category, a mixed-up image or a misread PNG leaves segments unmatched
+    assert own["RQ_st"] == 100 and own["PQ_st"] > 99
+    # the same for things, but for the added persons: missed (panopticapi's per-category
+    # RQ = TP / (TP + FP / 2 + FN / 2): 1 for every other thing category, TP / (TP + 1) for
+    # person with its two misses)
+    things = Counter(c for image in expected.values() for _, c in image if isthing[c])
+    persons = things.pop(1, 0)
+    rq_th = 100 * (len(things) + persons / (persons + 1)) / (len(things) + 1)
+    assert own["RQ_th"] == pytest.approx(rq_th) and own["PQ_th"] > rq_th - 1
 
 
 @needs_sample()

@@ -69,7 +69,15 @@ def synthetic_batch(box_free=False):
 
 def test_inference_shapes_and_postprocess():
     torch.manual_seed(0)
-    model = tiny_model(result_types=["panoptic_seg", "instances", "sem_seg"]).eval()
+    # no score or overlap threshold: the untrained model then paints things and stuff
+    permissive = {
+        "thing_score_threshold": 0.0,
+        "stuff_score_threshold": 0.0,
+        "thing_overlap_threshold": 1.0,
+        "stuff_overlap_threshold": 1.0,
+    }
+    result_types = ["panoptic_seg", "instances", "sem_seg"]
+    model = tiny_model(result_types=result_types, merge_kwargs=permissive).eval()
     images, padding, _ = synthetic_batch()
     with torch.no_grad():
         out = model(images, padding)
@@ -87,6 +95,7 @@ def test_inference_shapes_and_postprocess():
     assert results[0]["panoptic_seg"][0].shape == (128, 192)
     assert results[1]["instances"].masks.shape == (6, 24, 40)
     assert results[1]["sem_seg"].shape == (K + Z, 24, 40)
+    assert {info["isthing"] for info in segments} == {True, False}  # the loop checks both kinds
     for info in segments:
         assert info["isthing"] == (info["category_id"] < K)
     with pytest.raises(ValueError, match="outputs hold 2 images but got 1 image sizes"):
