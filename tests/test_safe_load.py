@@ -96,12 +96,13 @@ def test_python2_pickles_load(tmp_path):
     assert_same(loaded["res2_0_branch2a_w"], array)
 
 
-def test_a_pickle_that_would_run_code_is_refused_naming_the_file(crafted_weights):
-    path = crafted_weights.write("R-50.pkl")
+@pytest.mark.parametrize("name, load", [("R-50.pkl", load_pickle), ("model.pth", load_torch)])
+def test_a_file_that_would_run_code_is_refused_naming_the_file(crafted_weights, name, load):
+    path = crafted_weights.write(name)
     with pytest.raises(
         pickle.UnpicklingError, match=f"(?s)refusing to load '{re.escape(str(path))}': .*io.open"
     ):
-        load_pickle(str(path))
+        load(str(path))
     assert not crafted_weights.marker.exists()
 
 
@@ -115,15 +116,6 @@ def test_only_the_latin1_codec_of_python3_pickles_is_allowed(tmp_path):
     (tmp_path / "w.pkl").write_bytes(pickle.dumps({"x": _Rot13()}, protocol=2))
     with pytest.raises(pickle.UnpicklingError, match="encoding 'rot13'"):
         load_pickle(str(tmp_path / "w.pkl"))
-
-
-def test_a_torch_file_that_would_run_code_is_refused_naming_the_file(crafted_weights):
-    path = crafted_weights.write("model.pth")
-    with pytest.raises(
-        pickle.UnpicklingError, match=f"(?s)refusing to load '{re.escape(str(path))}': .*io.open"
-    ):
-        load_torch(str(path))
-    assert not crafted_weights.marker.exists()
 
 
 def test_torch_weights_load(tmp_path):
