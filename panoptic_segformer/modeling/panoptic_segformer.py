@@ -343,7 +343,6 @@ class PanopticSegFormer(nn.Module):
                 f"{len(output_sizes)} output sizes"
             )
         mask_h, mask_w = outputs["thing_masks"].shape[-2:]
-        num_kept = outputs["thing_scores"].shape[1]
         stuff_scores = outputs["stuff_scores"]
         stuff_labels = torch.arange(stuff_scores.shape[1], device=stuff_scores.device)
         results = []
