@@ -88,6 +88,7 @@ class DecoupledMaskDecoder(nn.Module):
         shapes: Sequence[Tuple[int, int]],
         memory_padding_mask: Optional[Tensor] = None,
         num_layers: Optional[int] = None,
+        last_mask_only: bool = False,
     ) -> Dict[str, List[Tensor]]:
         """Runs the thing stack on location-aware thing queries (no positional embedding).
 
@@ -98,12 +99,16 @@ class DecoupledMaskDecoder(nn.Module):
             shapes: their three (H, W), finest first.
             memory_padding_mask (Tensor, optional): (N, S) bool, True at padding.
             num_layers: early exit after this many layers (paper Table 10), None for all.
+            last_mask_only: compute the last mask only (inference; see :class:`MaskDecoder`).
 
         Returns:
             dict with "masks": (N, Q, H1, W1) per layer run, then the tail's unless it exited
-            early; "logits": (N, Q, K) class logits per layer run.
+            early (only the last with ``last_mask_only``); "logits": (N, Q, K) class logits per
+            layer run.
         """
-        out = self.things(queries, memory, shapes, None, memory_padding_mask, num_layers)
+        out = self.things(
+            queries, memory, shapes, None, memory_padding_mask, num_layers, last_mask_only
+        )
         logits = [head(q) for head, q in zip(self.thing_class_heads, out["queries"])]
         return {"masks": out["masks"], "logits": logits}
 
@@ -113,6 +118,7 @@ class DecoupledMaskDecoder(nn.Module):
         shapes: Sequence[Tuple[int, int]],
         memory_padding_mask: Optional[Tensor] = None,
         num_layers: Optional[int] = None,
+        last_mask_only: bool = False,
     ) -> Dict[str, List[Tensor]]:
         """Runs the stuff stack on the Z class-fixed stuff queries.
 
@@ -121,17 +127,21 @@ class DecoupledMaskDecoder(nn.Module):
             shapes: their three (H, W), finest first.
             memory_padding_mask (Tensor, optional): (N, S) bool, True at padding.
             num_layers: early exit after this many layers (paper Table 10), None for all.
+            last_mask_only: compute the last mask only (inference; see :class:`MaskDecoder`).
 
         Returns:
             dict with "masks": (N, Z, H1, W1) per layer run, then the tail's unless it exited
-            early; "logits": (N, Z) presence logits per layer run.
+            early (only the last with ``last_mask_only``); "logits": (N, Z) presence logits per
+            layer run.
         """
         n = memory.shape[0]
         # (Z, 2C) -> 2 x (N, Z, C)
         content, pos = self.stuff_query.weight.split(self.d_model, dim=1)
         content = content[None].expand(n, -1, -1)
         pos = pos[None].expand(n, -1, -1)
-        out = self.stuff(content, memory, shapes, pos, memory_padding_mask, num_layers)
+        out = self.stuff(
+            content, memory, shapes, pos, memory_padding_mask, num_layers, last_mask_only
+        )
         # (N, Z, 1) -> (N, Z)
         logits = [head(q).squeeze(-1) for head, q in zip(self.stuff_class_heads, out["queries"])]
         return {"masks": out["masks"], "logits": logits}

@@ -82,13 +82,15 @@ class MaskAttention(nn.Module):
         memory: Tensor,
         shapes: Sequence[Tuple[int, int]],
         memory_padding_mask: Optional[Tensor] = None,
-    ) -> Tuple[Optional[Tensor], Tensor]:
+        with_mask: bool = True,
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """
         Args:
             query (Tensor): (N, Q, C); memory (Tensor): (N, S, C).
             shapes: the three (H, W) of the memory levels.
             memory_padding_mask (Tensor, optional): (N, S) bool, True at padding; padded
                 tokens get no attention (the mask logits there are left as they are).
+            with_mask: compute the mask (False: None, for layers whose mask is not read).
 
         Returns:
             (N, Q, C) attended values (None for a tail) and the (N, Q, H1, W1) mask.
@@ -101,7 +103,7 @@ class MaskAttention(nn.Module):
         keys = self.k_proj(memory).view(n, s, m, c // m).transpose(1, 2)
         # (N, M, Q, S): the logits before the softmax carry the mask.
         logits = (queries @ keys.transpose(-2, -1)) * self.scale
-        mask = self.to_mask(logits.permute(0, 2, 3, 1), shapes)
+        mask = self.to_mask(logits.permute(0, 2, 3, 1), shapes) if with_mask else None
         if self.tail:
             return None, mask
         if memory_padding_mask is not None:
@@ -142,13 +144,15 @@ class MaskDecoderLayer(nn.Module):
         memory: Tensor,
         shapes: Sequence[Tuple[int, int]],
         memory_padding_mask: Optional[Tensor] = None,
-    ) -> Tuple[Tensor, Tensor]:
-        """Returns the refined (N, Q, C) queries and this layer's (N, Q, H1, W1) mask."""
+        with_mask: bool = True,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Returns the refined (N, Q, C) queries and this layer's (N, Q, H1, W1) mask (None
+        without ``with_mask``)."""
         if self.self_attn is not None:
             query = self.norm_self(
                 query + self.self_attn(query, query, query, need_weights=False)[0]
             )
-        attended, mask = self.cross_attn(query, memory, shapes, memory_padding_mask)
+        attended, mask = self.cross_attn(query, memory, shapes, memory_padding_mask, with_mask)
         query = self.norm_cross(query + attended)
         return self.ffn(query), mask
 
@@ -182,6 +186,7 @@ class MaskDecoder(nn.Module):
         query_pos: Optional[Tensor] = None,
         memory_padding_mask: Optional[Tensor] = None,
         num_layers: Optional[int] = None,
+        last_mask_only: bool = False,
     ) -> Dict[str, List[Tensor]]:
         """
         Args:
@@ -194,10 +199,13 @@ class MaskDecoder(nn.Module):
             num_layers: early exit (paper Table 10): with k below the number of layers, run
                 only the first k layers and return their masks, without the tail. None (or
                 all layers) runs every layer and the tail.
+            last_mask_only: compute only the last mask (the tail's, or the last layer's on an
+                early exit), all inference reads; the others (deep supervision) are skipped.
 
         Returns:
-            dict with "masks": one (N, Q, H1, W1) mask per layer run, then the tail's; and
-            "queries": the (N, Q, C) queries after each layer.
+            dict with "masks": one (N, Q, H1, W1) mask per layer run, then the tail's (only
+            the last with ``last_mask_only``); and "queries": the (N, Q, C) queries after each
+            layer.
         """
         if len(shapes) != MASK_LEVELS or sum(h * w for h, w in shapes) != memory.shape[1]:
             raise ValueError(
@@ -207,12 +215,16 @@ class MaskDecoder(nn.Module):
         total = len(self.layers)
         if num_layers is not None and not 1 <= num_layers <= total:
             raise ValueError(f"num_layers must be in [1, {total}], got {num_layers}")
+        run = num_layers or total
         masks, queries = [], []
-        for layer in self.layers[: num_layers or total]:
+        for i, layer in enumerate(self.layers[:run]):
             if query_pos is not None:
                 query = query + query_pos
-            query, mask = layer(query, memory, shapes, memory_padding_mask)
-            masks.append(mask)
+            # on an early exit the last layer's mask is the result
+            with_mask = not last_mask_only or (run < total and i == run - 1)
+            query, mask = layer(query, memory, shapes, memory_padding_mask, with_mask)
+            if with_mask:
+                masks.append(mask)
             queries.append(query)
         if num_layers is None or num_layers == total:
             tail_query = query if query_pos is None else query + query_pos

@@ -260,7 +260,7 @@ class PanopticSegFormer(nn.Module):
                 located["pred_logits"][-1], self.max_detections
             )
             things = self.mask_decoder.forward_things(
-                _gather(queries, query_idx), memory, shapes, padding, layers
+                _gather(queries, query_idx), memory, shapes, padding, layers, last_mask_only=True
             )
             thing_masks = things["masks"][-1]
         else:
@@ -274,14 +274,16 @@ class PanopticSegFormer(nn.Module):
                 candidates = torch.arange(queries.shape[1], device=queries.device)
                 candidates = candidates[None].expand(queries.shape[0], -1)
             things = self.mask_decoder.forward_things(
-                _gather(queries, candidates), memory, shapes, padding, layers
+                _gather(queries, candidates), memory, shapes, padding, layers, last_mask_only=True
             )
             top_scores, local_idx, labels = _top_detections(
                 things["logits"][-1], self.max_detections
             )
             query_idx = candidates.gather(1, local_idx)
             thing_masks = _gather(things["masks"][-1], local_idx)
-        stuff = self.mask_decoder.forward_stuff(memory, shapes, padding, layers)
+        stuff = self.mask_decoder.forward_stuff(
+            memory, shapes, padding, layers, last_mask_only=True
+        )
         outputs = {
             "thing_masks": thing_masks,
             "thing_scores": top_scores,

@@ -436,3 +436,37 @@ def test_joint_matching_one_query_set_for_things_and_stuff():
             num_stuff_classes=Z,
             joint_matching=True,
         )
+
+
+@pytest.mark.parametrize("exit_after", [None, 1])
+def test_inference_computes_only_the_masks_it_reads(exit_after, monkeypatch):
+    # the layers' masks feed deep supervision only: at inference only the last mask of each
+    # stack (the tail's, or the last layer's on an early exit) is computed, and the outputs
+    # are bit-identical to computing every mask
+    torch.manual_seed(0)
+    model = tiny_model(num_thing_mask_layers=2, num_stuff_mask_layers=3).eval()
+    model.mask_decoder_layers = exit_after
+    images, padding, _ = synthetic_batch()
+    calls = []
+    for module in model.mask_decoder.modules():
+        if type(module).__name__ == "AttentionToMask":
+            module.register_forward_hook(lambda m, a, out: calls.append(m))
+    with torch.no_grad():
+        fast = model(images, padding)
+    assert len(calls) == 2  # one mask per stack
+    decoder = model.mask_decoder
+    for name in ("forward_things", "forward_stuff"):
+        original = getattr(decoder, name)
+
+        def computing_all(*args, _original=original, **kwargs):
+            kwargs["last_mask_only"] = False
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(decoder, name, computing_all)
+    calls.clear()
+    with torch.no_grad():
+        slow = model(images, padding)
+    assert len(calls) == (2 if exit_after else 2 + 3 + 2)  # layers and tails of both stacks
+    assert fast.keys() == slow.keys()
+    for key in fast:
+        assert torch.equal(fast[key], slow[key]), key
