@@ -24,7 +24,15 @@ MASK_LEVELS = 3
 
 
 class AttentionToMask(nn.Module):
-    """Attention logits (N, Q, S, M) of three levels -> a mask (N, Q, H1, W1).
+    """Attention logits (N, M, Q, S) of three levels -> a mask (N, Q, H1, W1).
+
+    Eqs. (1)-(2) with the authors' head: per level Linear(M, M) + ReLU, bilinear upsampling to
+    stride 8, concatenation, Linear(3M, 1) + ReLU. The fuse layer is linear and so is bilinear
+    upsampling (a fixed weighted sum of pixels, the same for every channel), so the two commute:
+    each level's M channels are fused into one at the level's own resolution, and only that one
+    channel is upsampled and summed. The same function in exact arithmetic (within float
+    rounding of the direct order, tested), without the (N, Q, H1 W1, 3M) concatenation and
+    with 1/M of the upsampling.
 
     Args:
         n_heads: attention heads M.
@@ -36,20 +44,24 @@ class AttentionToMask(nn.Module):
         self.fuse = nn.Linear(MASK_LEVELS * n_heads, 1)
 
     def forward(self, logits: Tensor, shapes: Sequence[Tuple[int, int]]) -> Tensor:
-        n, q, _, m = logits.shape
+        n, m, q, _ = logits.shape
         (h1, w1), *_ = shapes
-        levels = logits.split([h * w for h, w in shapes], dim=2)
-        fused = []
-        for level_map, level, (h, w) in zip(self.level_maps, levels, shapes):
-            x = level_map(level).relu()  # (N, Q, H*W, M)
+        levels = logits.split([h * w for h, w in shapes], dim=3)
+        fuse_weights = self.fuse.weight.view(len(shapes), 1, m)  # one (1, M) map per level
+        mask = None
+        for level_map, fuse_weight, level, (h, w) in zip(
+            self.level_maps, fuse_weights, levels, shapes
+        ):
+            # (N, M, Q, H*W) -> (N, Q, H*W, M) -> Linear(M, M) + ReLU -> fused to (N, Q, H*W)
+            x = level_map(level.permute(0, 2, 3, 1)).relu()
+            x = F.linear(x, fuse_weight).squeeze(-1)
             if (h, w) != (h1, w1):
-                # (N, Q, H*W, M) -> (N*Q, M, H, W), bilinear to stride 8 (Eq. (2))
-                x = x.transpose(2, 3).reshape(n * q, m, h, w)
-                x = F.interpolate(x, size=(h1, w1), mode="bilinear", align_corners=False)
-                x = x.reshape(n, q, m, h1 * w1).transpose(2, 3)
-            fused.append(x)
-        # (N, Q, H1*W1, 3M) -> (N, Q, H1*W1) -> (N, Q, H1, W1)
-        return self.fuse(torch.cat(fused, -1)).relu().squeeze(-1).view(n, q, h1, w1)
+                # one channel, bilinear to stride 8 (Eq. (2))
+                x = F.interpolate(
+                    x.view(n * q, 1, h, w), size=(h1, w1), mode="bilinear", align_corners=False
+                ).view(n, q, h1 * w1)
+            mask = x if mask is None else mask + x
+        return (mask + self.fuse.bias).relu().view(n, q, h1, w1)
 
 
 class MaskAttention(nn.Module):
@@ -103,7 +115,7 @@ class MaskAttention(nn.Module):
         keys = self.k_proj(memory).view(n, s, m, c // m).transpose(1, 2)
         # (N, M, Q, S): the logits before the softmax carry the mask.
         logits = (queries @ keys.transpose(-2, -1)) * self.scale
-        mask = self.to_mask(logits.permute(0, 2, 3, 1), shapes) if with_mask else None
+        mask = self.to_mask(logits, shapes) if with_mask else None
         if self.tail:
             return None, mask
         if memory_padding_mask is not None:

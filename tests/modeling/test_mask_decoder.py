@@ -129,6 +129,48 @@ def test_gradients_reach_every_parameter():
     assert memory.grad.abs().sum() > 0
 
 
+def direct_attention_to_mask(head, logits, shapes):
+    """Eqs. (1)-(2) in the written order, as the authors compute them: per level
+    Linear(M, M) + ReLU, every channel upsampled to stride 8, concatenated, Linear(3M, 1) + ReLU.
+    logits (N, M, Q, S) -> (N, Q, H1, W1)."""
+    n, m, q, _ = logits.shape
+    (h1, w1), *_ = shapes
+    levels = logits.split([h * w for h, w in shapes], dim=3)
+    upsampled = []
+    for level_map, level, (h, w) in zip(head.level_maps, levels, shapes):
+        x = level_map(level.permute(0, 2, 3, 1)).relu()  # (N, Q, h*w, M)
+        x = x.permute(0, 1, 3, 2).reshape(n * q, m, h, w)
+        x = F.interpolate(x, size=(h1, w1), mode="bilinear", align_corners=False)
+        upsampled.append(x.reshape(n, q, m, h1, w1).permute(0, 1, 3, 4, 2))
+    return head.fuse(torch.cat(upsampled, -1)).relu().squeeze(-1)
+
+
+@pytest.mark.parametrize("shapes", [SHAPES, [(10, 13), (5, 7), (3, 4)]])
+def test_attention_to_mask_fuses_each_level_before_upsampling_as_the_direct_order(shapes):
+    # the fuse layer and the bilinear upsampling are both linear, so fusing each level's heads
+    # at its own resolution first is the same function: values and gradients agree with the
+    # written order to float rounding (random weights, 8 heads, odd sizes)
+    torch.manual_seed(0)
+    head = AttentionToMask(n_heads=8)
+    for p in head.parameters():
+        torch.nn.init.normal_(p)
+    torch.nn.init.constant_(head.fuse.bias, 3.0)  # masks partly positive, partly cut by the ReLU
+    tokens = sum(h * w for h, w in shapes)
+    logits = torch.randn(2, 8, 5, tokens, requires_grad=True)
+    fast = head(logits, shapes)
+    slow = direct_attention_to_mask(head, logits, shapes)
+    assert fast.shape == slow.shape == (2, 5, *shapes[0])
+    assert 0.1 < (slow > 0).float().mean() < 0.9
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(fast)
+    grads = [
+        torch.autograd.grad((out * weights).sum(), [logits, *head.parameters()])
+        for out in (fast, slow)
+    ]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_fc_head_is_tiny_and_errors():
     # The paper's "ultra-light FC head": per-level (M x M) maps and one (3M -> 1) fuse layer.
     head = AttentionToMask(n_heads=8)
