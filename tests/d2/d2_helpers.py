@@ -51,6 +51,32 @@ PIXEL_ARGMAX = [
 ]  # fmt: skip
 
 
+def train_net_args(output_dir, dataset, *extra, eval_only=False, resume=False):
+    """train_net.py's parsed command line for the TINY model on ``dataset`` (train and test),
+    two images a batch at short side 160, no augmentation; ``extra`` overrides come last."""
+    from detectron2.engine import default_argument_parser
+
+    opts = [
+        *TINY,
+        "DATASETS.TRAIN", f"('{dataset}',)",
+        "DATASETS.TEST", f"('{dataset}',)",
+        "MODEL.PANOPTIC_SEGFORMER.NUM_QUERIES", "50",  # the sample's second image has 26 things
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.CHECKPOINT_PERIOD", "100",
+        "INPUT.MIN_SIZE_TRAIN", "(160,)",
+        "INPUT.MAX_SIZE_TRAIN", "256",
+        "INPUT.CROP.ENABLED", "False",
+        "INPUT.MIN_SIZE_TEST", "160",
+        "INPUT.MAX_SIZE_TEST", "256",
+        "DATALOADER.NUM_WORKERS", "0",
+        "OUTPUT_DIR", str(output_dir),
+        *extra,
+    ]  # fmt: skip
+    argv = ["--config-file", str(CONFIGS[0].parent / "r50.yaml")]
+    flags = (["--eval-only"] if eval_only else []) + (["--resume"] if resume else [])
+    return default_argument_parser().parse_args(argv + flags + opts)
+
+
 def make_cfg(config_file, *opts):
     """The config of ``config_file`` with Panoptic SegFormer's keys and the given overrides."""
     from panoptic_segformer.config import get_config

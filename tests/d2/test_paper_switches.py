@@ -13,9 +13,14 @@ import torch
 pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
 pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panopticapi installed")
 
-from d2_helpers import CONFIGS, ROOT, TINY, make_cfg, needs_sample, register_sample  # noqa: E402
+from d2_helpers import (  # noqa: E402
+    ROOT,
+    make_cfg,
+    needs_sample,
+    register_sample,
+    train_net_args,
+)
 from detectron2.data import DatasetCatalog  # noqa: E402
-from detectron2.engine import default_argument_parser  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
@@ -46,27 +51,16 @@ SWITCHES = {
 
 
 def run_args(output_dir, *opts):
-    argv = ["--config-file", str(CONFIGS[0].parent / "r50.yaml")]
-    return default_argument_parser().parse_args(
-        argv
-        + [
-            *TINY,
-            "DATASETS.TRAIN", f"('{DATASET}',)",
-            "DATASETS.TEST", f"('{DATASET}',)",
-            PS + "NUM_QUERIES", "50",  # the second image has 26 things
-            "SOLVER.IMS_PER_BATCH", "2",
-            "SOLVER.MAX_ITER", "20",
-            "SOLVER.CHECKPOINT_PERIOD", "100",
-            "INPUT.MIN_SIZE_TRAIN", "(128,)",
-            "INPUT.MAX_SIZE_TRAIN", "200",
-            "INPUT.CROP.ENABLED", "False",
-            "INPUT.MIN_SIZE_TEST", "128",
-            "INPUT.MAX_SIZE_TEST", "200",
-            "DATALOADER.NUM_WORKERS", "0",
-            "TEST.EVAL_PERIOD", "0",
-            "OUTPUT_DIR", str(output_dir),
-            *opts,
-        ]
+    return train_net_args(
+        output_dir,
+        DATASET,
+        "SOLVER.MAX_ITER", "20",
+        "INPUT.MIN_SIZE_TRAIN", "(128,)",
+        "INPUT.MAX_SIZE_TRAIN", "200",
+        "INPUT.MIN_SIZE_TEST", "128",
+        "INPUT.MAX_SIZE_TEST", "200",
+        "TEST.EVAL_PERIOD", "0",
+        *opts,
     )  # fmt: skip
 
 

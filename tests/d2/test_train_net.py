@@ -19,14 +19,13 @@ from d2_helpers import (  # noqa: E402
     CONFIGS,
     PIXEL_ARGMAX,
     ROOT,
-    TINY,
     make_cfg,
     needs_sample,
     register_sample,
+    train_net_args,
     write_instances_json,
     write_own_predictions_as_ground_truth,
 )
-from detectron2.engine import default_argument_parser  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 import train_net  # noqa: E402
@@ -42,28 +41,16 @@ def sample_dataset(tmp_path_factory):
 
 
 def args_for(output_dir, *extra, eval_only=False, resume=False):
-    opts = [
-        *TINY,
-        "DATASETS.TRAIN", f"('{DATASET}',)",
-        "DATASETS.TEST", f"('{DATASET}',)",
-        "MODEL.PANOPTIC_SEGFORMER.NUM_QUERIES", "50",  # the second image has 26 things
+    return train_net_args(
+        output_dir,
+        DATASET,
         "MODEL.PANOPTIC_SEGFORMER.TEST.MAX_DETECTIONS", "20",  # fewer full-size masks to resize
         "SEED", "0",
-        "SOLVER.IMS_PER_BATCH", "2",
         "SOLVER.MAX_ITER", "1",
-        "SOLVER.CHECKPOINT_PERIOD", "100",
-        "INPUT.MIN_SIZE_TRAIN", "(160,)",
-        "INPUT.MAX_SIZE_TRAIN", "256",
-        "INPUT.CROP.ENABLED", "False",
-        "INPUT.MIN_SIZE_TEST", "160",
-        "INPUT.MAX_SIZE_TEST", "256",
-        "DATALOADER.NUM_WORKERS", "0",
-        "OUTPUT_DIR", str(output_dir),
         *extra,
-    ]  # fmt: skip
-    argv = ["--config-file", str(CONFIGS[0].parent / "r50.yaml")]
-    flags = (["--eval-only"] if eval_only else []) + (["--resume"] if resume else [])
-    return default_argument_parser().parse_args(argv + flags + opts)
+        eval_only=eval_only,
+        resume=resume,
+    )  # fmt: skip
 
 
 @needs_sample()
