@@ -134,7 +134,9 @@ def print_table(results: Dict[str, Dict], threads: int, reps: int, warmup: int) 
     ours, theirs = results[OURS]["rows"], results[MASK2FORMER]["rows"]
     for a, b in zip(ours, theirs):
         h, w = a["size"]
-        print(f"| {a['image']} | {h}x{w} | {a['ms']:.0f} | {b['ms']:.0f} | {a['ms'] / b['ms']:.2f} |")
+        print(
+            f"| {a['image']} | {h}x{w} | {a['ms']:.0f} | {b['ms']:.0f} | {a['ms'] / b['ms']:.2f} |"
+        )
     total_a, total_b = sum(r["ms"] for r in ours), sum(r["ms"] for r in theirs)
     ratio = total_a / total_b
     print(f"| all | | {total_a:.0f} | {total_b:.0f} | **{ratio:.2f}** |")

@@ -107,20 +107,30 @@ class MaskAttention(nn.Module):
         Returns:
             (N, Q, C) attended values (None for a tail) and the (N, Q, H1, W1) mask.
         """
+        if not with_mask and self.tail:
+            return None, None
         n, q, c = query.shape
         s = memory.shape[1]
         m = self.n_heads
         # (N, L, C) -> (N, M, L, C/M)
         queries = self.q_proj(query).view(n, q, m, c // m).transpose(1, 2)
         keys = self.k_proj(memory).view(n, s, m, c // m).transpose(1, 2)
+        values = None if self.tail else self.v_proj(memory).view(n, s, m, c // m).transpose(1, 2)
+        if not with_mask:
+            # Only the attended values are read: fused attention, which never materialises the
+            # (N, M, Q, S) logits (the same function within float rounding, tested).
+            keep = None if memory_padding_mask is None else ~memory_padding_mask[:, None, None, :]
+            attended = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=keep, scale=self.scale
+            )
+            return self.out_proj(attended.transpose(1, 2).reshape(n, q, c)), None
         # (N, M, Q, S): the logits before the softmax carry the mask.
         logits = (queries @ keys.transpose(-2, -1)) * self.scale
-        mask = self.to_mask(logits, shapes) if with_mask else None
+        mask = self.to_mask(logits, shapes)
         if self.tail:
             return None, mask
         if memory_padding_mask is not None:
             logits = logits.masked_fill(memory_padding_mask[:, None, None, :], float("-inf"))
-        values = self.v_proj(memory).view(n, s, m, c // m).transpose(1, 2)
         # (N, M, Q, C/M) -> (N, Q, C)
         attended = (logits.softmax(-1) @ values).transpose(1, 2).reshape(n, q, c)
         return self.out_proj(attended), mask

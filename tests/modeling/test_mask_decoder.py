@@ -55,16 +55,29 @@ def test_attention_output_is_softmax_attention_and_ignores_padding():
     query = torch.randn(2, 3, 8)
     pad = torch.zeros(2, TOKENS, dtype=torch.bool)
     pad[1, 20:24] = True
-    out, _ = attn(query, memory, SHAPES, pad)
-    # Reference: torch's attention with the same projections.
+    out, mask = attn(query, memory, SHAPES, pad)
+    # without the mask, fused attention: the same values within float rounding, no mask
+    fused, no_mask = attn(query, memory, SHAPES, pad, with_mask=False)
+    assert mask.shape == (2, 3, 4, 6) and no_mask is None
+    # Reference: softmax attention written out, per image and head, padded tokens dropped.
     q = attn.q_proj(query).view(2, 3, 2, 4).transpose(1, 2)
     k = attn.k_proj(memory).view(2, TOKENS, 2, 4).transpose(1, 2)
     v = attn.v_proj(memory).view(2, TOKENS, 2, 4).transpose(1, 2)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:, None, None, :])
-    torch.testing.assert_close(out, attn.out_proj(ref.transpose(1, 2).reshape(2, 3, 8)))
+    ref = torch.stack(
+        [((q[i] @ k[i, :, ~pad[i]].mT) / 2.0).softmax(-1) @ v[i, :, ~pad[i]] for i in range(2)]
+    )
+    ref = attn.out_proj(ref.transpose(1, 2).reshape(2, 3, 8))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(fused, ref)
     junk = memory.clone()
     junk[pad] = 1e3
     torch.testing.assert_close(attn(query, junk, SHAPES, pad)[0], out)
+    torch.testing.assert_close(attn(query, junk, SHAPES, pad, with_mask=False)[0], fused)
+    # a tail without its mask computes nothing
+    assert (
+        MaskAttention(d_model=8, n_heads=2, tail=True)(query, memory, SHAPES, with_mask=False)[0]
+        is None
+    )
 
 
 def make_decoder(self_attn, num_layers=2, seed=0):

@@ -441,8 +441,9 @@ def test_joint_matching_one_query_set_for_things_and_stuff():
 @pytest.mark.parametrize("exit_after", [None, 1])
 def test_inference_computes_only_the_masks_it_reads(exit_after, monkeypatch):
     # the layers' masks feed deep supervision only: at inference only the last mask of each
-    # stack (the tail's, or the last layer's on an early exit) is computed, and the outputs
-    # are bit-identical to computing every mask
+    # stack (the tail's, or the last layer's on an early exit) is computed, the other layers
+    # attend through fused attention, and the outputs equal those of computing every mask
+    # within float rounding
     torch.manual_seed(0)
     model = tiny_model(num_thing_mask_layers=2, num_stuff_mask_layers=3).eval()
     model.mask_decoder_layers = exit_after
@@ -469,4 +470,4 @@ def test_inference_computes_only_the_masks_it_reads(exit_after, monkeypatch):
     assert len(calls) == (2 if exit_after else 2 + 3 + 2)  # layers and tails of both stacks
     assert fast.keys() == slow.keys()
     for key in fast:
-        assert torch.equal(fast[key], slow[key]), key
+        torch.testing.assert_close(fast[key], slow[key], rtol=1e-5, atol=1e-5, msg=key)
