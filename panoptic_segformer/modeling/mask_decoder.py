@@ -102,7 +102,8 @@ class MaskAttention(nn.Module):
             shapes: the three (H, W) of the memory levels.
             memory_padding_mask (Tensor, optional): (N, S) bool, True at padding; padded
                 tokens get no attention (the mask logits there are left as they are).
-            with_mask: compute the mask (False: None, for layers whose mask is not read).
+            with_mask: compute the mask (False: None, for layers whose mask is not read; the
+                attention then never materialises its logits).
 
         Returns:
             (N, Q, C) attended values (None for a tail) and the (N, Q, H1, W1) mask.
@@ -112,8 +113,8 @@ class MaskAttention(nn.Module):
         n, q, c = query.shape
         s = memory.shape[1]
         m = self.n_heads
-        # (N, L, C) -> (N, M, L, C/M)
-        queries = self.q_proj(query).view(n, q, m, c // m).transpose(1, 2)
+        # (N, L, C) -> (N, M, L, C/M); the queries carry the 1/sqrt(C/M) of the logits
+        queries = (self.q_proj(query) * self.scale).view(n, q, m, c // m).transpose(1, 2)
         keys = self.k_proj(memory).view(n, s, m, c // m).transpose(1, 2)
         values = None if self.tail else self.v_proj(memory).view(n, s, m, c // m).transpose(1, 2)
         if not with_mask:
@@ -121,11 +122,11 @@ class MaskAttention(nn.Module):
             # (N, M, Q, S) logits (the same function within float rounding, tested).
             keep = None if memory_padding_mask is None else ~memory_padding_mask[:, None, None, :]
             attended = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=keep, scale=self.scale
+                queries, keys, values, attn_mask=keep, scale=1.0
             )
             return self.out_proj(attended.transpose(1, 2).reshape(n, q, c)), None
         # (N, M, Q, S): the logits before the softmax carry the mask.
-        logits = (queries @ keys.transpose(-2, -1)) * self.scale
+        logits = queries @ keys.transpose(-2, -1)
         mask = self.to_mask(logits, shapes)
         if self.tail:
             return None, mask
