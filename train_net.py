@@ -260,7 +260,7 @@ def main(args):
         PanopticSegFormerCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        results = Trainer.test(cfg, model)
+        results = Trainer.test(cfg, model.prepare_for_inference())
         if comm.is_main_process():
             verify_results(cfg, results)
     else:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from panoptic_segformer.modeling import PanopticSegFormer as PanopticSegFormerModel
 from panoptic_segformer.modeling import PanopticSegFormerCriterion, build_panoptic_segformer
+from panoptic_segformer.modeling.frozen_bn import PreparableForInference
 from panoptic_segformer.modeling.matcher import HungarianMatcher, MaskDecoderMatcher
 
 __all__ = [
@@ -134,7 +135,7 @@ class _Normalize(nn.Module):
 
 
 @META_ARCH_REGISTRY.register()
-class PanopticSegFormer(nn.Module):
+class PanopticSegFormer(PreparableForInference, nn.Module):
     """Panoptic SegFormer as a detectron2 meta-architecture.
 
     Args:

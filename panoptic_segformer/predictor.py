@@ -59,8 +59,9 @@ def load_image(path: str) -> np.ndarray:
 
 
 class Predictor(DefaultPredictor):
-    """Builds the model of ``cfg`` in eval mode and predicts one image at a time: detectron2's
-    ``DefaultPredictor`` with our checkpointer and input checks.
+    """Builds the model of ``cfg``, loads its weights, prepares it for inference
+    (:meth:`~panoptic_segformer.meta_arch.PanopticSegFormer.prepare_for_inference`) and predicts
+    one image at a time: detectron2's ``DefaultPredictor`` with our checkpointer and input checks.
 
     Attributes:
         metadata: of ``cfg.DATASETS.TEST[0]`` (class names and colours for drawing).
@@ -70,13 +71,14 @@ class Predictor(DefaultPredictor):
         # DefaultPredictor.__init__ would load MODEL.WEIGHTS with detectron2's checkpointer
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg)
-        self.model.eval()
         if cfg.MODEL.WEIGHTS:
             PanopticSegFormerCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
         else:
             logger.warning(
                 "MODEL.WEIGHTS is empty: the model is untrained and its predictions mean nothing"
             )
+        # folds the backbone's frozen batch norms, channels-last weights (after loading them)
+        self.model.prepare_for_inference()
         names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
         self.metadata = MetadataCatalog.get(names[0] if names else "__unused")
         self.aug = T.ResizeShortestEdge(

@@ -52,3 +52,23 @@ def crafted_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CraftedW
     torch, and is ignored where ``weights_only`` is passed)."""
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     return CraftedWeights(tmp_path)
+
+
+@torch.no_grad()
+def _randomise_norms(module: torch.nn.Module, seed: int = 0) -> None:
+    """Statistics far from the identity, small variances included (where eps matters)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if type(m).__name__ == "FrozenBatchNorm2d":
+            c = m.weight.numel()
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=g))
+            m.running_mean.copy_(torch.randn(c, generator=g))
+            m.running_var.copy_(torch.rand(c, generator=g) * 2 + 1e-3)
+
+
+@pytest.fixture
+def randomise_norms():
+    """``randomise_norms(module, seed=0)``: gives every frozen batch norm of ``module`` random
+    statistics (folding identity norms would test nothing)."""
+    return _randomise_norms

@@ -18,6 +18,11 @@ stuff = 153 masks) and keeping 300 (353 masks):
           (neck + encoder also holds the position encoding and flattening; mask decoder also
           the top-k selection of thing queries); on CUDA every boundary synchronises.
   %       share of the stage in the total, post-processing included.
+The model is timed as users run it, prepared for inference (``prepare_for_inference``: the
+backbone's frozen batch norms folded into its convolutions, its weights channels-last);
+--preparations instead times the whole network (153 masks) as built, with each preparation alone,
+with both, and with both under ``torch.compile`` (--compile; its first call, the compilation,
+reported as start-up time).
 Post-processing (``PanopticSegFormer.postprocess`` with --result-types, by default panoptic
 results only, as the model, at the input size) runs on outputs of the model's shapes in which
 every query passes the merging's score and area tests (scores 1, mask values uniform in [0, 1]):
@@ -32,6 +37,7 @@ Examples:
   python tools/benchmark_model.py --result-types panoptic_seg instances sem_seg  # all results
   python tools/benchmark_model.py --device cuda --reps 20 --warmup 5 --json r50.json
   python tools/benchmark_model.py --device cuda --autocast float16   # mixed precision
+  python tools/benchmark_model.py --preparations --compile   # folding, channels-last, compile
 """
 
 import argparse
@@ -58,6 +64,7 @@ from panoptic_segformer.modeling.analysis import (  # noqa: E402
     parameter_parts,
 )
 from panoptic_segformer.modeling.backbone import build_backbone  # noqa: E402
+from panoptic_segformer.modeling.frozen_bn import fold_frozen_batchnorm  # noqa: E402
 from panoptic_segformer.modeling.panoptic_segformer import (  # noqa: E402
     RESULT_TYPES,
     PanopticSegFormer,
@@ -205,6 +212,56 @@ def time_stages(
     return {stage: statistics.median(ms) for stage, ms in samples.items()}
 
 
+def _folded(model: PanopticSegFormer) -> PanopticSegFormer:
+    fold_frozen_batchnorm(model.backbone)
+    return model
+
+
+PREPARATIONS = {
+    "as built": lambda model: model,
+    "batch norms folded": _folded,
+    "channels-last weights": lambda model: model.to(memory_format=torch.channels_last),
+    "both (prepare_for_inference)": lambda model: model.prepare_for_inference(),
+    "both + torch.compile": lambda model: torch.compile(model.prepare_for_inference()),
+}
+
+
+def time_preparations(
+    args: argparse.Namespace, images: Tensor, mask: Tensor
+) -> Dict[str, Dict[str, float]]:
+    """Start-up (the first call, less a steady call) and steady milliseconds of the network for
+    every preparation, each on a model built anew from the same seed."""
+    rows = {}
+    for name, prepare in PREPARATIONS.items():
+        if "compile" in name and not args.compile:
+            continue
+        print(f"timing {name} ...", file=sys.stderr)
+        torch.manual_seed(0)
+        model = prepare(build_model(args.backbone).to(args.device))
+        with torch.inference_mode():
+            start = _now(args.device)
+            model(images, mask)
+            first = (_now(args.device) - start) * 1e3
+            times = []
+            for rep in range(args.warmup + args.reps):
+                start = _now(args.device)
+                model(images, mask)
+                if rep >= args.warmup:
+                    times.append((_now(args.device) - start) * 1e3)
+        steady = statistics.median(times)
+        rows[name] = {"startup_s": max(first - steady, 0.0) / 1e3, "ms": steady}
+    return rows
+
+
+def print_preparations(rows: Dict[str, Dict[str, float]]) -> None:
+    base = rows["as built"]["ms"]
+    lines = [
+        [name, f"{row['startup_s']:.1f}", f"{row['ms']:.0f}", f"{row['ms'] / base:.2f}"]
+        for name, row in rows.items()
+    ]
+    _print_markdown(["preparation", "start-up s", "ms", "vs as built"], lines)
+
+
 def peak_memory_gib(device: str) -> float:
     """Peak CUDA allocation, or on the CPU the peak resident set of this process (Linux: KiB)."""
     if device == "cuda":
@@ -286,6 +343,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--params-only", action="store_true", help="all four backbones, no runs")
+    parser.add_argument(
+        "--preparations",
+        action="store_true",
+        help="time the network as built, with its batch norms folded, channels-last, and both",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="with --preparations: also under torch.compile"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -310,10 +375,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         results["parameters"].append(parameter_row(name, model))
     print_parameters(results["parameters"])
 
-    if not args.params_only:
+    if args.preparations:
+        images = torch.randn(1, 3, args.height, args.width, device=args.device)
+        mask = torch.zeros(1, args.height, args.width, dtype=torch.bool, device=args.device)
+        results["preparations"] = time_preparations(args, images, mask)
+        print(
+            f"\n{args.backbone}, {args.height}x{args.width}, batch 1, the network (153 masks), "
+            f"{args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+            f"median of {args.reps} after {args.warmup} warm-up"
+        )
+        print_preparations(results["preparations"])
+    elif not args.params_only:
         device = args.device
         autocast = getattr(torch, args.autocast) if args.autocast else None
-        model = model.to(device)
+        model = model.to(device).prepare_for_inference()
         images = torch.randn(1, 3, args.height, args.width, device=device)
         mask = torch.zeros(1, args.height, args.width, dtype=torch.bool, device=device)
         flops = count_flops(model, images, mask)

@@ -313,13 +313,14 @@ def setup(args: argparse.Namespace) -> CfgNode:
 
 
 def load_model(cfg: CfgNode) -> nn.Module:
-    """The model of ``cfg`` with MODEL.WEIGHTS loaded (warned about when empty)."""
+    """The model of ``cfg`` with MODEL.WEIGHTS loaded (warned about when empty), prepared for
+    inference."""
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         PanopticSegFormerCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: evaluating an untrained model")
-    return model
+    return model.prepare_for_inference()
 
 
 def evaluate(

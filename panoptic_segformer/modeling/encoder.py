@@ -47,11 +47,13 @@ def flatten_levels(
         level_start_index (L,) int64 on the CPU, valid_ratios (N, L, 2).
     """
     shapes = [tuple(f.shape[-2:]) for f in features]
-    # (N, C, H, W) -> (N, H*W, C) per level, concatenated over levels
-    src = torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1)
+    # (N, C, H, W) -> (N, H*W, C) per level, concatenated over levels (a view of a
+    # channels-last map, which the backbone's channels-last weights give)
+    src = torch.cat([f.permute(0, 2, 3, 1).flatten(1, 2) for f in features], 1)
     mask = torch.cat([m.flatten(1) for m in masks], 1)
     pos = torch.cat(
-        [p.flatten(2).transpose(1, 2) + level_embed[i] for i, p in enumerate(pos_embeds)], 1
+        [p.permute(0, 2, 3, 1).flatten(1, 2) + level_embed[i] for i, p in enumerate(pos_embeds)],
+        1,
     )
     spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
     sizes = spatial_shapes.prod(1)

@@ -26,6 +26,7 @@ from panoptic_segformer.modeling.encoder import (
     DeformableEncoderLayer,
     flatten_levels,
 )
+from panoptic_segformer.modeling.frozen_bn import PreparableForInference
 from panoptic_segformer.modeling.location_decoder import LocationDecoder, LocationDecoderLayer
 from panoptic_segformer.modeling.mask_decoder import MASK_LEVELS
 from panoptic_segformer.modeling.neck import ChannelMapper
@@ -46,7 +47,7 @@ RESULT_TYPES = ("panoptic_seg", "instances", "sem_seg")
 THING_CLASS_SOURCES = ("location_decoder", "mask_decoder")
 
 
-class PanopticSegFormer(nn.Module):
+class PanopticSegFormer(PreparableForInference, nn.Module):
     """Panoptic SegFormer from already built parts.
 
     Args:

@@ -156,6 +156,34 @@ def test_params_only_skips_what_cannot_be_built(tool, monkeypatch, capsys):
     assert "stage" not in text and "timing" not in results
 
 
+def test_preparations_table_times_each_preparation_on_the_same_weights(tool, monkeypatch, capsys):
+    built = []
+
+    def build(name, **inference_kwargs):
+        built.append(tiny_model(name, **inference_kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(tool, "build_model", build)
+    argv = ["--height", "64", "--width", "96", "--reps", "1", "--warmup", "0", "--threads", "1"]
+    results = tool.main(argv + ["--preparations"])
+    text = capsys.readouterr().out
+    header, rows = markdown_table(text, "preparation")
+    assert header == ["preparation", "start-up s", "ms", "vs as built"]
+    names = ["as built", "batch norms folded", "channels-last weights"]
+    assert [r[0] for r in rows] == [*names, "both (prepare_for_inference)"]  # no compile
+    assert rows[0][3] == "1.00" and list(results["preparations"]) == [r[0] for r in rows]
+    # the models the rows timed: one of each, built anew with the same weights
+    as_built, folded, channels_last, both = built[1:]  # built[0]: the parameter table's
+    is_bn = lambda m: isinstance(m, FrozenBatchNorm2d)  # noqa: E731
+    assert any(map(is_bn, as_built.modules())) and any(map(is_bn, channels_last.modules()))
+    assert not any(map(is_bn, folded.modules())) and not any(map(is_bn, both.modules()))
+    cl = torch.channels_last
+    assert channels_last.backbone.conv1.weight.is_contiguous(memory_format=cl)
+    assert not folded.backbone.conv1.weight.is_contiguous(memory_format=cl)
+    assert both.prepared_for_inference and not as_built.prepared_for_inference
+    torch.testing.assert_close(as_built.encoder.state_dict(), both.encoder.state_dict())
+
+
 class _Ops(nn.Module):
     def forward(self, x, grid, q, k, v):
         sampled = F.grid_sample(x, grid, align_corners=False)
