@@ -28,7 +28,9 @@ class FFN(nn.Module):
     ) -> None:
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.activation = activation()
+        # a ReLU in place: the hidden (..., d_ffn) activations are the encoder's largest tensor,
+        # and linear1's backward does not read its output
+        self.activation = nn.ReLU(inplace=True) if activation is nn.ReLU else activation()
         self.dropout1 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout2 = nn.Dropout(dropout)

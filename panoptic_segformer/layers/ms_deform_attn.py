@@ -8,6 +8,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from panoptic_segformer.layers.ms_deform_attn_func import multi_scale_deformable_attention
@@ -120,24 +121,33 @@ class MSDeformAttn(nn.Module):
                     f"input_padding_mask must be (N, S) = ({n}, {s}), got "
                     f"{tuple(input_padding_mask.shape)}"
                 )
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+            # in place: the projection's backward does not read its output
+            value.masked_fill_(input_padding_mask[..., None], 0.0)
         # (N, S, C) -> (N, S, M, C/M)
         value = value.view(n, s, m, self.d_model // m)
-        # (N, Q, M, L, P, 2)
-        offsets = self.sampling_offsets(query).view(n, q, m, num_levels, p, 2)
         # Softmax over the L*P points of each head: (N, Q, M, L*P) -> (N, Q, M, L, P)
         weights = self.attention_weights(query).view(n, q, m, num_levels * p)
         weights = weights.softmax(-1).view(n, q, m, num_levels, p)
 
         if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: divide by (W, H). (L, 2)
-            normalizer = input_spatial_shapes.flip(-1).to(offsets)
-            locations = (
-                reference_points[:, :, None, :, None, :]
-                + offsets / normalizer[None, None, None, :, None, :]
+            # Offsets are in pixels of each level: the division by the level's (W, H) is folded
+            # into the projection, (L, 2) -> (M * L * P * 2,) in its output order.
+            inverse = input_spatial_shapes.flip(-1).to(query).reciprocal()
+            inverse = inverse[None, :, None, :].expand(m, num_levels, p, 2).reshape(-1)
+            offsets = F.linear(
+                query,
+                self.sampling_offsets.weight * inverse[:, None],
+                self.sampling_offsets.bias * inverse,
             )
+            # (N, Q, L, 2) -> (N, Q, 1, L * P * 2): each level's point once per sampling point,
+            # so the sum broadcasts over contiguous rows only (the (N, Q, M, L, P, 2) form
+            # broadcasts over pairs, several times slower)
+            points = reference_points[:, :, None, :, None, :].expand(n, q, 1, num_levels, p, 2)
+            locations = offsets.view(n, q, m, -1) + points.reshape(n, q, 1, -1)
+            locations = locations.view(n, q, m, num_levels, p, 2)
         elif reference_points.shape[-1] == 4:
-            # Offsets are relative to the box: P points span half its size.
+            # Offsets are relative to the box: P points span half its size. (N, Q, M, L, P, 2)
+            offsets = self.sampling_offsets(query).view(n, q, m, num_levels, p, 2)
             locations = (
                 reference_points[:, :, None, :, None, :2]
                 + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5
