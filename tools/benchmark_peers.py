@@ -17,6 +17,8 @@ module in ``sys.modules`` of the Mask2Former process before the import, so the i
 every call takes the fallback (its ``MSDeformAttn.forward`` catches the missing function). Your
 copy is not modified.
 
+Trailing ``KEY VALUE`` pairs override our config (e.g. ``MODEL.WEIGHTS model_final.pth``).
+
 Examples:
   python tools/benchmark_peers.py --mask2former ~/src/Mask2Former --threads 2
   python tools/benchmark_peers.py --mask2former ~/src/Mask2Former --images a.jpg b.jpg --reps 5
@@ -42,7 +44,7 @@ MASK2FORMER_CONFIG = "configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50
 RATIO_BAR = 0.7  # issue 14: our time at most 0.7 of Mask2Former's
 
 
-def our_predictor(config_file: str):
+def our_predictor(config_file: str, opts: List[str]):
     sys.path.insert(0, str(ROOT))
     from detectron2.config import get_cfg
 
@@ -55,6 +57,7 @@ def our_predictor(config_file: str):
     ps = cfg.MODEL.PANOPTIC_SEGFORMER
     ps.TEST.PANOPTIC_ON, ps.TEST.INSTANCE_ON, ps.TEST.SEMANTIC_ON = True, False, False
     cfg.MODEL.WEIGHTS, cfg.MODEL.DEVICE = "", "cpu"
+    cfg.merge_from_list(opts)
     return Predictor(cfg)
 
 
@@ -88,7 +91,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.worker == OURS:
-        predictor = our_predictor(args.config_file)
+        predictor = our_predictor(args.config_file, args.opts)
     else:
         predictor = mask2former_predictor(args.mask2former)
     rows = []
@@ -112,10 +115,10 @@ def worker(args: argparse.Namespace) -> None:
 
 def run_worker(name: str, args: argparse.Namespace, folder: Path) -> Dict:
     result = folder / f"{name.replace(' ', '_')}.json"
-    command = [sys.executable, __file__, "--worker", name, "--result", str(result)]
+    command = [sys.executable, __file__, "--images", *map(str, args.images)]
+    command += ["--worker", name, "--result", str(result), "--mask2former", str(args.mask2former)]
     command += ["--threads", str(args.threads), "--reps", str(args.reps)]
-    command += ["--warmup", str(args.warmup), "--config-file", args.config_file]
-    command += ["--mask2former", str(args.mask2former), "--images", *map(str, args.images)]
+    command += ["--warmup", str(args.warmup), "--config-file", args.config_file, *args.opts]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     if subprocess.run(command, env=env).returncode != 0:
         raise SystemExit(f"the {name} process failed (its output is above)")
@@ -159,7 +162,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--worker", choices=[OURS, MASK2FORMER], help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of our config")
     args = parser.parse_args(argv)
+    if len(args.opts) % 2:
+        parser.error(f"config overrides come in KEY VALUE pairs, got {args.opts}")
     if args.images is None:
         args.images = sorted(SAMPLE_IMAGES.glob("*.jpg"))
         if not args.images:
