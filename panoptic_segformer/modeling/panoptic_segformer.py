@@ -204,8 +204,10 @@ class PanopticSegFormer(nn.Module):
         memory = self.encoder(src, token_pos, shapes, starts, ratios, token_mask)
         located = self.location_decoder(memory, shapes, starts, ratios, token_mask)
 
-        # The mask decoder attends to the first three levels, without positions.
-        mask_shapes: List[Tuple[int, int]] = [tuple(s) for s in shapes[:MASK_LEVELS].tolist()]
+        # The mask decoder attends to the first three levels, without positions. Their shapes
+        # come from the maps, not from the `shapes` tensor: traced (torch.export), they stay
+        # symbolic sizes rather than values read from a tensor.
+        mask_shapes: List[Tuple[int, int]] = [tuple(f.shape[-2:]) for f in feats[:MASK_LEVELS]]
         num_tokens = sum(h * w for h, w in mask_shapes)
         mask_memory, mask_padding = memory[:, :num_tokens], token_mask[:, :num_tokens]
 
