@@ -57,7 +57,10 @@ METADATA_KEY = "panoptic_segformer"
 # GridSample needs >= 16 (onnx_ops.py)
 ONNX_OPSET = 18
 METADATA_VERSION = 1
-# largest padded side an exported model accepts, in units of the size divisibility
+# padded sides an exported model accepts, in units of the size divisibility: at least 3, so
+# that the stride-64 level (from a divisibility of 32) has 2 rows and columns; torch.export
+# would fix a size of 1 as a constant
+MIN_SIDE_UNITS = 3
 MAX_SIDE_UNITS = 512
 
 
@@ -87,8 +90,9 @@ class ExportableNetwork(nn.Module):
             ``thing_boxes`` (N, k, 4), ``stuff_masks`` (N, Z, H1, W1), ``stuff_scores`` (N, Z),
             in ``output_names`` order.
         """
-        # the network reads only the tensor of the ImageList
-        batch = ImageList(images, [tuple(images.shape[-2:])] * images.shape[0])
+        # the network reads only the tensor of the ImageList (a list of N sizes would make
+        # torch.export fix the batch size)
+        batch = ImageList(images, [])
         outputs = self.model.network(batch, padding_mask)
         return tuple(outputs[name] for name in self.output_names)
 
@@ -99,11 +103,11 @@ def output_names_of(outputs: Dict[str, Tensor]) -> Tuple[str, ...]:
 
 
 def _dynamic_shapes(size_divisibility: int, dynamic_batch: bool) -> Dict[str, Dict[int, object]]:
-    """torch.export's dynamic dimensions: height and width as multiples of the divisibility
-    (min 2: torch.export specialises sizes of 1), and the batch when asked."""
+    """torch.export's dynamic dimensions: height and width as multiples of the divisibility,
+    and the batch when asked."""
     Dim = torch.export.Dim
-    h = Dim("h", min=2, max=MAX_SIDE_UNITS)
-    w = Dim("w", min=2, max=MAX_SIDE_UNITS)
+    h = Dim("h", min=MIN_SIDE_UNITS, max=MAX_SIDE_UNITS)
+    w = Dim("w", min=MIN_SIDE_UNITS, max=MAX_SIDE_UNITS)
     image_dims = {2: size_divisibility * h, 3: size_divisibility * w}
     mask_dims = {1: size_divisibility * h, 2: size_divisibility * w}
     if dynamic_batch:
@@ -207,15 +211,21 @@ def export_network(
 
     Raises:
         ValueError: an unknown format, or a sample whose size is not a multiple of the model's
-            size divisibility.
+            size divisibility or is under ``MIN_SIDE_UNITS`` times it.
     """
     if fmt not in EXPORTERS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {sorted(EXPORTERS)}")
     divisibility = model.size_divisibility
+    smallest = MIN_SIDE_UNITS * divisibility
     if images.shape[-2] % divisibility or images.shape[-1] % divisibility:
         raise ValueError(
             f"sample images of {tuple(images.shape[-2:])} px: height and width must be "
             f"multiples of the size divisibility {divisibility}"
+        )
+    if min(images.shape[-2:]) < smallest:
+        raise ValueError(
+            f"sample images of {tuple(images.shape[-2:])} px: export with images of at least "
+            f"{smallest} x {smallest} (INPUT.MIN_SIZE_TEST), the smallest an exported model takes"
         )
     with torch.no_grad():
         names = output_names_of(model.network(ImageList(images, []), padding_mask))
