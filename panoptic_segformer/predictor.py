@@ -11,8 +11,8 @@ import os
 from typing import Dict, Optional
 
 import numpy as np
-from detectron2.data.catalog import Metadata
 from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 

@@ -15,7 +15,6 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
-from detectron2.modeling import build_model
 from torch import Tensor, nn
 
 from panoptic_segformer.deploy.export import EXPORTERS, METADATA_KEY
@@ -111,8 +110,11 @@ class ExportedNetwork:
             raise FileNotFoundError(f"{path}: no such exported model file")
         try:
             run, metadata = _LOADERS[self.format](path, threads)
-        except ImportError:
-            raise
+        except ImportError as e:
+            raise ImportError(
+                f"{path}: running {self.format} files needs {e.name}: pip install "
+                "'panoptic_segformer[deploy]' (or the README's install command)"
+            ) from e
         except Exception as e:  # each runtime raises its own types for a corrupt file
             raise ValueError(f"{path}: cannot load it as a {self.format} model ({e})") from None
         if not metadata:
@@ -163,7 +165,7 @@ class ExportedNetwork:
 
 
 def _config_from_text(text: str):
-    """The config saved in an exported file (``cfg.dump()``), on the CPU."""
+    """The config saved in an exported file (``cfg.dump()``)."""
     from detectron2.config import CfgNode, get_cfg
 
     from panoptic_segformer.config import add_panoptic_segformer_config
@@ -171,7 +173,6 @@ def _config_from_text(text: str):
     cfg = get_cfg()
     add_panoptic_segformer_config(cfg)
     cfg.merge_from_other_cfg(CfgNode.load_cfg(text))
-    cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     return cfg
 
@@ -202,8 +203,9 @@ class ExportedPredictor(Predictor):
 
     def __init__(self, path: str, cfg=None, threads: Optional[int] = None) -> None:
         network = ExportedNetwork(path, threads)
-        if cfg is None:
-            cfg = _config_from_text(network.metadata["config"])
+        cfg = _config_from_text(network.metadata["config"]) if cfg is None else cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEVICE = "cpu"  # the exported network runs, and returns its outputs, there
         self.network = network
         super().__init__(cfg)
         self.model = _ExportedModel(self.model, network)

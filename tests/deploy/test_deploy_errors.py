@@ -77,7 +77,7 @@ def test_export_network_refuses_unknown_formats_and_small_samples(predictor, net
 def test_export_tool_names_weights_that_do_not_fit_the_config(tmp_path, tiny_cfg, capsys):
     from detectron2.modeling import build_model
 
-    from conftest import TINY_DEPLOY
+    from deploy_helpers import TINY_DEPLOY
 
     from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
 
@@ -112,7 +112,7 @@ def test_export_tool_refuses_an_unknown_format(capsys):
 
 def test_export_tool_writes_and_checks_a_file(tmp_path, capsys, photos):
     """The tool as a user runs it: prints the file, its size and the check against PyTorch."""
-    from conftest import TINY_DEPLOY
+    from deploy_helpers import TINY_DEPLOY
 
     status = load_tool().main(
         [

@@ -92,7 +92,8 @@ def test_exported_files_carry_names_size_and_classes(exported, tiny_cfg):
     assert metadata["size_divisibility"] == 32
     info = metadata["class_info"]
     assert info["dataset"] == tiny_cfg.DATASETS.TRAIN[0]
-    assert len(info["thing_classes"]) == 80 and info["thing_classes"][0] == "person"
+    # detectron2 names every COCO panoptic category in both lists
+    assert len(info["thing_classes"]) == 133 and info["thing_classes"][0] == "person"
     assert len(info["stuff_colors"]) == len(info["stuff_classes"])
     assert "MODEL:" in metadata["config"]
 
