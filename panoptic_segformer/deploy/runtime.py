@@ -36,7 +36,7 @@ def format_of(path: str) -> str:
     raise ValueError(f"{path}: unknown exported model format; the known suffixes are {known}")
 
 
-def _load_onnx(path: str, threads: Optional[int]) -> Tuple[Callable, Dict[str, object]]:
+def _load_onnx(path: str, threads: Optional[int]) -> Tuple[Callable, Optional[str]]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -54,7 +54,7 @@ def _load_onnx(path: str, threads: Optional[int]) -> Tuple[Callable, Dict[str, o
     return run, metadata
 
 
-def _load_program(path: str, threads: Optional[int]) -> Tuple[Callable, Dict[str, object]]:
+def _load_program(path: str, threads: Optional[int]) -> Tuple[Callable, Optional[str]]:
     from panoptic_segformer.layers.ms_deform_attn_op import load_operator
 
     load_operator("cpu")  # the program calls the registered operator
@@ -63,7 +63,7 @@ def _load_program(path: str, threads: Optional[int]) -> Tuple[Callable, Dict[str
     return _tuple_runner(module), files[METADATA_KEY]
 
 
-def _load_torchscript(path: str, threads: Optional[int]) -> Tuple[Callable, Dict[str, object]]:
+def _load_torchscript(path: str, threads: Optional[int]) -> Tuple[Callable, Optional[str]]:
     from panoptic_segformer.layers.ms_deform_attn_op import load_operator
 
     load_operator("cpu")
@@ -73,7 +73,8 @@ def _load_torchscript(path: str, threads: Optional[int]) -> Tuple[Callable, Dict
 
 
 def _tuple_runner(module: Callable) -> Callable:
-    """A module returning a tuple -> a function returning the dict by output name (set later)."""
+    """The module called without autograd; it returns a tuple, which :class:`ExportedNetwork`
+    names by the file's output names."""
 
     def run(images: Tensor, padding_mask: Tensor) -> Tuple[Tensor, ...]:
         with torch.no_grad():
@@ -82,6 +83,7 @@ def _tuple_runner(module: Callable) -> Callable:
     return run
 
 
+# format -> loader(path, threads) -> (run(images, padding_mask), the metadata JSON or None)
 _LOADERS = {"onnx": _load_onnx, "torch_export": _load_program, "torchscript": _load_torchscript}
 
 
