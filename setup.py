@@ -116,6 +116,9 @@ setup(
         "timm": [f"timm>={TIMM_MIN_VERSION}"],
         "benchmark": ["fvcore"],
         "robustness": ["imagecorruptions"],
+        # tools/deploy: ONNX export (torch.onnx's exporter writes through onnxscript) and ONNX
+        # Runtime; the versions tested (README, Deployment)
+        "deploy": ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

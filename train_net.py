@@ -53,6 +53,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from panoptic_segformer import PanopticSegFormerCheckpointer
+from panoptic_segformer.class_info import class_info_of_config
 from panoptic_segformer.config import get_config
 from panoptic_segformer.data import PanopticSegFormerDatasetMapper
 from panoptic_segformer.evaluation import (
@@ -86,8 +87,12 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(model)
         self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        # the checkpoints carry the dataset's class names: the demo draws from them
         self.checkpointer = PanopticSegFormerCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            model,
+            cfg.OUTPUT_DIR,
+            class_info=class_info_of_config(cfg),
+            trainer=weakref.proxy(self),
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER

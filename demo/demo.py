@@ -9,6 +9,7 @@ Examples:
     python demo/demo.py --config-file configs/r50.yaml --video-input in.mp4 --output out.mp4 \
         --opts MODEL.WEIGHTS model.pth
     python demo/demo.py --config-file configs/r50.yaml --webcam --opts MODEL.WEIGHTS model.pth
+    python demo/demo.py --exported exported/r50.onnx --input img.jpg --output out.jpg
 
 Runs on the GPU when one is visible, else on the CPU (or as MODEL.DEVICE says).
 """
@@ -39,7 +40,15 @@ WINDOW = "Panoptic SegFormer"
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="config file")
+    parser.add_argument(
+        "--config-file", metavar="FILE", help="config file (optional with --exported)"
+    )
+    parser.add_argument(
+        "--exported",
+        metavar="FILE",
+        help="run this exported model (.onnx, .ts, .pt2 of tools/deploy/export_model.py); the "
+        "config, when given, still sets the test size and thresholds",
+    )
     parser.add_argument("--input", nargs="+", help="images: files, globs ('*.jpg') or directories")
     parser.add_argument("--video-input", help="a video file")
     parser.add_argument("--webcam", action="store_true", help="the webcam (camera 0)")
@@ -61,6 +70,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
+    if not args.config_file:  # --exported without a config: the file's own
+        return None
     cfg = get_config(args.config_file, args.opts, cpu_fallback=True)
     test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
     if test.PANOPTIC_ON:
@@ -166,14 +177,17 @@ def main(argv=None) -> int:
     if sum(sources) != 1:
         print("error: give exactly one of --input, --video-input and --webcam", file=sys.stderr)
         return 2
-    if not os.path.isfile(args.config_file):
+    if not args.config_file and not args.exported:
+        print("error: give --config-file (or --exported)", file=sys.stderr)
+        return 2
+    if args.config_file and not os.path.isfile(args.config_file):
         print(f"error: --config-file {args.config_file!r}: no such file", file=sys.stderr)
         return 2
     setup_logger(name="fvcore")
     logger = setup_logger()
     logger.info(f"Arguments: {args}")
     try:
-        demo = VisualizationDemo(setup_cfg(args), args.confidence_threshold)
+        demo = VisualizationDemo(setup_cfg(args), args.confidence_threshold, exported=args.exported)
         if not args.input:
             run_video(demo, args)
             return 0

@@ -1,7 +1,7 @@
 """Drawing Panoptic SegFormer's predictions with detectron2's Visualizer (images, videos)."""
 
 import functools
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -38,11 +38,32 @@ def draw(shown: Dict, panoptic: Callable, semantic: Callable, instances: Callabl
 
 
 class VisualizationDemo:
-    """Runs :class:`Predictor` and draws the panoptic segmentation (or, when the model returns
-    no panoptic result, the semantic map or the instances)."""
+    """Runs :class:`Predictor` (or, given ``exported``, an exported file through
+    :class:`~panoptic_segformer.deploy.ExportedPredictor`) and draws the panoptic segmentation
+    (or, when the model returns no panoptic result, the semantic map or the instances).
 
-    def __init__(self, cfg, confidence_threshold: float = 0.5, instance_mode=ColorMode.IMAGE):
-        self.predictor = Predictor(cfg)
+    Args:
+        cfg: the config; with ``exported`` it may be None (the file's own config is used).
+        exported: an exported model file (``.onnx``, ``.ts``, ``.pt2``), or None.
+
+    Raises:
+        ValueError: no class names to draw with (the dataset is not registered and the model
+            carries none).
+    """
+
+    def __init__(
+        self,
+        cfg,
+        confidence_threshold: float = 0.5,
+        instance_mode=ColorMode.IMAGE,
+        exported: Optional[str] = None,
+    ):
+        if exported:
+            from panoptic_segformer.deploy import ExportedPredictor
+
+            self.predictor = ExportedPredictor(exported, cfg)
+        else:
+            self.predictor = Predictor(cfg)
         self.metadata = self.predictor.metadata
         self.confidence_threshold = confidence_threshold
         self.instance_mode = instance_mode

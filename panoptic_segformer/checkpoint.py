@@ -28,11 +28,12 @@ with a ``pickle.UnpicklingError`` naming the file.
 """
 
 import os
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from panoptic_segformer.class_info import CLASS_INFO_KEY
 from panoptic_segformer.safe_load import load_pickle, load_torch
 
 __all__ = ["PanopticSegFormerCheckpointer"]
@@ -70,7 +71,27 @@ def _write_atomically(path: str, mode: str, write: Callable[[Any], None]) -> Non
 
 class PanopticSegFormerCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that reads files as data, raises on missing or mismatched
-    weights and saves atomically (see module)."""
+    weights and saves atomically (see module).
+
+    Args:
+        model, save_dir, save_to_disk, checkpointables: as detectron2's.
+        class_info: the class names, thing/stuff split and colours of the training dataset
+            (:func:`panoptic_segformer.class_info.class_info_of`), saved in every checkpoint
+            under ``"class_info"`` so that a process that never registered the dataset can draw
+            the model's predictions; None saves none.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        save_dir: str = "",
+        *,
+        save_to_disk: Optional[bool] = None,
+        class_info: Optional[Dict[str, Any]] = None,
+        **checkpointables: Any,
+    ) -> None:
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.class_info = class_info
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         """detectron2's ``_load_file`` (same formats, same result) with every file read as data.
@@ -114,6 +135,8 @@ class PanopticSegFormerCheckpointer(DetectionCheckpointer):
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        if self.class_info is not None:
+            data[CLASS_INFO_KEY] = self.class_info
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)

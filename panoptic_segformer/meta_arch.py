@@ -12,7 +12,7 @@ numbers things first ([0, K)) then stuff ([K, K + Z)). The meta-architecture con
 the two, so inputs and outputs always use the dataset's contiguous ids.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -265,14 +265,35 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
             FloatingPointError: in training, when a loss term is infinite or NaN
                 (:func:`check_losses_finite`).
         """
+        if not self.training:
+            return self.inference(batched_inputs)
         images, padding_mask = self.preprocess_images([x["image"] for x in batched_inputs])
         padded = tuple(images.tensor.shape[-2:])
-        if self.training:
-            targets = [self._targets(x, padded) for x in batched_inputs]
-            losses = self.network(images, padding_mask, targets)
-            check_losses_finite(losses)
-            return losses
-        outputs = self.network(images, padding_mask)
+        targets = [self._targets(x, padded) for x in batched_inputs]
+        losses = self.network(images, padding_mask, targets)
+        check_losses_finite(losses)
+        return losses
+
+    def inference(
+        self,
+        batched_inputs: List[Dict[str, object]],
+        network: Optional[Callable[[Tensor, Tensor], Dict[str, Tensor]]] = None,
+    ) -> List[Dict[str, object]]:
+        """Inference as :meth:`forward` in eval mode: pre-processing, the network, then the
+        post-processing.
+
+        Args:
+            batched_inputs: as in :meth:`forward`.
+            network: (N, 3, Hp, Wp) normalised padded images and their (N, Hp, Wp) padding
+                mask -> the raw outputs of :meth:`network`; an exported copy of the network
+                runs here (:mod:`panoptic_segformer.deploy`). None runs this model's own.
+        """
+        images, padding_mask = self.preprocess_images([x["image"] for x in batched_inputs])
+        padded = tuple(images.tensor.shape[-2:])
+        if network is None:
+            outputs = self.network(images, padding_mask)
+        else:
+            outputs = network(images.tensor, padding_mask)
         output_sizes = [
             (int(x.get("height", h)), int(x.get("width", w)))
             for x, (h, w) in zip(batched_inputs, images.image_sizes)

@@ -8,14 +8,16 @@ giving a random model, and an empty ``MODEL.WEIGHTS`` is said out loud.
 
 import logging
 import os
+from typing import Dict, Optional
 
 import numpy as np
-from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
+from panoptic_segformer.class_info import CLASS_INFO_KEY, drawing_metadata
 
 __all__ = ["Predictor", "load_image"]
 
@@ -64,29 +66,45 @@ class Predictor(DefaultPredictor):
     one image at a time: detectron2's ``DefaultPredictor`` with our checkpointer and input checks.
 
     Attributes:
-        metadata: of ``cfg.DATASETS.TEST[0]`` (class names and colours for drawing).
+        metadata: of ``cfg.DATASETS.TEST[0]`` (class names and colours for drawing), or the
+            class names saved with the weights when that dataset is not registered.
     """
 
     def __init__(self, cfg) -> None:
         # DefaultPredictor.__init__ would load MODEL.WEIGHTS with detectron2's checkpointer
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg)
-        if cfg.MODEL.WEIGHTS:
-            PanopticSegFormerCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
-        else:
-            logger.warning(
-                "MODEL.WEIGHTS is empty: the model is untrained and its predictions mean nothing"
-            )
+        self.class_info = self._load_weights()
         # folds the backbone's frozen batch norms, channels-last weights (after loading them)
         self.model.prepare_for_inference()
         names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
-        self.metadata = MetadataCatalog.get(names[0] if names else "__unused")
+        self.dataset_name = names[0] if names else None
         self.aug = T.ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {self.input_format!r}")
+
+    def _load_weights(self) -> Optional[Dict[str, object]]:
+        """Loads ``MODEL.WEIGHTS`` into the model; returns the class info saved with them."""
+        if not self.cfg.MODEL.WEIGHTS:
+            logger.warning(
+                "MODEL.WEIGHTS is empty: the model is untrained and its predictions mean nothing"
+            )
+            return None
+        checkpoint = PanopticSegFormerCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+        return checkpoint.get(CLASS_INFO_KEY)
+
+    @property
+    def metadata(self) -> Metadata:
+        """The class names and colours to draw with: the dataset's when it is registered, else
+        those saved with the model.
+
+        Raises:
+            ValueError: neither has them (the message names the dataset and the fix).
+        """
+        return drawing_metadata(self.dataset_name, self.class_info)
 
     def __call__(self, original_image: np.ndarray) -> dict:
         """

@@ -58,6 +58,10 @@ def test_train_then_evaluate(tmp_path, sample_dataset):
     # the pixel-wise argmax paints dozens of thing and stuff segments after one iteration
     results = train_net.main(args_for(tmp_path, *PIXEL_ARGMAX))
     assert (tmp_path / "model_final.pth").is_file()
+    # the checkpoint carries the dataset's class names (the demo draws from them)
+    saved = torch.load(tmp_path / "model_final.pth", weights_only=True)["class_info"]
+    assert saved["dataset"] == DATASET and saved["thing_classes"][0] == "person"
+    assert len(saved["stuff_classes"]) == len(saved["stuff_colors"]) > 0
     # the evaluation after the last iteration, on the real ground truth (PQ ~0 so soon)
     panoptic = results["panoptic_seg"]
     for key in ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"):

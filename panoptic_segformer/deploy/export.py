@@ -1,0 +1,269 @@
+"""Exporting the network of the detectron2 meta-architecture: ONNX, TorchScript, torch.export.
+
+What is exported is :meth:`PanopticSegFormer.network` of the meta-architecture, from the
+normalised, padded images and their padding mask to plain tensors (:data:`OUTPUT_NAMES`), with
+dynamic height and width (multiples of the model's size divisibility). Pre- and
+post-processing stay in Python (:mod:`panoptic_segformer.deploy.runtime` runs them around the
+exported file with the meta-architecture's own code).
+
+* ``torch_export``: ``torch.export`` keeps deformable attention as the registered operator
+  ``panoptic_segformer::ms_deform_attn`` (load this package before loading the program).
+* ``onnx``: the same program, translated by ``torch.onnx`` with deformable attention written
+  as ``GridSample`` ops (:mod:`panoptic_segformer.deploy.onnx_ops`), opset 18.
+* ``torchscript``: ``torch.jit.trace`` of the network, keeping the registered operator. A trace
+  records the level shapes as constants, so this file takes the sample's padded size only (the
+  model reads its level shapes from tensors, which tracing cannot keep symbolic).
+
+Every file carries a JSON metadata dict (:data:`METADATA_KEY`): input and output names, the
+batch size it takes (None: any), the size divisibility, the config and the class names
+(:mod:`panoptic_segformer.class_info`).
+
+Shape shorthand: N images, Hp x Wp padded input, k kept thing queries, Z stuff classes,
+H1 x W1 = Hp / 8 x Wp / 8.
+"""
+
+import json
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from detectron2.structures import ImageList
+from torch import Tensor, nn
+
+__all__ = [
+    "EXPORTERS",
+    "INPUT_NAMES",
+    "METADATA_KEY",
+    "OUTPUT_NAMES",
+    "ONNX_OPSET",
+    "ExportableNetwork",
+    "export_network",
+    "sample_inputs",
+]
+
+INPUT_NAMES = ("images", "padding_mask")
+# thing_boxes only with location decoder layers
+OUTPUT_NAMES = (
+    "thing_masks",
+    "thing_scores",
+    "thing_labels",
+    "thing_boxes",
+    "stuff_masks",
+    "stuff_scores",
+)
+METADATA_KEY = "panoptic_segformer"
+# torch.onnx's exporter (its torchlib) writes opset 18 and nothing lower; deformable attention's
+# GridSample needs >= 16 (onnx_ops.py)
+ONNX_OPSET = 18
+METADATA_VERSION = 1
+# padded sides an exported model accepts, in units of the size divisibility: at least 3, so
+# that the stride-64 level (from a divisibility of 32) has 2 rows and columns; torch.export
+# would fix a size of 1 as a constant
+MIN_SIDE_UNITS = 3
+MAX_SIDE_UNITS = 512
+
+
+class ExportableNetwork(nn.Module):
+    """The meta-architecture's network with tensor inputs and a tuple of tensors out.
+
+    Args:
+        model: the detectron2 meta-architecture (:class:`panoptic_segformer.meta_arch.
+            PanopticSegFormer`), in eval mode.
+        output_names: the outputs returned, in order (those of :data:`OUTPUT_NAMES` the model
+            has: :func:`output_names_of`).
+    """
+
+    def __init__(self, model: nn.Module, output_names: Tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.output_names = tuple(output_names)
+
+    def forward(self, images: Tensor, padding_mask: Tensor) -> Tuple[Tensor, ...]:
+        """
+        Args:
+            images (Tensor): (N, 3, Hp, Wp) normalised, padded images.
+            padding_mask (Tensor): (N, Hp, Wp) bool, True at padding.
+
+        Returns:
+            ``thing_masks`` (N, k, H1, W1), ``thing_scores`` (N, k), ``thing_labels`` (N, k),
+            ``thing_boxes`` (N, k, 4), ``stuff_masks`` (N, Z, H1, W1), ``stuff_scores`` (N, Z),
+            in ``output_names`` order.
+        """
+        # the network reads only the tensor of the ImageList (a list of N sizes would make
+        # torch.export fix the batch size)
+        batch = ImageList(images, [])
+        outputs = self.model.network(batch, padding_mask)
+        return tuple(outputs[name] for name in self.output_names)
+
+
+def output_names_of(outputs: Dict[str, Tensor]) -> Tuple[str, ...]:
+    """The names of :data:`OUTPUT_NAMES` present in the network's outputs, in order."""
+    return tuple(name for name in OUTPUT_NAMES if name in outputs)
+
+
+def _dynamic_shapes(size_divisibility: int, dynamic_batch: bool) -> Dict[str, Dict[int, object]]:
+    """torch.export's dynamic dimensions: height and width as multiples of the divisibility,
+    and the batch when asked."""
+    Dim = torch.export.Dim
+    h = Dim("h", min=MIN_SIDE_UNITS, max=MAX_SIDE_UNITS)
+    w = Dim("w", min=MIN_SIDE_UNITS, max=MAX_SIDE_UNITS)
+    image_dims = {2: size_divisibility * h, 3: size_divisibility * w}
+    mask_dims = {1: size_divisibility * h, 2: size_divisibility * w}
+    if dynamic_batch:
+        batch = Dim("batch", min=1, max=64)
+        image_dims[0] = mask_dims[0] = batch
+    return {"images": image_dims, "padding_mask": mask_dims}
+
+
+def _program(
+    network: ExportableNetwork, args: Tuple[Tensor, Tensor], dynamic_batch: bool
+) -> torch.export.ExportedProgram:
+    divisibility = network.model.size_divisibility
+    with torch.no_grad():
+        return torch.export.export(
+            network, args, dynamic_shapes=_dynamic_shapes(divisibility, dynamic_batch)
+        )
+
+
+def _save_onnx(
+    network: ExportableNetwork,
+    args: Tuple[Tensor, Tensor],
+    path: str,
+    dynamic_batch: bool,
+    metadata: Dict[str, object],
+) -> None:
+    from panoptic_segformer.deploy.onnx_ops import onnx_translation_table
+
+    program = _program(network, args, dynamic_batch)
+    onnx_program = torch.onnx.export(
+        program,
+        args,
+        custom_translation_table=onnx_translation_table(),
+        opset_version=ONNX_OPSET,
+        input_names=list(INPUT_NAMES),
+        output_names=list(network.output_names),
+        verbose=False,
+    )
+    onnx_program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
+    # one self-contained file (R50: ~190 MB, far under protobuf's 2 GB)
+    onnx_program.save(path, external_data=False)
+
+
+def _save_torch_export(
+    network: ExportableNetwork,
+    args: Tuple[Tensor, Tensor],
+    path: str,
+    dynamic_batch: bool,
+    metadata: Dict[str, object],
+) -> None:
+    program = _program(network, args, dynamic_batch)
+    torch.export.save(program, path, extra_files={METADATA_KEY: json.dumps(metadata)})
+
+
+def _save_torchscript(
+    network: ExportableNetwork,
+    args: Tuple[Tensor, Tensor],
+    path: str,
+    dynamic_batch: bool,
+    metadata: Dict[str, object],
+) -> None:
+    with torch.no_grad():
+        traced = torch.jit.trace(network, args, check_trace=False)
+    torch.jit.save(traced, path, _extra_files={METADATA_KEY: json.dumps(metadata)})
+
+
+# formats that take only the size they were exported at
+FIXED_SIZE_FORMATS = ("torchscript",)
+# format -> (file suffix, writer(network, (images, padding_mask), path, dynamic_batch, metadata))
+EXPORTERS: Dict[str, Tuple[str, Callable[..., None]]] = {
+    "onnx": (".onnx", _save_onnx),
+    "torchscript": (".ts", _save_torchscript),
+    "torch_export": (".pt2", _save_torch_export),
+}
+
+
+def export_network(
+    model: nn.Module,
+    images: Tensor,
+    padding_mask: Tensor,
+    fmt: str,
+    path: str,
+    config_text: str = "",
+    class_info: Optional[Dict[str, object]] = None,
+    dynamic_batch: bool = False,
+) -> Dict[str, object]:
+    """Exports the meta-architecture's network to ``path`` in format ``fmt``.
+
+    Args:
+        model: the detectron2 meta-architecture, in eval mode, on the CPU.
+        images (Tensor): (N, 3, Hp, Wp) normalised, padded sample images (N = 1, or N >= 2
+            with ``dynamic_batch``).
+        padding_mask (Tensor): (N, Hp, Wp) bool.
+        fmt: one of :data:`EXPORTERS`.
+        path: the file to write.
+        config_text: the model's config (``cfg.dump()``), saved in the file.
+        class_info: the class names to save (:func:`panoptic_segformer.class_info.class_info_of`).
+        dynamic_batch: export any batch size, else the sample's batch size only.
+
+    Returns:
+        the metadata saved with the file.
+
+    Raises:
+        ValueError: an unknown format, or a sample whose size is not a multiple of the model's
+            size divisibility or is under ``MIN_SIDE_UNITS`` times it.
+    """
+    if fmt not in EXPORTERS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {sorted(EXPORTERS)}")
+    divisibility = model.size_divisibility
+    smallest = MIN_SIDE_UNITS * divisibility
+    if images.shape[-2] % divisibility or images.shape[-1] % divisibility:
+        raise ValueError(
+            f"sample images of {tuple(images.shape[-2:])} px: height and width must be "
+            f"multiples of the size divisibility {divisibility}"
+        )
+    if min(images.shape[-2:]) < smallest:
+        raise ValueError(
+            f"sample images of {tuple(images.shape[-2:])} px: export with images of at least "
+            f"{smallest} x {smallest} (INPUT.MIN_SIZE_TEST), the smallest an exported model takes"
+        )
+    with torch.no_grad():
+        names = output_names_of(model.network(ImageList(images, []), padding_mask))
+    network = ExportableNetwork(model, names).eval()
+    metadata = {
+        "version": METADATA_VERSION,
+        "format": fmt,
+        "input_names": list(INPUT_NAMES),
+        "output_names": list(names),
+        "batch": None if dynamic_batch else int(images.shape[0]),
+        # a trace (TorchScript) holds the sample's size as constants
+        "fixed_size": list(images.shape[-2:]) if fmt in FIXED_SIZE_FORMATS else None,
+        "size_divisibility": int(divisibility),
+        "opset": ONNX_OPSET if fmt == "onnx" else None,
+        "torch": torch.__version__,
+        "config": config_text,
+        "class_info": class_info,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    EXPORTERS[fmt][1](network, (images, padding_mask), path, dynamic_batch, metadata)
+    return metadata
+
+
+def sample_inputs(predictor, image: np.ndarray) -> Tuple[Tensor, Tensor]:
+    """An image as the predictor feeds it to the network: resized to the test size, normalised,
+    padded (as detectron2's ``DefaultPredictor`` and the meta-architecture do).
+
+    Args:
+        predictor: a :class:`panoptic_segformer.predictor.Predictor`.
+        image: (H, W, 3) uint8 BGR.
+
+    Returns:
+        (1, 3, Hp, Wp) images and their (1, Hp, Wp) bool padding mask.
+    """
+    if predictor.input_format == "RGB":
+        image = image[:, :, ::-1]
+    resized = predictor.aug.get_transform(image).apply_image(image)
+    # (H, W, 3) -> (3, H, W)
+    tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+    batch, padding_mask = predictor.model.preprocess_images([tensor])
+    return batch.tensor, padding_mask
