@@ -24,7 +24,8 @@ MASK_LEVELS = 3
 
 
 class AttentionToMask(nn.Module):
-    """Attention logits (N, M, Q, S) of three levels -> a mask (N, Q, H1, W1).
+    """Attention logits of three levels -> a mask (N, Q, H1, W1), from the (scaled) per-head
+    queries and keys whose products the logits are.
 
     Eqs. (1)-(2) with the authors' head: per level Linear(M, M) + ReLU, bilinear upsampling to
     stride 8, concatenation, Linear(3M, 1) + ReLU. The fuse layer is linear and so is bilinear
@@ -32,7 +33,9 @@ class AttentionToMask(nn.Module):
     each level's M channels are fused into one at the level's own resolution, and only that one
     channel is upsampled and summed. The same function in exact arithmetic (within float
     rounding of the direct order, tested), without the (N, Q, H1 W1, 3M) concatenation and
-    with 1/M of the upsampling.
+    with 1/M of the upsampling. Each level's logits are computed on their own, (N, M, Q, H W)
+    contiguous, so its Linear(M, M) is one matrix product over the heads, without a transposed
+    copy.
 
     Args:
         n_heads: attention heads M.
@@ -43,18 +46,27 @@ class AttentionToMask(nn.Module):
         self.level_maps = nn.ModuleList(nn.Linear(n_heads, n_heads) for _ in range(MASK_LEVELS))
         self.fuse = nn.Linear(MASK_LEVELS * n_heads, 1)
 
-    def forward(self, logits: Tensor, shapes: Sequence[Tuple[int, int]]) -> Tensor:
-        n, m, q, _ = logits.shape
+    def forward(self, queries: Tensor, keys: Tensor, shapes: Sequence[Tuple[int, int]]) -> Tensor:
+        """
+        Args:
+            queries (Tensor): (N, M, Q, C/M), scaled so that their products with the keys are
+                the attention logits.
+            keys (Tensor): (N, M, S, C/M).
+            shapes: the three (H, W) of the key levels, finest first.
+        """
+        n, m, q, _ = queries.shape
         (h1, w1), *_ = shapes
-        levels = logits.split([h * w for h, w in shapes], dim=3)
+        levels = keys.split([h * w for h, w in shapes], dim=2)
         fuse_weights = self.fuse.weight.view(len(shapes), 1, m)  # one (1, M) map per level
         mask = None
         for level_map, fuse_weight, level, (h, w) in zip(
             self.level_maps, fuse_weights, levels, shapes
         ):
-            # (N, M, Q, H*W) -> (N, Q, H*W, M) -> Linear(M, M) + ReLU -> fused to (N, Q, H*W)
-            x = level_map(level.permute(0, 2, 3, 1)).relu()
-            x = F.linear(x, fuse_weight).squeeze(-1)
+            # (N, M, Q, H*W) logits of the level -> (N, M, Q*H*W)
+            logits = (queries @ level.transpose(-2, -1)).view(n, m, q * h * w)
+            # Linear(M, M) over the heads + ReLU, then fused to one channel: (N, Q, H*W)
+            x = torch.baddbmm(level_map.bias[:, None], level_map.weight.expand(n, m, m), logits)
+            x = torch.matmul(fuse_weight, x.relu_()).view(n, q, h * w)
             if (h, w) != (h1, w1):
                 # one channel, bilinear to stride 8 (Eq. (2))
                 x = F.interpolate(
@@ -102,8 +114,7 @@ class MaskAttention(nn.Module):
             shapes: the three (H, W) of the memory levels.
             memory_padding_mask (Tensor, optional): (N, S) bool, True at padding; padded
                 tokens get no attention (the mask logits there are left as they are).
-            with_mask: compute the mask (False: None, for layers whose mask is not read; the
-                attention then never materialises its logits).
+            with_mask: compute the mask (False: None, for layers whose mask is not read).
 
         Returns:
             (N, Q, C) attended values (None for a tail) and the (N, Q, H1, W1) mask.
@@ -116,25 +127,17 @@ class MaskAttention(nn.Module):
         # (N, L, C) -> (N, M, L, C/M); the queries carry the 1/sqrt(C/M) of the logits
         queries = (self.q_proj(query) * self.scale).view(n, q, m, c // m).transpose(1, 2)
         keys = self.k_proj(memory).view(n, s, m, c // m).transpose(1, 2)
-        values = None if self.tail else self.v_proj(memory).view(n, s, m, c // m).transpose(1, 2)
-        if not with_mask:
-            # Only the attended values are read: fused attention, which never materialises the
-            # (N, M, Q, S) logits (the same function within float rounding, tested).
-            keep = None if memory_padding_mask is None else ~memory_padding_mask[:, None, None, :]
-            attended = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=keep, scale=1.0
-            )
-            return self.out_proj(attended.transpose(1, 2).reshape(n, q, c)), None
-        # (N, M, Q, S): the logits before the softmax carry the mask.
-        logits = queries @ keys.transpose(-2, -1)
-        mask = self.to_mask(logits, shapes)
+        # the logits before the softmax carry the mask, computed level by level
+        mask = self.to_mask(queries, keys, shapes) if with_mask else None
         if self.tail:
             return None, mask
-        if memory_padding_mask is not None:
-            logits = logits.masked_fill(memory_padding_mask[:, None, None, :], float("-inf"))
+        # Fused attention, which never materialises the (N, M, Q, S) logits (the same function
+        # as the softmax written out within float rounding, tested).
+        values = self.v_proj(memory).view(n, s, m, c // m).transpose(1, 2)
+        keep = None if memory_padding_mask is None else ~memory_padding_mask[:, None, None, :]
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=keep, scale=1.0)
         # (N, M, Q, C/M) -> (N, Q, C)
-        attended = (logits.softmax(-1) @ values).transpose(1, 2).reshape(n, q, c)
-        return self.out_proj(attended), mask
+        return self.out_proj(attended.transpose(1, 2).reshape(n, q, c)), mask
 
 
 class MaskDecoderLayer(nn.Module):

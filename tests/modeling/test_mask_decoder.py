@@ -161,23 +161,25 @@ def direct_attention_to_mask(head, logits, shapes):
 @pytest.mark.parametrize("shapes", [SHAPES, [(10, 13), (5, 7), (3, 4)]])
 def test_attention_to_mask_fuses_each_level_before_upsampling_as_the_direct_order(shapes):
     # the fuse layer and the bilinear upsampling are both linear, so fusing each level's heads
-    # at its own resolution first is the same function: values and gradients agree with the
-    # written order to float rounding (random weights, 8 heads, odd sizes)
+    # at its own resolution first is the same function, and so is computing each level's logits
+    # on their own: values and gradients agree with the written order on the full logits to float
+    # rounding (random weights, 8 heads, odd sizes)
     torch.manual_seed(0)
     head = AttentionToMask(n_heads=8)
     for p in head.parameters():
         torch.nn.init.normal_(p)
-    torch.nn.init.constant_(head.fuse.bias, 3.0)  # masks partly positive, partly cut by the ReLU
+    torch.nn.init.constant_(head.fuse.bias, 10.0)  # masks partly positive, partly cut by the ReLU
     tokens = sum(h * w for h, w in shapes)
-    logits = torch.randn(2, 8, 5, tokens, requires_grad=True)
-    fast = head(logits, shapes)
-    slow = direct_attention_to_mask(head, logits, shapes)
+    queries = (torch.randn(2, 8, 5, 4) / 2).requires_grad_()  # logits of unit variance
+    keys = torch.randn(2, 8, tokens, 4, requires_grad=True)
+    fast = head(queries, keys, shapes)
+    slow = direct_attention_to_mask(head, queries @ keys.transpose(-2, -1), shapes)
     assert fast.shape == slow.shape == (2, 5, *shapes[0])
     assert 0.1 < (slow > 0).float().mean() < 0.9
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     weights = torch.randn_like(fast)
     grads = [
-        torch.autograd.grad((out * weights).sum(), [logits, *head.parameters()])
+        torch.autograd.grad((out * weights).sum(), [queries, keys, *head.parameters()])
         for out in (fast, slow)
     ]
     for a, b in zip(*grads):
