@@ -47,8 +47,7 @@ def flatten_levels(
         level_start_index (L,) int64 on the CPU, valid_ratios (N, L, 2).
     """
     shapes = [tuple(f.shape[-2:]) for f in features]
-    # (N, C, H, W) -> (N, H*W, C) per level, concatenated over levels (a view of a
-    # channels-last map, which the backbone's channels-last weights give)
+    # (N, C, H, W) -> (N, H*W, C) per level, concatenated over levels
     src = torch.cat([f.permute(0, 2, 3, 1).flatten(1, 2) for f in features], 1)
     mask = torch.cat([m.flatten(1) for m in masks], 1)
     pos = torch.cat(

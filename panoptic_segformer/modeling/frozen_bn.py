@@ -5,7 +5,8 @@ A frozen batch norm is the fixed affine map ``x * scale + shift`` per channel (`
 sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``); after a convolution it is the
 same as the convolution with its output channels' weights multiplied by ``scale`` and bias
 ``bias * scale + shift``: one pass less over every feature map. Channels-last weights make oneDNN
-(and cuDNN) run the convolutions in NHWC without re-ordering their inputs on every call.
+(and cuDNN) run the convolutions in NHWC without re-ordering their inputs on every call (not for
+backbones with GroupNorm: its channels-last kernel is not invariant to the number of threads).
 
 Both change the rounding, not the function (tested within float tolerance), and folding changes
 the parameters: load the weights first, and neither train nor save the folded module.
@@ -81,20 +82,25 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
 
 
 def prepare_backbone_for_inference(backbone: nn.Module) -> int:
-    """Eval mode, frozen batch norms folded, weights channels-last; for inference only, after
-    the weights are loaded.
+    """Eval mode, frozen batch norms folded, weights channels-last unless the backbone has a
+    GroupNorm (whose channels-last kernel reduces in an order that depends on the number of
+    threads, so results would differ between processes); for inference only, after the weights
+    are loaded.
 
     Returns:
         how many batch norms were folded.
     """
     folded = fold_frozen_batchnorm(backbone.eval())
-    backbone.to(memory_format=torch.channels_last)
+    if not any(isinstance(m, nn.GroupNorm) for m in backbone.modules()):
+        backbone.to(memory_format=torch.channels_last)
     return folded
 
 
 class PreparableForInference:
     """Mixin of the models that hold a ``backbone`` (None for none): :meth:`prepare_for_inference`,
-    after which training raises instead of updating folded weights."""
+    after which computing training losses raises (:meth:`refuse_training`) instead of updating
+    folded weights. Switching to train mode alone is allowed: detectron2's evaluation restores
+    the mode a model (or a wrapper of it) had."""
 
     prepared_for_inference = False
 
@@ -102,8 +108,8 @@ class PreparableForInference:
         """Inference-only speed-ups, in place, once the weights are loaded: eval mode, the
         backbone's frozen batch norms folded into its convolutions and its weights channels-last
         (see :mod:`panoptic_segformer.modeling.frozen_bn`). The outputs equal the unprepared
-        model's within float rounding. The model can then no longer be trained, and its state
-        dict lacks the folded norms.
+        model's within float rounding. The model can then no longer compute training losses, and
+        its state dict lacks the folded norms.
 
         Returns:
             the model.
@@ -115,10 +121,11 @@ class PreparableForInference:
                 module.prepared_for_inference = True
         return self.eval()
 
-    def train(self, mode: bool = True) -> nn.Module:
-        if mode and self.prepared_for_inference:
+    def refuse_training(self) -> None:
+        """Raises a RuntimeError if the model was prepared for inference; called where training
+        losses are computed."""
+        if self.prepared_for_inference:
             raise RuntimeError(
                 f"this {type(self).__name__} was prepared for inference (its batch norms are "
                 "folded into its convolutions) and cannot be trained: build a new model"
             )
-        return super().train(mode)

@@ -78,6 +78,9 @@ class ChannelMapper(nn.Module):
         for i, (f, c) in enumerate(zip(features, self.in_channels)):
             if f.dim() != 4 or f.shape[1] != c:
                 raise ValueError(f"feature level {i} must be (N, {c}, H, W), got {tuple(f.shape)}")
+        # contiguous (N, C, H, W): on a channels-last backbone's maps GroupNorm would reduce in an
+        # order that depends on the number of threads (results would differ between processes)
+        features = [f.contiguous() for f in features]
         outs = [conv(f) for conv, f in zip(self.lateral_convs, features)]
         source = features[-1]
         for conv in self.extra_convs:

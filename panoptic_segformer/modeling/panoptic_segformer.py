@@ -213,6 +213,7 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         mask_memory, mask_padding = memory[:, :num_tokens], token_mask[:, :num_tokens]
 
         if targets is not None:
+            self.refuse_training()
             return self._losses(located, mask_memory, mask_shapes, mask_padding, targets)
         return self._predict(located, mask_memory, mask_shapes, mask_padding)
 

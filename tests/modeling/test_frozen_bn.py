@@ -65,7 +65,7 @@ def test_resnet_backbone_folds_every_norm(randomise_norms):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-def test_prepared_model_predicts_the_same_and_refuses_training(randomise_norms):
+def test_prepared_model_predicts_the_same_and_refuses_training_losses(randomise_norms):
     torch.manual_seed(0)
     model = build_panoptic_segformer(
         ResNetBackbone(depth=18),
@@ -97,7 +97,27 @@ def test_prepared_model_predicts_the_same_and_refuses_training(randomise_norms):
         # within 1e-5 of the largest value (the masks reach about 5 here)
         scale = max(1.0, expected[key].abs().max().item())
         torch.testing.assert_close(prepared[key], expected[key], rtol=1e-5, atol=1e-5 * scale)
+    # train mode alone is allowed (detectron2's evaluation restores the mode a wrapper had);
+    # computing training losses is not
+    model.train()
     with pytest.raises(RuntimeError, match="prepared for inference .* cannot be trained"):
-        model.train()
+        model(images, targets=[{}])
+    model.eval()
     model.prepare_for_inference()  # again: nothing more is folded
     assert isinstance(model.backbone.bn1, nn.Identity)
+
+
+def test_backbones_with_group_norm_stay_nchw():
+    # GroupNorm's channels-last kernel reduces in an order that depends on the number of threads
+    # (results would differ between one process of two threads and two of one)
+    from panoptic_segformer.modeling.frozen_bn import prepare_backbone_for_inference
+
+    cl = torch.channels_last
+    with_gn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 3))
+    frozen = nn.Sequential(nn.Conv2d(3, 8, 3), FrozenBatchNorm2d(8), nn.Conv2d(8, 8, 3))
+    assert prepare_backbone_for_inference(with_gn) == 0
+    assert prepare_backbone_for_inference(frozen) == 1
+    assert not any(
+        m.weight.is_contiguous(memory_format=cl) for m in with_gn if type(m) is nn.Conv2d
+    )
+    assert all(m.weight.is_contiguous(memory_format=cl) for m in frozen if type(m) is nn.Conv2d)
