@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from panoptic_segformer.modeling.frozen_bn import is_frozen_batchnorm
+
 
 class _CreatesAFile:
     """Unpickling it calls ``open(path, "w")``: the file appears if a loader runs the pickle's
@@ -59,7 +61,7 @@ def _randomise_norms(module: torch.nn.Module, seed: int = 0) -> None:
     """Statistics far from the identity, small variances included (where eps matters)."""
     g = torch.Generator().manual_seed(seed)
     for m in module.modules():
-        if type(m).__name__ == "FrozenBatchNorm2d":
+        if is_frozen_batchnorm(m):
             c = m.weight.numel()
             m.weight.copy_(torch.rand(c, generator=g) + 0.5)
             m.bias.copy_(torch.randn(c, generator=g))

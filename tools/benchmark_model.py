@@ -64,7 +64,10 @@ from panoptic_segformer.modeling.analysis import (  # noqa: E402
     parameter_parts,
 )
 from panoptic_segformer.modeling.backbone import build_backbone  # noqa: E402
-from panoptic_segformer.modeling.frozen_bn import fold_frozen_batchnorm  # noqa: E402
+from panoptic_segformer.modeling.frozen_bn import (  # noqa: E402
+    fold_frozen_batchnorm,
+    store_channels_last,
+)
 from panoptic_segformer.modeling.panoptic_segformer import (  # noqa: E402
     RESULT_TYPES,
     PanopticSegFormer,
@@ -217,10 +220,15 @@ def _folded(model: PanopticSegFormer) -> PanopticSegFormer:
     return model
 
 
+def _channels_last(model: PanopticSegFormer) -> PanopticSegFormer:
+    store_channels_last(model.backbone)  # the backbone only, as prepare_for_inference
+    return model
+
+
 PREPARATIONS = {
     "as built": lambda model: model,
     "batch norms folded": _folded,
-    "channels-last weights": lambda model: model.to(memory_format=torch.channels_last),
+    "channels-last weights": _channels_last,
     "both (prepare_for_inference)": lambda model: model.prepare_for_inference(),
     "both + torch.compile": lambda model: torch.compile(model.prepare_for_inference()),
 }

@@ -188,7 +188,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         results = {name: run_worker(name, args, Path(folder)) for name in (OURS, MASK2FORMER)}
     rows = print_table(results, args.threads, args.reps, args.warmup)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, **{k: v for k, v in results.items()}}))
+        args.json.write_text(json.dumps({"rows": rows, **results}))
 
 
 if __name__ == "__main__":

@@ -62,9 +62,12 @@ def _pairs(module: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Conv2d, nn.Mo
         elif isinstance(parent, _CONV_THEN_BN_BY_NAME):
             for name, bn in parent.named_children():
                 conv = getattr(parent, name.replace("bn", "conv"), None)
-                if name.startswith("bn") and isinstance(conv, nn.Conv2d):
-                    if is_frozen_batchnorm(bn):
-                        yield parent, name, conv, bn
+                if (
+                    name.startswith("bn")
+                    and isinstance(conv, nn.Conv2d)
+                    and is_frozen_batchnorm(bn)
+                ):
+                    yield parent, name, conv, bn
 
 
 def fold_frozen_batchnorm(module: nn.Module) -> int:
@@ -81,18 +84,24 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
     return len(pairs)
 
 
+def store_channels_last(backbone: nn.Module) -> nn.Module:
+    """The backbone's weights channels-last, in place, unless it has a GroupNorm (whose
+    channels-last kernel reduces in an order that depends on the number of threads, so results
+    would differ between processes). Returns the backbone."""
+    if not any(isinstance(m, nn.GroupNorm) for m in backbone.modules()):
+        backbone.to(memory_format=torch.channels_last)
+    return backbone
+
+
 def prepare_backbone_for_inference(backbone: nn.Module) -> int:
-    """Eval mode, frozen batch norms folded, weights channels-last unless the backbone has a
-    GroupNorm (whose channels-last kernel reduces in an order that depends on the number of
-    threads, so results would differ between processes); for inference only, after the weights
-    are loaded.
+    """Eval mode, frozen batch norms folded, weights channels-last (:func:`store_channels_last`);
+    for inference only, after the weights are loaded.
 
     Returns:
         how many batch norms were folded.
     """
     folded = fold_frozen_batchnorm(backbone.eval())
-    if not any(isinstance(m, nn.GroupNorm) for m in backbone.modules()):
-        backbone.to(memory_format=torch.channels_last)
+    store_channels_last(backbone)
     return folded
 
 
