@@ -4,9 +4,8 @@
   when FORCE_CUDA=1; otherwise the package installs without it and builds it on first CUDA use
   (JIT).
 * The CPU extension is built whenever a C++ compiler is found: it defines the deformable-attention
-  operator (``panoptic_segformer::ms_deform_attn``) with its CPU kernels, and holds the
-  post-processing kernel; without a compiler both are built on first use, or their PyTorch paths
-  run.
+  operator (``panoptic_segformer::ms_deform_attn``) with its CPU kernels; without a compiler it
+  is built on first use, or the operator's PyTorch path runs.
 
 Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
 """
@@ -60,8 +59,8 @@ def cuda_extension(torch, helpers):
 
 
 def cpu_extension(helpers):
-    """The CPU extension (the deformable-attention operator and its CPU kernels, the merging's
-    mask statistics), or None without a C++ compiler (the package then builds it on first use if
+    """The CPU extension (the deformable-attention operator and its CPU kernels), or None without
+    a C++ compiler (the package then builds it on first use if
     one appears, or runs the PyTorch paths)."""
     from torch.utils.cpp_extension import CppExtension
 

@@ -4,9 +4,8 @@ Two extensions, each compiled at install time by ``setup.py`` when it can be, an
 first use with ``torch.utils.cpp_extension.load`` (JIT), so users never run a separate build
 step; the callers fall back to PyTorch operations where neither works:
 
-* ``panoptic_segformer._cpu``, built at install time whenever a C++ compiler is found: the fused
-  CPU kernel of the merging's mask statistics (``csrc/mask_statistics.cpp``), and the operator
-  ``panoptic_segformer::ms_deform_attn`` (multi-scale deformable attention: its definition and
+* ``panoptic_segformer._cpu``, built at install time whenever a C++ compiler is found: the
+  operator ``panoptic_segformer::ms_deform_attn (multi-scale deformable attention: its definition and
   its CPU kernels, ``csrc/ms_deform_attn_op.cpp`` and ``csrc/ms_deform_attn_cpu.cpp``).
 * ``panoptic_segformer._C``: the operator's CUDA kernels (``csrc/ms_deform_attn_cuda.cu``), built
   at install time when a GPU (or ``FORCE_CUDA=1``) is present. It registers kernels for the
@@ -33,7 +32,6 @@ JIT_NAME = "panoptic_segformer_msda"
 CPU_SOURCES = (
     "cpu_module.cpp",
     "cpu_features.cpp",
-    "mask_statistics.cpp",
     "ms_deform_attn_op.cpp",
     "ms_deform_attn_checks.cpp",
     "ms_deform_attn_cpu.cpp",
@@ -201,13 +199,13 @@ def _register_operator_python_parts() -> None:
 
 
 def load_cpu_extension() -> Tuple[Optional[ModuleType], Optional[str]]:
-    """Returns ``(extension, None)``, or ``(None, reason)`` when the CPU extension (mask
-    statistics; the deformable-attention operator and its CPU kernels) is unavailable. Tries the
+    """Returns ``(extension, None)``, or ``(None, reason)`` when the CPU extension (the
+    deformable-attention operator and its CPU kernels) is unavailable. Tries the
     extension built at install time, then a JIT build, once per process."""
     return _load_once(
         "panoptic_segformer._cpu",
         build_cpu_extension,
-        "CPU extension (mask statistics, deformable-attention operator)",
+        "CPU extension (deformable-attention operator)",
         after_load=_register_operator_python_parts,
     )
 

@@ -9,31 +9,16 @@ instances, C classes.
 
 Mask values are taken as given and thresholded at ``mask_threshold``: in the authors' code they
 are ReLU outputs compared with 0.5, not sigmoid probabilities.
-
-On the CPU the merging's per-pixel work (bilinear resize, binarisation, areas and mask scores)
-runs in one fused compiled pass (``layers/csrc/mask_statistics.cpp``) when that kernel is
-available, and as PyTorch operations otherwise. The kernel's resize is ``F.interpolate``'s
-bilinear formula computed by one fixed sequence of float32 operations, so its results are the
-same on every CPU and PyTorch release; ``F.interpolate`` itself rounds differently between
-releases and CPU capabilities, so the two paths agree to a few float32 ulps (a pixel within that
-distance of the threshold can land on either side). Set
-``PANOPTIC_SEGFORMER_MASK_STATS_IMPL=pytorch`` to skip the kernel, ``cpp`` to require it.
 """
 
 import inspect
-import logging
-import os
-from types import ModuleType
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from panoptic_segformer.layers import _extension
 from panoptic_segformer.modeling.box_ops import masks_to_boxes
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "InstanceResults",
@@ -107,36 +92,9 @@ class _Quality(NamedTuple):
     cols: Tensor  # (Q, W) bool, columns holding a pixel of binary
 
 
-MASK_STATS_IMPL_ENV = "PANOPTIC_SEGFORMER_MASK_STATS_IMPL"
-MASK_STATS_IMPLEMENTATIONS = ("auto", "cpp", "pytorch")
-_logged_paths = set()
-
-
-def _compiled_kernel(mask_logits: Tensor) -> Optional[ModuleType]:
-    """The CPU mask-statistics extension when it should and can run on ``mask_logits``."""
-    implementation = os.environ.get(MASK_STATS_IMPL_ENV, "auto")
-    if implementation not in MASK_STATS_IMPLEMENTATIONS:
-        raise ValueError(
-            f"{MASK_STATS_IMPL_ENV} must be one of {MASK_STATS_IMPLEMENTATIONS}, got "
-            f"{implementation!r}"
-        )
-    if implementation == "pytorch":
-        return None
-    reason = None
-    if mask_logits.device.type != "cpu" or mask_logits.dtype != torch.float32:
-        reason = f"masks are {mask_logits.dtype} on {mask_logits.device}, not float32 on the CPU"
-    elif mask_logits.numel() == 0:
-        reason = "no masks"
-    else:
-        extension, reason = _extension.load_cpu_extension()
-        if extension is not None:
-            if "cpp" not in _logged_paths:
-                _logged_paths.add("cpp")
-                logger.info("mask statistics: using the compiled CPU kernel")
-            return extension
-    if implementation == "cpp":
-        raise RuntimeError(f"{MASK_STATS_IMPL_ENV}=cpp was requested but {reason}")
-    return None
+# Queries per block in _mask_quality: a few full-size masks and their temporaries fit in the
+# CPU's last-level cache, so each mask is read from memory once (about 2x faster at 800x1333).
+_QUALITY_BLOCK = 4
 
 
 def _mask_quality(
@@ -144,39 +102,15 @@ def _mask_quality(
 ) -> _Quality:
     """Binary masks, their areas, extents and the average mask value inside them.
 
+    Masks to resize are resized block by block, so the resized float masks never exist all at
+    once and each block is still in cache when its statistics are taken.
+
     Args:
         mask_logits (Tensor): (Q, H, W) mask values, or (Q, h, w) ones to resize.
         mask_threshold: a pixel belongs to the mask where its value is strictly above this.
         output_size: (H, W) to bilinearly resize the masks to first (as ``F.interpolate``,
             ``align_corners=False``); None when the masks are already at size.
     """
-    kernel = _compiled_kernel(mask_logits)
-    if kernel is None:
-        return _mask_quality_pytorch(mask_logits, mask_threshold, output_size)
-    height, width = mask_logits.shape[1:] if output_size is None else output_size
-    binary, areas, inside, rows, cols = kernel.resized_mask_statistics(
-        mask_logits, height, width, mask_threshold, kernel.avx2_supported()
-    )
-    return _quality(binary, areas, inside, rows, cols)
-
-
-def _quality(binary: Tensor, areas: Tensor, inside: Tensor, rows: Tensor, cols: Tensor) -> _Quality:
-    # "average" of Eq. (6); the "+1" in the denominator is the authors' code (guards empty masks)
-    mask_scores = inside.to(torch.float32) / (areas.to(torch.float32) + 1.0)
-    return _Quality(binary, areas, mask_scores, rows, cols)
-
-
-# Queries per block in _mask_quality_pytorch: a few full-size masks and their temporaries fit in the
-# CPU's last-level cache, so each mask is read from memory once (about 2x faster at 800x1333).
-_QUALITY_BLOCK = 4
-
-
-def _mask_quality_pytorch(
-    mask_logits: Tensor, mask_threshold: float, output_size: Optional[Tuple[int, int]] = None
-) -> _Quality:
-    """:func:`_mask_quality` in PyTorch operations (any device and dtype). Masks to resize are
-    resized block by block, so the resized float masks never exist all at once and each block
-    is still in cache when its statistics are taken."""
     num_queries = mask_logits.shape[0]
     height, width = mask_logits.shape[1:] if output_size is None else output_size
     device = mask_logits.device
@@ -212,7 +146,9 @@ def _mask_quality_pytorch(
             hot = mask_logits[block] > mask_threshold - 1e-6  # (B, h, w)
             rows[block] = hot.any(dim=2)[:, row_sources].any(dim=1)  # (B, 4, H) -> (B, H)
             cols[block] = hot.any(dim=1)[:, col_sources].any(dim=1)
-    return _quality(binary, areas, inside, rows, cols)
+    # "average" of Eq. (6); the "+1" in the denominator is the authors' code (guards empty masks)
+    mask_scores = inside / (areas.to(torch.float32) + 1.0)
+    return _Quality(binary, areas, mask_scores, rows, cols)
 
 
 def _bilinear_sources(size_in: int, size_out: int, device: torch.device) -> Tensor:
