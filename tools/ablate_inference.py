@@ -29,24 +29,35 @@ import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
 import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if TYPE_CHECKING:
+    from panoptic_segformer.modeling import InferenceOptions
 
-# variant name -> inference switches: merge, mask-decoder layers (None = all), and the options
-# that differ from the config's (pixel-argmax class weighting, source of the thing classes)
+_TEST = "MODEL.PANOPTIC_SEGFORMER.TEST."
+
+
+def _switches(merge: str = "mask_wise", layers: int = 0, **more: object) -> Dict[str, object]:
+    """Config overrides of one variant: the merging, mask-decoder layers (0 = all) and more
+    ``TEST`` keys; the keys not given keep the config's values."""
+    overrides = {"MERGE": merge, "MASK_DECODER_LAYERS": layers, **more}
+    return {_TEST + key: value for key, value in overrides.items()}
+
+
+# variant name -> the inference switches it sets
 VARIANTS = OrderedDict(
     [
-        ("mask_wise", dict(merge="mask_wise", layers=None)),
-        ("pixel_argmax", dict(merge="pixel_argmax", layers=None, class_weighted=True)),  # (p*)
-        ("pixel_argmax_plain", dict(merge="pixel_argmax", layers=None, class_weighted=False)),
-        ("exit_1", dict(merge="mask_wise", layers=1)),
-        ("exit_2", dict(merge="mask_wise", layers=2)),
-        ("exit_3", dict(merge="mask_wise", layers=3)),
-        ("mask_decoder_classes", dict(merge="mask_wise", layers=None, classes="mask_decoder")),
+        ("mask_wise", _switches()),
+        ("pixel_argmax", _switches("pixel_argmax", PIXEL_ARGMAX_CLASS_WEIGHTED=True)),  # (p*)
+        ("pixel_argmax_plain", _switches("pixel_argmax", PIXEL_ARGMAX_CLASS_WEIGHTED=False)),
+        ("exit_1", _switches(layers=1)),
+        ("exit_2", _switches(layers=2)),
+        ("exit_3", _switches(layers=3)),
+        ("mask_decoder_classes", _switches(THING_CLASSES_FROM="mask_decoder")),
     ]
 )
 PANOPTIC_METRICS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
@@ -93,26 +104,14 @@ class _Timed(torch.nn.Module):
         return outputs
 
 
-def set_variant(
-    meta: torch.nn.Module,
-    cfg,
-    merge: str,
-    layers: Optional[int],
-    class_weighted: Optional[bool] = None,
-    classes: Optional[str] = None,
-) -> None:
-    """Switches the inference of a built meta-architecture in place (None: the config's)."""
-    from panoptic_segformer.meta_arch import merge_kwargs_from_config
-    from panoptic_segformer.modeling.panoptic_segformer import MERGERS
-    from panoptic_segformer.modeling.postprocessing import merge_options
+def variant_options(cfg, switches: Dict[str, object]) -> "InferenceOptions":
+    """The inference settings of ``cfg`` with a variant's config overrides."""
+    from panoptic_segformer.build import inference_options_from_config
 
-    kwargs = merge_kwargs_from_config(cfg, merge)
-    if class_weighted is not None:
-        kwargs["class_weighted"] = class_weighted
-    meta.model.merge = merge
-    meta.model.merge_kwargs = merge_options(MERGERS[merge], kwargs, f"merge={merge!r}")
-    meta.model.mask_decoder_layers = layers
-    meta.model.thing_classes_from = classes or cfg.MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASSES_FROM
+    variant = cfg.clone()
+    variant.defrost()
+    variant.merge_from_list([item for pair in switches.items() for item in pair])
+    return inference_options_from_config(variant)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
@@ -154,12 +153,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     loader = train_net.Trainer.build_test_loader(cfg, dataset)
     rows = OrderedDict()
     for name in tqdm.tqdm(args.variants, desc="variants"):
-        variant = VARIANTS[name]
-        if variant["layers"] is not None and variant["layers"] > depth:
+        options = variant_options(cfg, VARIANTS[name])
+        if (options.mask_decoder_layers or 0) > depth:
             print(f"skipping {name}: the thing mask decoder has only {depth} layers")
             continue
         if (
-            variant.get("classes") == "mask_decoder"
+            options.thing_classes_from == "mask_decoder"
             and cfg.MODEL.PANOPTIC_SEGFORMER.THING_CLASS_WEIGHT <= 0
         ):
             print(
@@ -168,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
                 "heads were not trained"
             )
             continue
-        set_variant(meta, cfg, **variant)
+        meta.model.set_inference(options)
         timed = _Timed(meta)
         evaluator = DatasetEvaluators(
             [

@@ -23,7 +23,7 @@ backbone's frozen batch norms folded into its convolutions, its weights channels
 --preparations instead times the whole network (153 masks) as built, with each preparation alone,
 with both, and with both under ``torch.compile`` (--compile; its first call, the compilation,
 reported as start-up time).
-Post-processing (``PanopticSegFormer.postprocess`` with --result-types, by default panoptic
+Post-processing (``PanopticSegFormerModel.postprocess`` with --result-types, by default panoptic
 results only, as the model, at the input size) runs on outputs of the model's shapes in which
 every query passes the merging's score and area tests (scores 1, mask values uniform in [0, 1]):
 an untrained model's scores (about 0.01, the focal prior) would let no query reach the merging
@@ -48,6 +48,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 from unittest import mock
@@ -68,11 +69,12 @@ from panoptic_segformer.modeling.frozen_bn import (  # noqa: E402
     fold_frozen_batchnorm,
     store_channels_last,
 )
+from panoptic_segformer.modeling.inference import InferenceOptions  # noqa: E402
 from panoptic_segformer.modeling.panoptic_segformer import (  # noqa: E402
-    RESULT_TYPES,
-    PanopticSegFormer,
+    PanopticSegFormerModel,
     build_panoptic_segformer,
 )
+from panoptic_segformer.modeling.postprocessing import RESULT_TYPES  # noqa: E402
 
 # Table 1 of the paper: millions of parameters and GFLOPs at 800x1333
 PAPER_PARAMS = {name: row["params"] for name, row in PAPER_TABLE1.items()}
@@ -84,15 +86,17 @@ DETECTIONS = (100, 300)
 POSTPROCESS_BAR = 10.0  # % of the model's inference time that post-processing may take
 
 
-def build_model(backbone: str, **inference_kwargs: object) -> PanopticSegFormer:
+def build_model(
+    backbone: str, inference: InferenceOptions = InferenceOptions()
+) -> PanopticSegFormerModel:
     net = build_backbone(backbone)
     model = build_panoptic_segformer(
-        net, net.out_channels, with_criterion=False, **inference_kwargs
+        net, net.out_channels, with_criterion=False, inference=inference
     )
     return model.eval()
 
 
-def parameter_row(backbone: str, model: PanopticSegFormer) -> Dict[str, object]:
+def parameter_row(backbone: str, model: PanopticSegFormerModel) -> Dict[str, object]:
     parts = parameter_parts(model.backbone, model)
     row = {"backbone_name": backbone, **{k: v / 1e6 for k, v in parts.items()}}
     row["paper"] = PAPER_PARAMS.get(backbone)
@@ -124,7 +128,7 @@ def print_parameters(rows: List[Dict[str, object]]) -> None:
     _print_markdown(header, lines)
 
 
-def count_flops(model: PanopticSegFormer, images: Tensor, mask: Tensor) -> Optional[Dict]:
+def count_flops(model: PanopticSegFormerModel, images: Tensor, mask: Tensor) -> Optional[Dict]:
     """fvcore FLOPs (multiply-adds) per stage, the total and the ops fvcore could not count; None
     when fvcore is not installed. Traced with the PyTorch deformable-attention path, whose
     grid_sample fvcore can count (the CUDA kernel is opaque to it)."""
@@ -160,7 +164,7 @@ def _now(device: str) -> float:
 
 
 def time_forward(
-    model: PanopticSegFormer, images: Tensor, mask: Tensor, device: str
+    model: PanopticSegFormerModel, images: Tensor, mask: Tensor, device: str
 ) -> Tuple[Dict[str, float], Dict[str, Tensor]]:
     """One forward; milliseconds per stage, split where the hooked modules return."""
     marks = [_now(device)]
@@ -189,7 +193,7 @@ def dense_outputs(outputs: Dict[str, Tensor], seed: int = 0) -> Dict[str, Tensor
 
 
 def time_stages(
-    model: PanopticSegFormer,
+    model: PanopticSegFormerModel,
     images: Tensor,
     mask: Tensor,
     device: str,
@@ -215,12 +219,12 @@ def time_stages(
     return {stage: statistics.median(ms) for stage, ms in samples.items()}
 
 
-def _folded(model: PanopticSegFormer) -> PanopticSegFormer:
+def _folded(model: PanopticSegFormerModel) -> PanopticSegFormerModel:
     fold_frozen_batchnorm(model.backbone)
     return model
 
 
-def _channels_last(model: PanopticSegFormer) -> PanopticSegFormer:
+def _channels_last(model: PanopticSegFormerModel) -> PanopticSegFormerModel:
     store_channels_last(model.backbone)  # the backbone only, as prepare_for_inference
     return model
 
@@ -374,7 +378,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     results: Dict[str, object] = {"parameters": []}
     for name in PAPER_PARAMS if args.params_only else [args.backbone]:
         try:
-            model = build_model(name, result_types=args.result_types)
+            model = build_model(name, InferenceOptions(result_types=args.result_types))
         except ImportError as e:  # timm missing for Swin / PVTv2
             if not args.params_only:
                 parser.error(str(e))
@@ -403,7 +407,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         timing = {}
         for kept in DETECTIONS:
             print(f"timing with {kept} thing queries kept ...", file=sys.stderr)
-            model.max_detections = kept
+            model.set_inference(replace(model.inference, max_detections=kept))
             timing[kept] = time_stages(
                 model, images, mask, device, args.warmup, args.reps, autocast
             )

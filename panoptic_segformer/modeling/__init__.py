@@ -1,19 +1,26 @@
 """Panoptic SegFormer modules: backbones, neck, encoder, decoders, criterion, post-processing.
 
-The entry points: :func:`build_panoptic_segformer` (the model from a backbone),
-:func:`build_backbone`, :class:`PanopticSegFormerCriterion` and :func:`split_targets`.
+The entry points: :func:`build_panoptic_segformer` (the model, :class:`PanopticSegFormerModel`,
+from a backbone), its :class:`InferenceOptions` with the merging's :class:`MaskWiseOptions` or
+:class:`PixelArgmaxOptions`, :func:`build_backbone`, :class:`PanopticSegFormerCriterion` and
+:func:`split_targets`.
 """
 
 from panoptic_segformer.modeling.backbone import build_backbone, count_parameters
 from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion, split_targets
+from panoptic_segformer.modeling.inference import InferenceOptions
 from panoptic_segformer.modeling.panoptic_segformer import (
-    PanopticSegFormer,
+    PanopticSegFormerModel,
     build_panoptic_segformer,
 )
+from panoptic_segformer.modeling.postprocessing import MaskWiseOptions, PixelArgmaxOptions
 
 __all__ = [
-    "PanopticSegFormer",
+    "InferenceOptions",
+    "MaskWiseOptions",
     "PanopticSegFormerCriterion",
+    "PanopticSegFormerModel",
+    "PixelArgmaxOptions",
     "build_backbone",
     "build_panoptic_segformer",
     "count_parameters",

@@ -2,7 +2,7 @@
 
 backbone -> ChannelMapper neck -> deformable encoder -> location decoder -> query-decoupled
 mask decoder -> losses (training) or per-query masks and scores (inference), which
-:meth:`PanopticSegFormer.postprocess` turns into panoptic, instance and semantic results.
+:meth:`PanopticSegFormerModel.postprocess` turns into panoptic, instance and semantic results.
 
 Images come in normalised and padded into one batch, with a padding mask (True at padding).
 The detectron2 meta-architecture wraps this module; nothing here imports detectron2.
@@ -12,7 +12,6 @@ Q thing queries, K thing classes, Z stuff classes, k kept thing queries at infer
 H1 x W1 the stride-8 level.
 """
 
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -27,27 +26,15 @@ from panoptic_segformer.modeling.encoder import (
     flatten_levels,
 )
 from panoptic_segformer.modeling.frozen_bn import PreparableForInference
+from panoptic_segformer.modeling.inference import InferenceOptions, predict
 from panoptic_segformer.modeling.location_decoder import LocationDecoder, LocationDecoderLayer
 from panoptic_segformer.modeling.mask_decoder import MASK_LEVELS
 from panoptic_segformer.modeling.neck import ChannelMapper
 from panoptic_segformer.modeling.position_encoding import PositionEmbeddingSine
-from panoptic_segformer.modeling.postprocessing import (
-    instance_results,
-    mask_wise_candidates,
-    mask_wise_merging,
-    mask_wise_merging_resized,
-    merge_options,
-    pixel_wise_argmax,
-    semantic_map,
-)
-
-MERGERS = {"mask_wise": mask_wise_merging, "pixel_argmax": pixel_wise_argmax}
-RESULT_TYPES = ("panoptic_seg", "instances", "sem_seg")
-# where the classes of the thing queries come from at inference
-THING_CLASS_SOURCES = ("location_decoder", "mask_decoder")
+from panoptic_segformer.modeling.postprocessing import results_from_outputs
 
 
-class PanopticSegFormer(PreparableForInference, nn.Module):
+class PanopticSegFormerModel(PreparableForInference, nn.Module):
     """Panoptic SegFormer from already built parts.
 
     Args:
@@ -62,24 +49,16 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         criterion: training losses; None for an inference-only model.
         num_thing_classes: K.
         num_stuff_classes: Z.
-        max_detections: thing queries kept at inference, the top-k of the Q x K class scores
-            of the location decoder (the authors' 100).
-        mask_decoder_layers: early exit after this many mask-decoder layers at inference
-            (paper Table 10); None runs every layer and the tail.
-        merge: "mask_wise" (Algorithm 1) or "pixel_argmax" (paper Table 7).
-        merge_kwargs: keyword arguments of the merging function (thresholds, alpha, beta).
-        result_types: what :meth:`postprocess` returns, any of "panoptic_seg", "instances"
-            and "sem_seg". Panoptic only by default: the other two need every query's mask
-            at full resolution, several times the cost of the merging.
-        thing_classes_from: at inference, the classes and scores of things come from the
-            location decoder's last class head ("location_decoder", the authors' code) or from
-            the thing mask decoder's last class head ("mask_decoder", paper Sec. 3.3.3; its
-            class loss weight must then be positive). Without location decoder layers only
-            "mask_decoder" can classify.
+        inference: the inference settings (:meth:`set_inference` changes them later). Thing
+            classes from the mask decoder need its class loss weight positive; without location
+            decoder layers only the mask decoder can classify.
         joint_matching: one query set for things and stuff (paper Table 8): the location
             decoder and the thing mask decoder classify into all K + Z classes, there are no
             stuff queries, and every segment is matched as a thing is. The parts must be built
             so (:func:`build_panoptic_segformer` does).
+
+    Attributes:
+        inference (InferenceOptions): the current inference settings.
     """
 
     def __init__(
@@ -93,25 +72,10 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         criterion: Optional[PanopticSegFormerCriterion],
         num_thing_classes: int,
         num_stuff_classes: int,
-        max_detections: int = 100,
-        mask_decoder_layers: Optional[int] = None,
-        merge: str = "mask_wise",
-        merge_kwargs: Optional[Dict[str, float]] = None,
-        result_types: Sequence[str] = ("panoptic_seg",),
-        thing_classes_from: str = "location_decoder",
+        inference: InferenceOptions = InferenceOptions(),
         joint_matching: bool = False,
     ) -> None:
         super().__init__()
-        if merge not in MERGERS:
-            raise ValueError(f"merge must be one of {sorted(MERGERS)}, got {merge!r}")
-        unknown = sorted(set(result_types) - set(RESULT_TYPES))
-        if unknown or not result_types:
-            raise ValueError(
-                f"result_types must be a non-empty subset of {RESULT_TYPES}, got {result_types}"
-            )
-        if max_detections < 1:
-            raise ValueError(f"max_detections must be positive, got {max_detections}")
-        _check_class_source(thing_classes_from, location_decoder, criterion)
         query_classes = num_thing_classes + (num_stuff_classes if joint_matching else 0)
         stuff_queries = 0 if joint_matching else num_stuff_classes
         built = (location_decoder.num_classes, mask_decoder.num_stuff_classes)
@@ -130,14 +94,7 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         self.criterion = criterion
         self.num_thing_classes = num_thing_classes
         self.num_stuff_classes = num_stuff_classes
-        self.max_detections = max_detections
-        self.mask_decoder_layers = mask_decoder_layers
-        self.merge = merge
-        self.merge_kwargs = merge_options(
-            MERGERS[merge], dict(merge_kwargs or {}), f"merge={merge!r}"
-        )
-        self.result_types = tuple(result_types)
-        self.thing_classes_from = thing_classes_from
+        self.set_inference(inference)
         self.joint_matching = joint_matching
         d_model = location_decoder.d_model
         num_levels = len(neck.lateral_convs) + len(neck.extra_convs)
@@ -215,7 +172,9 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         if targets is not None:
             self.refuse_training()
             return self._losses(located, mask_memory, mask_shapes, mask_padding, targets)
-        return self._predict(located, mask_memory, mask_shapes, mask_padding)
+        return predict(
+            located, self.mask_decoder, mask_memory, mask_shapes, mask_padding, self.inference
+        )
 
     def _losses(
         self,
@@ -248,57 +207,6 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         }
         return self.criterion(outputs, targets)
 
-    def _predict(
-        self,
-        located: Dict[str, Tensor],
-        memory: Tensor,
-        shapes: List[Tuple[int, int]],
-        padding: Tensor,
-    ) -> Dict[str, Tensor]:
-        layers = self.mask_decoder_layers
-        queries = located["queries"]
-        if self.thing_classes_from == "location_decoder":
-            # Top-k of the location decoder's (Q x K) sigmoid scores; a query may be kept for
-            # several classes.
-            top_scores, query_idx, labels = _top_detections(
-                located["pred_logits"][-1], self.max_detections
-            )
-            things = self.mask_decoder.forward_things(
-                _gather(queries, query_idx), memory, shapes, padding, layers, last_mask_only=True
-            )
-            thing_masks = things["masks"][-1]
-        else:
-            # The mask decoder classifies (Sec. 3.3.3). It runs on the location decoder's k
-            # best queries (by their highest class score), as in training it runs on those
-            # the filter selects near the things; without location decoder layers, on all.
-            if len(located["pred_logits"]):
-                best = located["pred_logits"][-1].amax(dim=-1)  # (N, Q)
-                candidates = best.topk(min(self.max_detections, best.shape[1]), dim=1).indices
-            else:
-                candidates = torch.arange(queries.shape[1], device=queries.device)
-                candidates = candidates[None].expand(queries.shape[0], -1)
-            things = self.mask_decoder.forward_things(
-                _gather(queries, candidates), memory, shapes, padding, layers, last_mask_only=True
-            )
-            top_scores, local_idx, labels = _top_detections(
-                things["logits"][-1], self.max_detections
-            )
-            query_idx = candidates.gather(1, local_idx)
-            thing_masks = _gather(things["masks"][-1], local_idx)
-        stuff = self.mask_decoder.forward_stuff(
-            memory, shapes, padding, layers, last_mask_only=True
-        )
-        outputs = {
-            "thing_masks": thing_masks,
-            "thing_scores": top_scores,
-            "thing_labels": labels,
-            "stuff_masks": stuff["masks"][-1],
-            "stuff_scores": stuff["logits"][-1].sigmoid(),
-        }
-        if len(located["pred_boxes"]):
-            outputs["thing_boxes"] = _gather(located["pred_boxes"][-1], query_idx)
-        return outputs
-
     def split_targets(
         self, labels: Tensor, masks: Tensor, image_size: Tuple[int, int]
     ) -> Dict[str, Tensor]:
@@ -322,11 +230,8 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         image_sizes: Sequence[Tuple[int, int]],
         output_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> List[Dict[str, object]]:
-        """Per-image panoptic, instance and semantic results from :meth:`forward` outputs.
-
-        Masks are cropped to the valid image at stride 8 and resized to the output size in one
-        bilinear step (as the authors do), then merged. Only the queries that can survive the
-        merging are resized for it (:func:`mask_wise_candidates`, an exact pre-filter).
+        """Per-image panoptic, instance and semantic results from :meth:`forward` outputs, as
+        the inference settings ask (:func:`results_from_outputs`).
 
         Args:
             outputs: the inference outputs of :meth:`forward`.
@@ -334,125 +239,39 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
             image_sizes: per image, (h, w) of the valid image inside the padded input.
             output_sizes: per image, the (height, width) to predict at; defaults to
                 ``image_sizes``.
-
-        Returns:
-            per image a dict with the model's ``result_types``: ``panoptic_seg`` (the (H, W)
-            int32 map and segments_info; category ids are contiguous: things [0, K), stuff
-            K + [0, Z)), ``instances`` (:class:`InstanceResults` of the thing queries) and
-            ``sem_seg`` ((K + Z, H, W) scores).
         """
-        output_sizes = image_sizes if output_sizes is None else output_sizes
-        num_images = outputs["thing_masks"].shape[0]
-        if len(image_sizes) != num_images or len(output_sizes) != num_images:
+        return results_from_outputs(
+            outputs,
+            padded_size,
+            image_sizes,
+            output_sizes,
+            num_thing_classes=self.num_thing_classes,
+            num_stuff_classes=self.num_stuff_classes,
+            merge=self.inference.merge,
+            result_types=self.inference.result_types,
+            max_detections=self.inference.max_detections,
+        )
+
+    def set_inference(self, inference: InferenceOptions) -> None:
+        """Replaces the inference settings (merging, early exit, results, class source).
+
+        Raises:
+            ValueError: the thing classes are to come from a part that cannot classify: a
+                location decoder of 0 layers, or a mask decoder whose class loss weight is 0.
+        """
+        source, criterion = inference.thing_classes_from, self.criterion
+        if source == "location_decoder" and not self.location_decoder.layers:
             raise ValueError(
-                f"outputs hold {num_images} images but got {len(image_sizes)} image sizes and "
-                f"{len(output_sizes)} output sizes"
+                "a location decoder of 0 layers predicts no classes: take the thing classes "
+                "from the mask decoder (thing_classes_from='mask_decoder')"
             )
-        mask_h, mask_w = outputs["thing_masks"].shape[-2:]
-        stuff_scores = outputs["stuff_scores"]
-        stuff_labels = torch.arange(stuff_scores.shape[1], device=stuff_scores.device)
-        results = []
-        for i, ((h, w), out_size) in enumerate(zip(image_sizes, output_sizes)):
-            # (k + Z, H1, W1) cropped to the valid part at stride 8
-            masks = torch.cat([outputs["thing_masks"][i], outputs["stuff_masks"][i]])
-            masks = masks[
-                :,
-                : math.ceil(h * mask_h / padded_size[0]),
-                : math.ceil(w * mask_w / padded_size[1]),
-            ]
-            scores = torch.cat([outputs["thing_scores"][i], outputs["stuff_scores"][i]])
-            labels = torch.cat([outputs["thing_labels"][i], stuff_labels + self.num_thing_classes])
-            # (with joint matching, thing queries also predict stuff classes)
-            is_thing = labels < self.num_thing_classes
-
-            def resize(x: Tensor) -> Tensor:
-                if x.shape[0] == 0:
-                    return x.new_zeros((0, *out_size))
-                return F.interpolate(x[None], size=tuple(out_size), mode="bilinear")[0]
-
-            # semantic and instance results read every query: resize them all once
-            resized = resize(masks) if {"instances", "sem_seg"} & set(self.result_types) else None
-            result = {}
-            if "panoptic_seg" in self.result_types:
-                keep = self._merge_candidates(masks, scores, is_thing)
-                chosen = (scores[keep], labels[keep], is_thing[keep])
-                if resized is not None:
-                    merge = MERGERS[self.merge]
-                    result["panoptic_seg"] = merge(resized[keep], *chosen, **self.merge_kwargs)
-                elif self.merge == "mask_wise":  # resize and merge block by block
-                    result["panoptic_seg"] = mask_wise_merging_resized(
-                        masks[keep], tuple(out_size), *chosen, **self.merge_kwargs
-                    )
-                else:
-                    result["panoptic_seg"] = pixel_wise_argmax(
-                        resize(masks[keep]), *chosen, **self.merge_kwargs
-                    )
-            if "instances" in self.result_types:
-                # the thing queries' results of thing classes
-                rows = is_thing.nonzero().squeeze(1)
-                result["instances"] = instance_results(
-                    resized[rows],
-                    scores[rows],
-                    labels[rows],
-                    max_detections=self.max_detections,
-                    # the merging's confidence exponents (pixel-wise argmax has none: the
-                    # authors' 1 and 2)
-                    alpha=self.merge_kwargs.get("alpha", 1.0),
-                    beta=self.merge_kwargs.get("beta", 2.0),
-                )
-            if "sem_seg" in self.result_types:
-                num_classes = self.num_thing_classes + self.num_stuff_classes
-                result["sem_seg"] = semantic_map(resized, scores, labels, num_classes)
-            results.append(result)
-        return results
-
-    def _merge_candidates(self, masks: Tensor, scores: Tensor, is_thing: Tensor) -> Tensor:
-        """(Q,) bool: the queries the merging could keep, decided before resizing."""
-        options = self.merge_kwargs
-        if self.merge == "pixel_argmax":
-            return scores >= options["score_threshold"]
-        names = (
-            "alpha",
-            "beta",
-            "thing_score_threshold",
-            "stuff_score_threshold",
-            "mask_threshold",
-        )
-        # (Q, h, w) -> (Q,) largest value of each mask
-        peak = masks.flatten(1).amax(dim=1)
-        return mask_wise_candidates(peak, scores, is_thing, **{n: options[n] for n in names})
-
-
-def _check_class_source(
-    source: str, location_decoder: LocationDecoder, criterion: Optional[PanopticSegFormerCriterion]
-) -> None:
-    if source not in THING_CLASS_SOURCES:
-        raise ValueError(f"thing_classes_from must be one of {THING_CLASS_SOURCES}, got {source!r}")
-    if source == "location_decoder" and not location_decoder.layers:
-        raise ValueError(
-            "a location decoder of 0 layers predicts no classes: take the thing classes from "
-            "the mask decoder (thing_classes_from='mask_decoder')"
-        )
-    if source == "mask_decoder" and criterion is not None and criterion.thing_class_weight <= 0:
-        raise ValueError(
-            "thing classes from the mask decoder need its class heads trained, but the "
-            f"criterion's thing_class_weight is {criterion.thing_class_weight}; make it positive"
-        )
-
-
-def _top_detections(logits: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Top-k of the (N, Q, K) sigmoid class scores over queries x classes: scores, query
-    indices and classes, each (N, min(k, Q K))."""
-    num_classes = logits.shape[-1]
-    scores = logits.sigmoid().flatten(1)  # (N, Q*K)
-    top_scores, top = scores.topk(min(k, scores.shape[1]), dim=1)
-    return top_scores, top // num_classes, top % num_classes
-
-
-def _gather(values: Tensor, index: Tensor) -> Tensor:
-    """values (N, Q, ...) at the (N, k) query indices -> (N, k, ...)."""
-    expanded = index.reshape(*index.shape, *([1] * (values.dim() - 2)))
-    return values.gather(1, expanded.expand(-1, -1, *values.shape[2:]))
+        if source == "mask_decoder" and criterion is not None and criterion.thing_class_weight <= 0:
+            raise ValueError(
+                "thing classes from the mask decoder need its class heads trained, but the "
+                f"criterion's thing_class_weight is {criterion.thing_class_weight}; make it "
+                "positive"
+            )
+        self.inference = inference
 
 
 def build_panoptic_segformer(
@@ -476,13 +295,14 @@ def build_panoptic_segformer(
     joint_matching: bool = False,
     criterion: Optional[PanopticSegFormerCriterion] = None,
     with_criterion: bool = True,
-    **inference_kwargs: object,
-) -> PanopticSegFormer:
+    inference: InferenceOptions = InferenceOptions(),
+) -> PanopticSegFormerModel:
     """Builds Panoptic SegFormer with the authors' hyper-parameters as defaults.
 
     Args:
         backbone: images -> feature maps, finest first, with ``in_channels`` channels; None
-            for a model that is given the features (:meth:`PanopticSegFormer.forward_features`).
+            for a model that is given the features
+            (:meth:`PanopticSegFormerModel.forward_features`).
         in_channels: channels of the backbone maps (ResNet: 512, 1024, 2048).
         num_thing_classes, num_stuff_classes: K and Z (COCO: 80 and 53).
         d_model: channels C (256).
@@ -501,9 +321,7 @@ def build_panoptic_segformer(
         criterion: the losses; None builds the default one (unless ``with_criterion`` is off),
             for K + Z thing classes and no stuff with joint matching.
         with_criterion: False builds an inference-only model.
-        **inference_kwargs: ``max_detections``, ``mask_decoder_layers``, ``merge``,
-            ``merge_kwargs``, ``result_types`` and ``thing_classes_from`` of
-            :class:`PanopticSegFormer`.
+        inference: the inference settings.
     """
     if num_feature_levels < MASK_LEVELS:
         raise ValueError(
@@ -521,7 +339,7 @@ def build_panoptic_segformer(
     decoder_layer = LocationDecoderLayer(
         d_model, d_ffn, dropout, num_feature_levels, n_heads, n_points
     )
-    return PanopticSegFormer(
+    return PanopticSegFormerModel(
         backbone=backbone,
         neck=ChannelMapper(in_channels, d_model, num_outs=num_feature_levels),
         position_encoding=PositionEmbeddingSine(d_model // 2, normalize=True, offset=-0.5),
@@ -546,6 +364,6 @@ def build_panoptic_segformer(
         criterion=criterion if with_criterion else None,
         num_thing_classes=num_thing_classes,
         num_stuff_classes=num_stuff_classes,
+        inference=inference,
         joint_matching=joint_matching,
-        **inference_kwargs,
     )

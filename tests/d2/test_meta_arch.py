@@ -12,7 +12,8 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
-from panoptic_segformer.meta_arch import class_id_maps  # noqa: E402
+from panoptic_segformer.build import class_id_maps  # noqa: E402
+from panoptic_segformer.modeling import PixelArgmaxOptions  # noqa: E402
 
 BASE = CONFIGS[0].parent / "r50.yaml"
 
@@ -166,7 +167,7 @@ def test_datasets_without_stuff_work_without_things_are_refused():
 
 
 def test_loss_weights_lambda_are_both_fixed_or_both_per_batch():
-    from panoptic_segformer.meta_arch import build_criterion
+    from panoptic_segformer.build import build_criterion
 
     def criterion(things, stuff):
         cfg = make_cfg(BASE)
@@ -205,7 +206,7 @@ def test_paper_switches_build_what_they_name():
     # Table 6: a location decoder of 0 layers, its queries straight to the mask decoder
     model, _ = tiny_model(ps + "DEC_LAYERS", "0", *mask_classes)
     assert len(model.model.location_decoder.layers) == 0
-    assert model.model.thing_classes_from == "mask_decoder"
+    assert model.model.inference.thing_classes_from == "mask_decoder"
     # Table 8: joint matching, NUM_QUERIES + NUM_STUFF_CLASSES queries over all 133 classes
     model, _ = tiny_model(ps + "JOINT_MATCHING", "True")
     assert model.model.joint_matching and model.model.criterion.num_stuff_classes == 0
@@ -219,7 +220,7 @@ def test_paper_switches_build_what_they_name():
         ps + "TEST.PIXEL_ARGMAX_CLASS_WEIGHTED", "False",
     )  # fmt: skip
     assert not model.model.criterion.deep_supervision
-    assert model.model.merge_kwargs["class_weighted"] is False
+    assert model.model.inference.merge == PixelArgmaxOptions(class_weighted=False)
     # what nothing would classify or train is refused, naming the keys
     with pytest.raises(
         ValueError, match="DEC_LAYERS is 0: .*TEST.THING_CLASSES_FROM to 'mask_decoder'"
@@ -231,3 +232,9 @@ def test_paper_switches_build_what_they_name():
         tiny_model(ps + "TEST.THING_CLASSES_FROM", "mask_decoder")
     with pytest.raises(ValueError, match="thing_classes_from must be one of .* got 'masks'"):
         tiny_model(ps + "TEST.THING_CLASSES_FROM", "masks")
+    with pytest.raises(
+        ValueError, match=r"TEST.MERGE must be one of \['mask_wise', 'pixel_argmax'\], got 'argmax'"
+    ):
+        tiny_model(ps + "TEST.MERGE", "argmax")
+    with pytest.raises(ValueError, match=r"stuff_overlap_threshold must be in \[0, 1\], got 1.2"):
+        tiny_model(ps + "TEST.STUFF_OVERLAP_THRESHOLD", "1.2")

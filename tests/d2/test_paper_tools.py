@@ -8,10 +8,21 @@ import pytest
 pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
 pytest.importorskip("fvcore", reason="FLOPs are counted with fvcore")
 
-from d2_helpers import CONFIGS, ROOT, TINY, needs_sample, register_sample  # noqa: E402
+import torch  # noqa: E402
+from d2_helpers import (  # noqa: E402
+    CONFIGS,
+    PERMISSIVE_SCORES,
+    ROOT,
+    TINY,
+    make_cfg,
+    needs_sample,
+    register_sample,
+)
 from detectron2.data import DatasetCatalog  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
 
 from panoptic_segformer.data import register_subset  # noqa: E402
+from panoptic_segformer.modeling import MaskWiseOptions, PixelArgmaxOptions  # noqa: E402
 
 R50 = str(CONFIGS[0].parent / "r50.yaml")
 DATASET = "psf_test_tools_sample"
@@ -99,6 +110,44 @@ def test_ablate_inference_table(tmp_path, sample_dataset, capsys):
     )
     with pytest.raises(SystemExit, match=r"unknown variants \['exit_9'\]"):
         tool.main(["--config-file", R50, "--variants", "exit_9", *TINY])
+
+
+def test_ablate_inference_variants_switch_a_built_model_as_the_config_would():
+    tool = load_tool("ablate_inference")
+    test = "MODEL.PANOPTIC_SEGFORMER.TEST."
+    opts = [*TINY, *PERMISSIVE_SCORES, test + "MASK_DECODER_LAYERS", "1"]
+    cfg = make_cfg(R50, *opts, test + "PIXEL_SCORE_THRESHOLD", "0.0")
+    plain = tool.variant_options(cfg, tool.VARIANTS["pixel_argmax_plain"])
+    assert plain.merge == PixelArgmaxOptions(score_threshold=0.0, class_weighted=False)
+    assert plain.mask_decoder_layers is None  # every variant but exit_k runs all layers
+    mask_wise = tool.variant_options(cfg, tool.VARIANTS["exit_1"])
+    assert mask_wise.mask_decoder_layers == 1
+    assert mask_wise.merge == MaskWiseOptions(
+        thing_score_threshold=0.0,
+        stuff_score_threshold=0.0,
+        thing_overlap_threshold=1.0,
+        stuff_overlap_threshold=1.0,
+    )
+    # a model switched to a variant predicts exactly as one built with the variant's config
+    image = torch.randint(0, 256, (3, 64, 96), generator=torch.Generator().manual_seed(0))
+    switches = [item for pair in tool.VARIANTS["pixel_argmax_plain"].items() for item in pair]
+
+    def predict(config, options=None):
+        torch.manual_seed(0)
+        model = build_model(config).eval()
+        if options is not None:
+            model.model.set_inference(options)
+        with torch.no_grad():
+            (out,) = model([{"image": image.to(torch.uint8)}])
+        return out["panoptic_seg"]
+
+    built_seg, built_info = predict(
+        make_cfg(R50, *opts, test + "PIXEL_SCORE_THRESHOLD", "0.0", *switches)
+    )
+    switched_seg, switched_info = predict(cfg, plain)
+    default_seg, _ = predict(cfg)
+    assert len(built_info) >= 2 and built_info == switched_info
+    assert torch.equal(built_seg, switched_seg) and not torch.equal(default_seg, switched_seg)
 
 
 @needs_sample()

@@ -11,6 +11,7 @@ from panoptic_segformer.modeling.frozen_bn import (
     fold_into_conv,
     is_frozen_batchnorm,
 )
+from panoptic_segformer.modeling.inference import InferenceOptions
 from panoptic_segformer.modeling.panoptic_segformer import build_panoptic_segformer
 
 
@@ -81,7 +82,7 @@ def test_prepared_model_predicts_the_same_and_refuses_training_losses(randomise_
         num_queries=8,
         num_thing_mask_layers=1,
         num_stuff_mask_layers=1,
-        max_detections=4,
+        inference=InferenceOptions(max_detections=4),
     ).eval()
     randomise_norms(model)
     images = torch.randn(1, 3, 96, 128)

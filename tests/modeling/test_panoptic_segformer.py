@@ -1,9 +1,17 @@
 """The assembled model: shapes, training on one batch, gradients, inference switches."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
+from panoptic_segformer.modeling import (
+    InferenceOptions,
+    MaskWiseOptions,
+    PanopticSegFormerModel,
+    PixelArgmaxOptions,
+)
 from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion, split_targets
 from panoptic_segformer.modeling.panoptic_segformer import build_panoptic_segformer
 
@@ -25,6 +33,11 @@ class TinyBackbone(nn.Module):
         return [c3, c4, self.s32(c4.relu())]
 
 
+def tiny_inference(**kwargs) -> InferenceOptions:
+    """Inference settings of the tiny model: 6 detections, the rest as given."""
+    return InferenceOptions(**{"max_detections": 6, **kwargs})
+
+
 def tiny_model(**kwargs):
     options = dict(
         num_thing_classes=K,
@@ -38,7 +51,7 @@ def tiny_model(**kwargs):
         num_queries=12,
         num_thing_mask_layers=1,
         num_stuff_mask_layers=2,
-        max_detections=6,
+        inference=tiny_inference(),
     )
     options.update(kwargs)
     return build_panoptic_segformer(TinyBackbone(), [16, 24, 32], **options)
@@ -70,14 +83,15 @@ def synthetic_batch(box_free=False):
 def test_inference_shapes_and_postprocess():
     torch.manual_seed(0)
     # no score or overlap threshold: the untrained model then paints things and stuff
-    permissive = {
-        "thing_score_threshold": 0.0,
-        "stuff_score_threshold": 0.0,
-        "thing_overlap_threshold": 1.0,
-        "stuff_overlap_threshold": 1.0,
-    }
+    permissive = MaskWiseOptions(
+        thing_score_threshold=0.0,
+        stuff_score_threshold=0.0,
+        thing_overlap_threshold=1.0,
+        stuff_overlap_threshold=1.0,
+    )
     result_types = ["panoptic_seg", "instances", "sem_seg"]
-    model = tiny_model(result_types=result_types, merge_kwargs=permissive).eval()
+    inference = tiny_inference(result_types=result_types, merge=permissive)
+    model = tiny_model(inference=inference).eval()
     images, padding, _ = synthetic_batch()
     with torch.no_grad():
         out = model(images, padding)
@@ -123,20 +137,21 @@ def test_inference_switches():
         assert set(layer_masks) == {(s, n) for s in ("things", "stuff") for n in ("0", "1", "tail")}
         torch.testing.assert_close(full["thing_masks"], layer_masks["things", "tail"])
         layer_masks.clear()
-        model.mask_decoder_layers = 1
+        model.set_inference(replace(model.inference, mask_decoder_layers=1))
         early = model(images, padding)
     assert set(layer_masks) == {("things", "0"), ("stuff", "0")}
     torch.testing.assert_close(early["thing_masks"], layer_masks["things", "0"])
     torch.testing.assert_close(early["stuff_masks"], layer_masks["stuff", "0"])
     assert not torch.allclose(early["thing_masks"], full["thing_masks"])
     assert not torch.allclose(early["stuff_masks"], full["stuff_masks"])
-    argmax = tiny_model(merge="pixel_argmax", merge_kwargs={"score_threshold": 0.0}).eval()
+    argmax = tiny_model(inference=tiny_inference(merge=PixelArgmaxOptions(score_threshold=0.0)))
+    argmax.eval()
     with torch.no_grad():
         out = argmax(images, padding)
     seg, _ = argmax.postprocess(out, (64, 96), [(64, 96), (48, 80)])[0]["panoptic_seg"]
     assert seg.shape == (64, 96)
-    with pytest.raises(ValueError, match="merge must be one of"):
-        tiny_model(merge="argmax")
+    with pytest.raises(ValueError, match="merge must be MaskWiseOptions or PixelArgmaxOptions"):
+        InferenceOptions(merge="pixel_argmax")
     with pytest.raises(
         ValueError,
         match=r"num_feature_levels must be at least 3 \(the mask decoder reads three\), got 2",
@@ -214,7 +229,8 @@ def test_inference_only_model_and_errors():
 def test_result_types_and_merge_options():
     torch.manual_seed(0)
     images, padding, _ = synthetic_batch()
-    model = tiny_model(result_types=["panoptic_seg"], merge_kwargs={"thing_score_threshold": 0.0})
+    merge = MaskWiseOptions(thing_score_threshold=0.0)
+    model = tiny_model(inference=tiny_inference(result_types=["panoptic_seg"], merge=merge))
     model.eval()
     with torch.no_grad():
         out = model(images, padding)
@@ -227,16 +243,20 @@ def test_result_types_and_merge_options():
     assert [set(r) for r in results] == [{"panoptic_seg"}] * 2
     assert any(info["isthing"] for info in results[0]["panoptic_seg"][1])
     # the block-by-block resize of the panoptic-only path gives the same segmentation
-    model.result_types = ("panoptic_seg", "sem_seg")
+    model.set_inference(replace(model.inference, result_types=["panoptic_seg", "sem_seg"]))
+    assert model.inference.result_types == ("panoptic_seg", "sem_seg")
     both = model.postprocess(out, (64, 96), sizes)
     for alone, with_sem in zip(results, both):
         assert torch.equal(alone["panoptic_seg"][0], with_sem["panoptic_seg"][0])
         assert alone["panoptic_seg"][1] == with_sem["panoptic_seg"][1]
-    assert model.merge_kwargs["stuff_overlap_threshold"] == 0.2  # defaults filled in
-    with pytest.raises(ValueError, match=r"unknown options \['score_threshold'\] for merge="):
-        tiny_model(merge_kwargs={"score_threshold": 0.1})
     with pytest.raises(ValueError, match="result_types must be a non-empty subset"):
-        tiny_model(result_types=["panoptic"])
+        InferenceOptions(result_types=["panoptic"])
+    with pytest.raises(ValueError, match="result_types must be a non-empty subset"):
+        InferenceOptions(result_types=[])
+    with pytest.raises(ValueError, match="max_detections must be positive, got 0"):
+        InferenceOptions(max_detections=0)
+    with pytest.raises(ValueError, match="mask_decoder_layers must be positive or None"):
+        InferenceOptions(mask_decoder_layers=0)
 
 
 @pytest.mark.parametrize(
@@ -283,7 +303,8 @@ def test_thing_classes_from_the_mask_decoder():
     # queries (by their highest class score); the location decoder's scores are not used
     torch.manual_seed(0)
     criterion = PanopticSegFormerCriterion(K, Z, thing_class_weight=2.0)
-    model = tiny_model(thing_classes_from="mask_decoder", criterion=criterion).eval()
+    inference = tiny_inference(thing_classes_from="mask_decoder")
+    model = tiny_model(inference=inference, criterion=criterion).eval()
     images, padding, targets = synthetic_batch()
     captured = {}
     model.location_decoder.register_forward_hook(lambda m, a, out: captured.update(out))
@@ -313,9 +334,11 @@ def test_thing_classes_from_the_mask_decoder():
     location_top = captured["pred_logits"][-1].sigmoid().flatten(1).topk(6, dim=1).values
     assert not torch.allclose(out["thing_scores"], location_top)
     with pytest.raises(ValueError, match="criterion's thing_class_weight is 0.0; make it positive"):
-        tiny_model(thing_classes_from="mask_decoder")
-    with pytest.raises(ValueError, match="thing_classes_from must be one of"):
-        tiny_model(thing_classes_from="encoder")
+        tiny_model(inference=inference)
+    with pytest.raises(ValueError, match="criterion's thing_class_weight is 0.0"):
+        tiny_model().set_inference(inference)
+    with pytest.raises(ValueError, match="thing_classes_from must be one of .* got 'encoder'"):
+        InferenceOptions(thing_classes_from="encoder")
 
 
 def test_location_decoder_of_zero_layers_trains_and_predicts():
@@ -324,7 +347,10 @@ def test_location_decoder_of_zero_layers_trains_and_predicts():
     torch.manual_seed(0)
     criterion = PanopticSegFormerCriterion(K, Z, thing_class_weight=2.0)
     model = tiny_model(
-        num_decoder_layers=0, thing_classes_from="mask_decoder", criterion=criterion, dropout=0.0
+        num_decoder_layers=0,
+        inference=tiny_inference(thing_classes_from="mask_decoder"),
+        criterion=criterion,
+        dropout=0.0,
     )
     images, padding, targets = synthetic_batch()
     calls = []
@@ -391,7 +417,9 @@ def test_joint_matching_one_query_set_for_things_and_stuff():
     # no stuff queries; stuff segments are matched and predicted as things are
     torch.manual_seed(0)
     model = tiny_model(
-        joint_matching=True, num_queries=12 + Z, result_types=["panoptic_seg", "instances"]
+        joint_matching=True,
+        num_queries=12 + Z,
+        inference=tiny_inference(result_types=["panoptic_seg", "instances"]),
     )
     assert model.location_decoder.class_heads[0].out_features == K + Z
     assert model.mask_decoder.stuff_query.num_embeddings == 0
@@ -425,9 +453,7 @@ def test_joint_matching_one_query_set_for_things_and_stuff():
     with pytest.raises(
         ValueError, match="must classify into 5 classes and the mask decoder hold 0"
     ):
-        from panoptic_segformer.modeling.panoptic_segformer import PanopticSegFormer
-
-        PanopticSegFormer(
+        PanopticSegFormerModel(
             **{k: getattr(model, k) for k in ("backbone", "neck", "position_encoding", "encoder")},
             location_decoder=tiny_model().location_decoder,
             mask_decoder=model.mask_decoder,
@@ -446,7 +472,7 @@ def test_inference_computes_only_the_masks_it_reads(exit_after, monkeypatch):
     # within float rounding
     torch.manual_seed(0)
     model = tiny_model(num_thing_mask_layers=2, num_stuff_mask_layers=3).eval()
-    model.mask_decoder_layers = exit_after
+    model.set_inference(replace(model.inference, mask_decoder_layers=exit_after))
     images, padding, _ = synthetic_batch()
     calls = []
     for module in model.mask_decoder.modules():

@@ -1,15 +1,19 @@
 """Post-processing: mask-wise merging against a loop transcription of Algorithm 1, its rules one at
 a time, the pixel-wise argmax baseline, instance results, the semantic map and input errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from panoptic_segformer.modeling.postprocessing import (
-    _mask_quality,
+    MaskWiseOptions,
+    PixelArgmaxOptions,
     instance_results,
     mask_wise_candidates,
     mask_wise_merging,
     mask_wise_merging_resized,
+    mask_statistics,
     pixel_wise_argmax,
     semantic_map,
 )
@@ -102,7 +106,8 @@ def box_mask(height, width, rows, cols, value=1.0):
 @pytest.mark.parametrize("alpha,beta", [(1.0, 2.0), (2.0, 1.0)])
 def test_mask_wise_merging_matches_loop_reference(seed, alpha, beta):
     masks, scores, labels, is_thing = random_case(seed)
-    seg, infos = mask_wise_merging(masks, scores, labels, is_thing, alpha=alpha, beta=beta)
+    options = MaskWiseOptions(alpha=alpha, beta=beta)
+    seg, infos = mask_wise_merging(masks, scores, labels, is_thing, options)
     ref_seg, ref_infos, _, _ = reference_merging(masks, scores, labels, is_thing, alpha, beta)
     assert len(ref_infos) >= 3  # the case exercises painting, not only skipping
     assert seg.dtype == torch.int32 and seg.shape == (16, 24)
@@ -147,7 +152,8 @@ def test_confidence_known_values_include_plus_one():
     # mask score = (0.8 + 0.6 + 0.9) / (3 + 1) = 0.575, not 2.3 / 3
     _, infos = mask_wise_merging(mask, torch.tensor([0.9]), labels, is_thing)
     assert infos[0]["score"] == pytest.approx(0.9 * 0.575**2, rel=1e-6)
-    _, infos = mask_wise_merging(mask, torch.tensor([0.9]), labels, is_thing, alpha=2.0, beta=1.0)
+    options = MaskWiseOptions(alpha=2.0, beta=1.0)
+    _, infos = mask_wise_merging(mask, torch.tensor([0.9]), labels, is_thing, options)
     assert infos[0]["score"] == pytest.approx(0.81 * 0.575, rel=1e-6)
 
 
@@ -156,13 +162,13 @@ def test_score_threshold_just_below_dropped_just_above_kept(isthing):
     mask = box_mask(6, 6, (0, 3), (0, 3))[None]  # area 9, mask score 9 / 10
     p_at_threshold = 0.3 / 0.9**2
     labels, is_thing = torch.tensor([1]), torch.tensor([isthing])
-    kwargs = {"thing_score_threshold": 0.3, "stuff_score_threshold": 0.3}
+    options = MaskWiseOptions(thing_score_threshold=0.3, stuff_score_threshold=0.3)
     seg, infos = mask_wise_merging(
-        mask, torch.tensor([p_at_threshold - 1e-3]), labels, is_thing, **kwargs
+        mask, torch.tensor([p_at_threshold - 1e-3]), labels, is_thing, options
     )
     assert infos == [] and not seg.any()
     seg, infos = mask_wise_merging(
-        mask, torch.tensor([p_at_threshold + 1e-3]), labels, is_thing, **kwargs
+        mask, torch.tensor([p_at_threshold + 1e-3]), labels, is_thing, options
     )
     assert len(infos) == 1 and int((seg == 1).sum()) == 9
 
@@ -171,13 +177,11 @@ def test_thing_and_stuff_use_their_own_score_threshold():
     masks = torch.stack([box_mask(6, 6, (0, 3), (0, 3)), box_mask(6, 6, (3, 6), (3, 6))])
     scores = torch.tensor([0.5, 0.5])  # confidence 0.5 * 0.81 = 0.405 for both
     labels, is_thing = torch.tensor([1, 2]), torch.tensor([True, False])
-    _, infos = mask_wise_merging(
-        masks, scores, labels, is_thing, thing_score_threshold=0.3, stuff_score_threshold=0.5
-    )
+    options = MaskWiseOptions(thing_score_threshold=0.3, stuff_score_threshold=0.5)
+    _, infos = mask_wise_merging(masks, scores, labels, is_thing, options)
     assert [(i["category_id"], i["isthing"]) for i in infos] == [(1, True)]
-    _, infos = mask_wise_merging(
-        masks, scores, labels, is_thing, thing_score_threshold=0.5, stuff_score_threshold=0.3
-    )
+    options = MaskWiseOptions(thing_score_threshold=0.5, stuff_score_threshold=0.3)
+    _, infos = mask_wise_merging(masks, scores, labels, is_thing, options)
     assert [(i["category_id"], i["isthing"]) for i in infos] == [(2, False)]
 
 
@@ -218,7 +222,7 @@ def test_a_mask_with_nothing_left_to_paint_makes_no_segment():
         torch.tensor([0.9, 0.8]),
         torch.tensor([1, 2]),
         torch.tensor([True, True]),
-        thing_overlap_threshold=1.0,
+        MaskWiseOptions(thing_overlap_threshold=1.0),
     )
     assert [info["category_id"] for info in infos] == [1]
     assert torch.equal(seg, first.to(torch.int32))
@@ -285,18 +289,20 @@ def test_pixel_wise_argmax_hand_built():
         (3, 5, False),
     ]
     assert [i["score"] for i in infos] == pytest.approx([0.9, 0.5, 0.8])
-    seg, infos = pixel_wise_argmax(masks, scores, labels, is_thing, score_threshold=0.95)
+    strict = PixelArgmaxOptions(score_threshold=0.95)
+    seg, infos = pixel_wise_argmax(masks, scores, labels, is_thing, strict)
     assert infos == [] and not seg.any()
     # Table 7's plain "(p)": the argmax of the mask values alone. (0,0): query 0's 1.0 beats
     # 0.6; (0,1): query 1's 1.0 beats 0.5; (1,0): query 1's 0.6 now beats 0.4 and covers the
     # pixel, which the class-weighted argmax left void.
-    seg, infos = pixel_wise_argmax(masks, scores, labels, is_thing, class_weighted=False)
+    plain = PixelArgmaxOptions(class_weighted=False)
+    seg, infos = pixel_wise_argmax(masks, scores, labels, is_thing, plain)
     assert torch.equal(seg, torch.tensor([[1, 2, 3, 0], [2, 0, 3, 0]], dtype=torch.int32))
     # where the class weighting decides: p 0.9 x 0.6 beats p 0.3 x 0.9, the mask values do not
     masks = torch.tensor([[[0.6]], [[0.9]]])
     two = (torch.tensor([0.9, 0.3]), torch.tensor([1, 2]), torch.tensor([True, True]))
     assert pixel_wise_argmax(masks, *two)[1][0]["category_id"] == 1
-    assert pixel_wise_argmax(masks, *two, class_weighted=False)[1][0]["category_id"] == 2
+    assert pixel_wise_argmax(masks, *two, plain)[1][0]["category_id"] == 2
 
 
 def test_instance_results_hand_built():
@@ -346,13 +352,19 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match=r"is_thing must be a bool.*torch.int64"):
         mask_wise_merging(masks, scores, labels, is_thing.long())
     with pytest.raises(ValueError, match=r"thing_overlap_threshold must be in \[0, 1\], got 1.5"):
-        mask_wise_merging(masks, scores, labels, is_thing, thing_overlap_threshold=1.5)
+        MaskWiseOptions(thing_overlap_threshold=1.5)
+    with pytest.raises(ValueError, match=r"stuff_score_threshold must be in \[0, 1\], got -0.1"):
+        MaskWiseOptions(stuff_score_threshold=-0.1)
     with pytest.raises(ValueError, match=r"mask_threshold must be in \[0, 1\], got -0.1"):
-        mask_wise_merging(masks, scores, labels, is_thing, mask_threshold=-0.1)
+        MaskWiseOptions(mask_threshold=-0.1)
     with pytest.raises(ValueError, match=r"alpha and beta must be >= 0, got alpha=1.0, beta=-2"):
-        mask_wise_merging(masks, scores, labels, is_thing, beta=-2)
+        MaskWiseOptions(beta=-2)
     with pytest.raises(ValueError, match=r"score_threshold must be in \[0, 1\], got 2"):
-        pixel_wise_argmax(masks, scores, labels, is_thing, score_threshold=2)
+        PixelArgmaxOptions(score_threshold=2)
+    with pytest.raises(ValueError, match=r"mask_threshold must be in \[0, 1\], got 1.5"):
+        PixelArgmaxOptions(mask_threshold=1.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        MaskWiseOptions().alpha = 2.0  # checked once, so never changed after
     with pytest.raises(ValueError, match=r"max_detections must be >= 0, got -1"):
         instance_results(masks, scores, labels, max_detections=-1)
     with pytest.raises(ValueError, match=r"alpha and beta must be >= 0, got alpha=1.0, beta=-1"):
@@ -374,21 +386,15 @@ def test_candidates_prefilter_is_exact(seed):
     labels = torch.randint(0, 6, (num_queries,), generator=g)
     is_thing = labels < 3
     full = torch.nn.functional.interpolate(low[None], size=(45, 70), mode="bilinear")[0]
-    options = dict(
-        alpha=1.0,
-        beta=2.0,
-        thing_score_threshold=0.25,
-        stuff_score_threshold=0.25,
-        mask_threshold=0.5,
-    )
-    keep = mask_wise_candidates(low.flatten(1).amax(1), scores, is_thing, **options)
+    keep = mask_wise_candidates(low.flatten(1).amax(1), scores, is_thing)
+    assert torch.equal(MaskWiseOptions().candidates(low, scores, is_thing), keep)
     assert 0 < int(keep.sum()) < num_queries  # the filter does something here
     seg_all, info_all = mask_wise_merging(full, scores, labels, is_thing)
     seg_kept, info_kept = mask_wise_merging(full[keep], scores[keep], labels[keep], is_thing[keep])
     assert torch.equal(seg_all, seg_kept)
     assert info_all == info_kept
     # every query it drops is one the merging skips: its confidence is under the threshold
-    mask_scores = _mask_quality(full, 0.5).mask_scores
+    mask_scores = mask_statistics(full, 0.5).mask_scores
     confidence = scores * mask_scores**2
     assert torch.all((confidence[~keep] < 0.25) | ((full[~keep] > 0.5).flatten(1).sum(1) == 0))
 
@@ -400,15 +406,13 @@ def test_resized_merging_equals_resizing_first():
     labels = torch.randint(0, 4, (11,), generator=g)
     is_thing = labels < 2
     full = torch.nn.functional.interpolate(low[None], size=(37, 51), mode="bilinear")[0]
-    options = dict(thing_score_threshold=0.1, stuff_overlap_threshold=0.3)
-    expected = mask_wise_merging(full, scores, labels, is_thing, **options)
-    got = mask_wise_merging_resized(low, (37, 51), scores, labels, is_thing, **options)
+    options = MaskWiseOptions(thing_score_threshold=0.1, stuff_overlap_threshold=0.3)
+    expected = mask_wise_merging(full, scores, labels, is_thing, options)
+    got = mask_wise_merging_resized(low, (37, 51), scores, labels, is_thing, options)
     assert len(expected[1]) >= 2
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
-    with pytest.raises(ValueError, match=r"unknown options \['beta2'\]"):
-        mask_wise_merging_resized(low, (37, 51), scores, labels, is_thing, beta2=1.0)
-    with pytest.raises(ValueError, match="mask_threshold must be in"):
-        mask_wise_merging_resized(low, (37, 51), scores, labels, is_thing, mask_threshold=2.0)
+    via_options = options.merge_resized(low, (37, 51), scores, labels, is_thing)
+    assert torch.equal(via_options[0], expected[0]) and via_options[1] == expected[1]
 
 
 @pytest.mark.parametrize("size", [(37, 51), (8, 9), (5, 7), (3, 4), (64, 15)])
@@ -417,11 +421,33 @@ def test_resized_quality_windows_cover_the_masks(size):
     # pixel of the resized binary mask (up-, same- and down-sizing, non-integer scales)
     g = torch.Generator().manual_seed(size[0])
     low = (torch.randn(9, 5, 7, generator=g) * 0.5 + 0.2).relu()
-    resized = _mask_quality(low, 0.5, size)
+    resized = mask_statistics(low, 0.5, size)
     full = torch.nn.functional.interpolate(low[None], size=size, mode="bilinear")[0]
-    exact = _mask_quality(full, 0.5)
+    exact = mask_statistics(full, 0.5)
     assert torch.equal(resized.binary, exact.binary)
     assert torch.equal(resized.areas, exact.areas)
     torch.testing.assert_close(resized.mask_scores, exact.mask_scores)
     assert torch.all(resized.rows >= exact.rows) and torch.all(resized.cols >= exact.cols)
     assert exact.rows.any()
+
+
+def test_options_apply_their_own_merging():
+    masks, scores, labels, is_thing = random_case(4)
+    low = masks[:, ::2, ::2].contiguous()  # (12, 8, 12), resized back to (16, 24)
+    full = torch.nn.functional.interpolate(low[None], size=(16, 24), mode="bilinear")[0]
+    argmax = PixelArgmaxOptions(score_threshold=0.5, class_weighted=False)
+    assert torch.equal(argmax.candidates(low, scores, is_thing), scores >= 0.5)
+    seg, infos = argmax.merge_resized(low, (16, 24), scores, labels, is_thing)
+    expected_seg, expected_infos = pixel_wise_argmax(full, scores, labels, is_thing, argmax)
+    assert expected_infos and infos == expected_infos and torch.equal(seg, expected_seg)
+    empty_seg, empty_infos = argmax.merge_resized(
+        low[:0], (16, 24), scores[:0], labels[:0], is_thing[:0]
+    )
+    assert empty_infos == [] and empty_seg.shape == (16, 24) and not empty_seg.any()
+    # the instance results' exponents: the merging's own, or the authors' 1 and 2
+    assert argmax.confidence_exponents() == (1.0, 2.0)
+    assert MaskWiseOptions(alpha=0.5, beta=3.0).confidence_exponents() == (0.5, 3.0)
+    mask_wise = MaskWiseOptions(thing_score_threshold=0.1)
+    seg, infos = mask_wise.merge(full, scores, labels, is_thing)
+    expected_seg, expected_infos = mask_wise_merging(full, scores, labels, is_thing, mask_wise)
+    assert expected_infos and infos == expected_infos and torch.equal(seg, expected_seg)

@@ -13,6 +13,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from panoptic_segformer.modeling.backbone import ResNetBackbone
+from panoptic_segformer.modeling.inference import InferenceOptions
 from panoptic_segformer.modeling.panoptic_segformer import build_panoptic_segformer
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "benchmark_model.py"
@@ -27,7 +28,7 @@ def tool():
     return module
 
 
-def tiny_model(name: str, **inference_kwargs):
+def tiny_model(name: str, inference: InferenceOptions = InferenceOptions()):
     """COCO's 80 + 53 classes (so 300 thing detections can be kept), everything else tiny."""
     torch.manual_seed(0)
     backbone = ResNetBackbone(depth=18)
@@ -44,7 +45,7 @@ def tiny_model(name: str, **inference_kwargs):
         num_thing_mask_layers=1,
         num_stuff_mask_layers=1,
         with_criterion=False,
-        **inference_kwargs,
+        inference=inference,
     ).eval()
 
 
@@ -121,12 +122,14 @@ def test_full_run_tables(tool, monkeypatch, capsys, tmp_path, hide_fvcore):
 
 
 def test_autocast_runs_the_model_in_half_precision(tool, monkeypatch, capsys):
-    dtypes = []
+    dtypes, kept = [], []
 
-    def build(name, **inference_kwargs):
-        model = tiny_model(name, **inference_kwargs)
+    def build(name, inference):
+        model = tiny_model(name, inference)
         head = model.location_decoder.class_heads[-1]
         head.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+        things = model.mask_decoder.things
+        things.register_forward_hook(lambda module, args, out: kept.append(args[0].shape[1]))
         return model
 
     monkeypatch.setattr(tool, "build_model", build)
@@ -135,16 +138,18 @@ def test_autocast_runs_the_model_in_half_precision(tool, monkeypatch, capsys):
     text = capsys.readouterr().out
     # the FLOP count runs in float32; every timed forward in bfloat16
     assert dtypes[-2:] == [torch.bfloat16, torch.bfloat16]
+    # the 153- and 353-mask columns time 100 and 300 thing queries
+    assert kept[-2:] == [100, 300]
     assert results["autocast"] == "bfloat16" and "autocast to bfloat16;" in text
     _, rows = markdown_table(text, "stage")
     assert [r[0] for r in rows] == [*STAGES, "post-processing", "total"]
 
 
 def test_params_only_skips_what_cannot_be_built(tool, monkeypatch, capsys):
-    def build(name, **inference_kwargs):
+    def build(name, inference):
         if name == "needs_timm":
             raise ImportError("no timm here")
-        return tiny_model(name, **inference_kwargs)
+        return tiny_model(name, inference)
 
     monkeypatch.setattr(tool, "build_model", build)
     monkeypatch.setattr(tool, "PAPER_PARAMS", {"resnet50": 51.0, "needs_timm": 1.0})
@@ -159,8 +164,8 @@ def test_params_only_skips_what_cannot_be_built(tool, monkeypatch, capsys):
 def test_preparations_table_times_each_preparation_on_the_same_weights(tool, monkeypatch, capsys):
     built = []
 
-    def build(name, **inference_kwargs):
-        built.append(tiny_model(name, **inference_kwargs))
+    def build(name, inference=InferenceOptions()):
+        built.append(tiny_model(name, inference))
         return built[-1]
 
     monkeypatch.setattr(tool, "build_model", build)
