@@ -109,7 +109,11 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(exclude=("tests", "tests.*", "tools", "configs", "demo")),
-    package_data={"panoptic_segformer.layers": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h"]},
+    package_data={
+        "panoptic_segformer.layers": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h"],
+        # the ONNX Runtime operator, built on first use (deploy/ort_ops.py)
+        "panoptic_segformer.deploy": ["csrc/*.cpp"],
+    },
     install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "scipy", "ninja"],
     extras_require={
         "test": ["pytest>=7", f"timm>={TIMM_TEST_MIN_VERSION}", "fvcore"],
