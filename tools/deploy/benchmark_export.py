@@ -5,11 +5,11 @@ TorchScript.
 Builds the model of --config-file (random weights unless MODEL.WEIGHTS is given), exports it in
 each of --formats at the --height x --width input, then times the network (normalised padded
 image -> raw outputs, batch 1, no post-processing) over --reps runs after one warm-up, with
---threads CPU threads for PyTorch and ONNX Runtime alike. Eager is the model as the Predictor runs
-it (prepare_for_inference: frozen batch norms folded, backbone weights channels-last), and that
-model is exported. Prints, per runtime: median ms, the
-ratio to eager PyTorch, the export time, the file size and the largest absolute difference of
-any output to eager on the same input.
+--threads CPU threads for PyTorch and ONNX Runtime alike. Eager is the model as the Predictor
+runs it (prepare_for_inference: frozen batch norms folded, backbone weights channels-last), and
+that model is exported. Prints, per runtime: median ms, the ratio to eager PyTorch, the export
+time, the file size and the largest absolute difference of any output to eager on the same
+input.
 
 Example (the issue's bar, R50 at 800 x 1333):
     python tools/deploy/benchmark_export.py --config-file configs/r50.yaml --threads 2 \\
