@@ -1,5 +1,6 @@
 """The predictor's inference-only preparation (frozen batch norms folded, channels-last weights)
-keeps the panoptic results: same segments on the two real photos as the model as built."""
+keeps the panoptic results: same segments on the generated COCO panoptic sample's two images as
+the model as built."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import pytest
 pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
 
 import torch  # noqa: E402
-from d2_helpers import CONFIGS, PIXEL_ARGMAX, SAMPLE, TINY, make_cfg, needs_sample  # noqa: E402
+from d2_helpers import CONFIGS, PIXEL_ARGMAX, TINY, make_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from panoptic_segformer.meta_arch import PanopticSegFormer  # noqa: E402
@@ -33,8 +34,9 @@ def test_detectron2_resnet_folds_every_norm(randomise_norms):
         torch.testing.assert_close(folded[name], value, rtol=1e-4, atol=1e-5 * scale)
 
 
-@needs_sample()
-def test_prepared_predictor_paints_the_same_segments(tmp_path, monkeypatch, randomise_norms):
+def test_prepared_predictor_paints_the_same_segments(
+    tmp_path, monkeypatch, randomise_norms, coco_panoptic_sample
+):
     # random weights and batch-norm statistics, saved as a checkpoint both predictors load; the
     # pixel-wise argmax paints thing and stuff segments even so
     torch.manual_seed(0)
@@ -48,7 +50,9 @@ def test_prepared_predictor_paints_the_same_segments(tmp_path, monkeypatch, rand
     monkeypatch.setattr(PanopticSegFormer, "prepare_for_inference", lambda self: self.eval())
     as_built = Predictor(cfg)
     assert is_frozen_batchnorm(as_built.model.backbone.stem.conv1.norm)
-    for path in sorted((SAMPLE / "images").glob("*.jpg")):
+    paths = sorted((coco_panoptic_sample / "images").glob("*.jpg"))
+    assert len(paths) == 2
+    for path in paths:
         image = load_image(str(path))
         seg, segments = prepared(image)["panoptic_seg"]
         expected_seg, expected_segments = as_built(image)["panoptic_seg"]
