@@ -19,6 +19,10 @@ R50 = str(CONFIGS[0].parent / "r50.yaml")
 
 
 def test_detectron2_resnet_folds_every_norm(randomise_norms):
+    # seeded: unseeded, the weights that other tests' draws left behind exceeded the tolerance by
+    # up to 2x (float32 rounding through 50 layers of random statistics); seeds 0-7 stay within
+    # it by a margin of 1.4 to 7 (seed 0: 2.4)
+    torch.manual_seed(0)
     cfg = make_cfg(R50, "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "")
     model = build_model(cfg).eval()
     randomise_norms(model)
