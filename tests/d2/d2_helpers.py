@@ -151,8 +151,8 @@ def write_instances_json(path):
 def write_own_predictions_as_ground_truth(cfg, dataset, folder):
     """The panoptic predictions on the sample dataset ``dataset`` of the model of ``cfg`` (with
     its ``MODEL.WEIGHTS``), from this (single) process, written as a COCO panoptic dataset (PNGs
-    under ``folder/panoptic``, ``folder/panoptic.json``); returns the number of predicted
-    segments per image.
+    under ``folder/panoptic``, ``folder/panoptic.json`` with the images and categories of
+    ``dataset``'s json); returns the number of predicted segments per image.
 
     Contiguous ids become COCO's by detectron2's own ``coco_2017_train_panoptic`` metadata, not
     by the package's: a mistake in the package's id maps then shows as a mismatch. A 4 x 4
@@ -206,6 +206,6 @@ def write_own_predictions_as_ground_truth(cfg, dataset, folder):
         annotations.append(
             {"image_id": record["image_id"], "file_name": name, "segments_info": infos}
         )
-    sample = json.loads((SAMPLE / "panoptic.json").read_text())
+    sample = json.loads(Path(MetadataCatalog.get(dataset).panoptic_json).read_text())
     (folder / "panoptic.json").write_text(json.dumps({**sample, "annotations": annotations}))
     return counts
