@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from deploy_helpers import FORMATS, TOLERANCE
 
 from panoptic_segformer.deploy import OUTPUT_NAMES, max_abs_differences
 
-FORMATS = ("onnx", "torch_export", "torchscript")
-TOLERANCE = 1e-4  # absolute, on every output of the network
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -6,8 +6,7 @@ import pytest
 
 pytest.importorskip("detectron2", reason="ExportedPredictor runs detectron2's predictor")
 
-FORMATS = ("onnx", "torch_export", "torchscript")
-TOLERANCE = 1e-4  # absolute, on the segment scores
+from deploy_helpers import FORMATS, TOLERANCE  # noqa: E402
 
 
 def same_panoptic(expected, actual):
