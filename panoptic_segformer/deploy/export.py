@@ -10,14 +10,16 @@ meta-architecture's own code).
 * ``torch_export``: ``torch.export`` keeps deformable attention as the registered operator
   ``panoptic_segformer::ms_deform_attn`` (load this package before loading the program).
 * ``onnx``: the same program, translated by ``torch.onnx`` with deformable attention written
-  as ``GridSample`` ops (:mod:`panoptic_segformer.deploy.onnx_ops`), opset 18.
+  as ``GridSample`` ops (:mod:`panoptic_segformer.deploy.onnx_ops`), opset 18; or, with
+  ``ort_custom_op``, as the ONNX Runtime custom operator ``panoptic_segformer::MSDeformAttn``
+  (faster; runs where :mod:`panoptic_segformer.deploy.ort_ops` can register its library).
 * ``torchscript``: ``torch.jit.trace`` of the network, keeping the registered operator. A trace
   records the level shapes as constants, so this file takes the sample's padded size only (the
   model reads its level shapes from tensors, which tracing cannot keep symbolic).
 
 Every file carries a JSON metadata dict (:data:`METADATA_KEY`): input and output names, the
-batch size it takes (None: any), the size divisibility, and for a meta-architecture the config
-and the class names (:mod:`panoptic_segformer.class_info`).
+batch size it takes (None: any), the size divisibility, the custom operators it needs, and for
+a meta-architecture the config and the class names (:mod:`panoptic_segformer.class_info`).
 
 Shape shorthand: N images, Hp x Wp padded input, k kept thing queries, Z stuff classes,
 H1 x W1 = Hp / 8 x Wp / 8.
@@ -30,6 +32,9 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from panoptic_segformer.deploy.ort_ops import DOMAIN as ORT_DOMAIN
+from panoptic_segformer.deploy.ort_ops import OPERATOR as ORT_OPERATOR
 
 __all__ = [
     "EXPORTERS",
@@ -151,7 +156,7 @@ def _save_onnx(
     onnx_program = torch.onnx.export(
         program,
         args,
-        custom_translation_table=onnx_translation_table(),
+        custom_translation_table=onnx_translation_table(bool(metadata["custom_ops"])),
         opset_version=ONNX_OPSET,
         input_names=list(INPUT_NAMES),
         output_names=list(network.output_names),
@@ -204,6 +209,7 @@ def export_network(
     config_text: str = "",
     class_info: Optional[Dict[str, object]] = None,
     dynamic_batch: bool = False,
+    ort_custom_op: bool = False,
     size_divisibility: Optional[int] = None,
 ) -> Dict[str, object]:
     """Exports a model's network (:func:`network_of`) to ``path`` in format ``fmt``.
@@ -219,6 +225,8 @@ def export_network(
         config_text: the model's config (``cfg.dump()``), saved in the file.
         class_info: the class names to save (:func:`panoptic_segformer.class_info.class_info_of`).
         dynamic_batch: export any batch size, else the sample's batch size only.
+        ort_custom_op: (onnx) write deformable attention as the ONNX Runtime custom operator
+            ``panoptic_segformer::MSDeformAttn`` instead of ``GridSample`` ops.
         size_divisibility: the exported file takes padded sides that are multiples of this;
             None takes the model's ``size_divisibility`` (the meta-architecture's; the core
             model has none: give the backbone's largest stride, or a multiple of it).
@@ -232,6 +240,10 @@ def export_network(
     """
     if fmt not in EXPORTERS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {sorted(EXPORTERS)}")
+    if ort_custom_op and fmt != "onnx":
+        raise ValueError(
+            f"ort_custom_op is an ONNX Runtime operator: export format 'onnx', not {fmt!r}"
+        )
     divisibility = size_divisibility or getattr(model, "size_divisibility", None)
     if not divisibility:
         raise ValueError(
@@ -262,6 +274,8 @@ def export_network(
         "fixed_size": list(images.shape[-2:]) if fmt in FIXED_SIZE_FORMATS else None,
         "size_divisibility": int(divisibility),
         "opset": ONNX_OPSET if fmt == "onnx" else None,
+        # "domain::operator" of the custom operators the runtime must register
+        "custom_ops": [f"{ORT_DOMAIN}::{ORT_OPERATOR}"] if ort_custom_op else [],
         "torch": torch.__version__,
         "config": config_text,
         "class_info": class_info,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from panoptic_segformer.deploy import ort_ops
 from panoptic_segformer.deploy.export import EXPORTERS, METADATA_KEY
 
 __all__ = ["ExportedNetwork", "format_of", "max_abs_differences"]
@@ -33,12 +34,17 @@ def format_of(path: str) -> str:
 
 
 def _load_onnx(path: str, threads: Optional[int]) -> Tuple[Callable, Optional[str]]:
+    import onnx
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    # a file exported with the custom operator needs its library (built on first use)
+    domains = {entry.domain for entry in onnx.load(path, load_external_data=False).opset_import}
+    if ort_ops.DOMAIN in domains:
+        ort_ops.register(options)
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     metadata = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     names = [o.name for o in session.get_outputs()]
@@ -98,6 +104,8 @@ class ExportedNetwork:
 
     Raises:
         FileNotFoundError: no such file.
+        LibraryUnavailable: an ONNX file with the custom operator, whose library cannot be
+            built here (:mod:`panoptic_segformer.deploy.ort_ops`).
         ValueError: an unknown suffix, or a file that cannot be loaded as its format (the message
             names the file and the cause).
     """
@@ -113,6 +121,11 @@ class ExportedNetwork:
                 f"{path}: running {self.format} files needs {e.name}: pip install "
                 "'panoptic_segformer[deploy]' (or the README's install command)"
             ) from e
+        except ort_ops.LibraryUnavailable as e:
+            raise ort_ops.LibraryUnavailable(
+                f"{path} holds nodes of the ONNX Runtime operator "
+                f"{ort_ops.DOMAIN}::{ort_ops.OPERATOR}: {e}"
+            ) from None
         except Exception as e:  # each runtime raises its own types for a corrupt file
             raise ValueError(f"{path}: cannot load it as a {self.format} model ({e})") from None
         if not metadata:

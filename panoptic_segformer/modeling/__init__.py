@@ -5,11 +5,12 @@ The entry points: :func:`build_panoptic_segformer` (the model from a backbone),
 """
 
 from panoptic_segformer.modeling.backbone import build_backbone, count_parameters
-from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion, split_targets
+from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion
 from panoptic_segformer.modeling.panoptic_segformer import (
     PanopticSegFormer,
     build_panoptic_segformer,
 )
+from panoptic_segformer.modeling.targets import split_targets
 
 __all__ = [
     "PanopticSegFormer",

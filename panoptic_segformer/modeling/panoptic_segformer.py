@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion, split_targets
+from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion
 from panoptic_segformer.modeling.decoupled_mask_decoder import DecoupledMaskDecoder, gather_queries
 from panoptic_segformer.modeling.encoder import (
     DeformableEncoder,
@@ -40,6 +40,7 @@ from panoptic_segformer.modeling.postprocessing import (
     pixel_wise_argmax,
     semantic_map,
 )
+from panoptic_segformer.modeling.targets import split_targets
 
 MERGERS = {"mask_wise": mask_wise_merging, "pixel_argmax": pixel_wise_argmax}
 RESULT_TYPES = ("panoptic_seg", "instances", "sem_seg")

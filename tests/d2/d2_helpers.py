@@ -9,7 +9,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-SAMPLE = ROOT.parent / "shared" / "data" / "coco_panoptic_sample"
+# the real photos (tests/conftest.py's REAL_SAMPLE, which the variable also moves)
+SAMPLE = Path(
+    os.environ.get(
+        "PANOPTIC_SEGFORMER_REAL_SAMPLE", ROOT.parent / "shared" / "data" / "coco_panoptic_sample"
+    )
+)
 
 # A small model for CPU tests: ResNet-18, 64 channels, one layer per stack, 20 queries.
 TINY = [
@@ -91,10 +96,10 @@ def needs_sample():
     )
 
 
-def register_sample(name, ground_truth=SAMPLE, **kwargs):
-    """Registers the two-image COCO panoptic sample as dataset ``name`` (once), with the ground
-    truth in ``ground_truth`` (``panoptic/`` PNGs and ``panoptic.json``; by default the
-    sample's own); returns ``name``."""
+def register_sample(name, ground_truth=SAMPLE, images=SAMPLE / "images", **kwargs):
+    """Registers a two-image COCO panoptic sample as dataset ``name`` (once): the images in
+    ``images`` with the ground truth in ``ground_truth`` (``panoptic/`` PNGs and
+    ``panoptic.json``; by default the real sample's); returns ``name``."""
     from detectron2.data import DatasetCatalog
 
     from panoptic_segformer.data import register_panoptic_dataset
@@ -102,7 +107,7 @@ def register_sample(name, ground_truth=SAMPLE, **kwargs):
     if name not in DatasetCatalog.list():
         register_panoptic_dataset(
             name,
-            str(SAMPLE / "images"),
+            str(images),
             str(ground_truth / "panoptic"),
             str(ground_truth / "panoptic.json"),
             **kwargs,
