@@ -1,9 +1,10 @@
 """Deployment: exporting the network (ONNX, TorchScript, torch.export) and running the exported
 file. Exporting and :class:`ExportedNetwork` need no detectron2; :class:`ExportedPredictor`
-(the PyTorch model's pre- and post-processing around the file) does, and is exported here where
-detectron2 is installed. ONNX needs the ``deploy`` extra (onnx, onnxruntime, onnxscript)."""
+(the PyTorch model's pre- and post-processing around the file) does, and is imported from
+:mod:`panoptic_segformer.deploy.predictor` when first asked for. ONNX needs the ``deploy`` extra
+(onnx, onnxruntime, onnxscript)."""
 
-import importlib.util
+from typing import Any
 
 from panoptic_segformer.deploy.export import (
     EXPORTERS,
@@ -21,13 +22,18 @@ __all__ = [
     "OUTPUT_NAMES",
     "ExportableNetwork",
     "ExportedNetwork",
+    "ExportedPredictor",
     "export_network",
     "format_of",
     "max_abs_differences",
     "network_of",
 ]
 
-if importlib.util.find_spec("detectron2") is not None:
+
+def __getattr__(name: str) -> Any:
+    # ExportedPredictor imports detectron2: only when asked for
+    if name != "ExportedPredictor":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from panoptic_segformer.deploy.predictor import ExportedPredictor
 
-    __all__ += ["ExportedPredictor"]
+    return ExportedPredictor

@@ -79,18 +79,20 @@ def test_onnx_file_is_opset_18_with_grid_sample(core_exported):
 
 def test_exporting_and_running_import_no_detectron2(tmp_path):
     """In a process where detectron2 cannot be imported (as in CI), the deploy package imports
-    and offers everything but the predictor."""
+    and offers exporting and running; only the predictor asks for detectron2."""
     script = (
         "import sys\n"
         "sys.modules['detectron2'] = None  # importing it now raises ImportError\n"
         "import panoptic_segformer.deploy as deploy\n"
-        "assert 'ExportedPredictor' not in deploy.__all__, deploy.__all__\n"
-        "assert deploy.export_network and deploy.ExportedNetwork\n"
-        "print('imported without detectron2')\n"
+        "from panoptic_segformer.deploy import ExportedNetwork, export_network\n"
+        "try:\n"
+        "    deploy.ExportedPredictor\n"
+        "except ImportError as e:\n"
+        "    print('imported without', e.name)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "imported without detectron2" in done.stdout
+    assert done.stdout.startswith("imported without detectron2")  # the predictor asked for it
