@@ -90,7 +90,7 @@ class _Network(nn.Module):
 
     def forward(self, image: torch.Tensor):
         images, padding_mask = self.meta.preprocess_images([image])
-        outputs = self.meta.network(images, padding_mask)
+        outputs = self.meta.network(images.tensor, padding_mask)
         return tuple(outputs[key] for key in sorted(outputs))
 
 

@@ -179,41 +179,37 @@ def test_a_file_needing_the_operator_names_it_where_it_cannot_be_built(tmp_path,
 
 
 def test_a_model_exported_with_it_equals_eager_at_two_sizes(
-    library, kernel, predictor, network_inputs, tiny_cfg, tmp_path, monkeypatch
+    library, kernel, core_model, core_inputs, tmp_path, monkeypatch
 ):
     """Deformable attention becomes one MSDeformAttn node per attention layer and no GridSample;
     the file, run where the library is registered, gives the eager network's outputs."""
-    pytest.importorskip("detectron2", reason="exporting the meta-architecture needs detectron2")
-    from detectron2.structures import ImageList
-
     from panoptic_segformer.deploy import ExportedNetwork, export_network, max_abs_differences
 
     monkeypatch.setenv("PANOPTIC_SEGFORMER_CACHE", os.path.dirname(os.path.dirname(library)))
     path = str(tmp_path / "tiny.onnx")
-    images, padding_mask = network_inputs[0]
+    images, padding_mask = core_inputs[0]
     metadata = export_network(
-        predictor.model, images, padding_mask, "onnx", path, tiny_cfg.dump(), ort_custom_op=True
+        core_model, images, padding_mask, "onnx", path, ort_custom_op=True, size_divisibility=32
     )
     assert metadata["custom_ops"] == ["panoptic_segformer::MSDeformAttn"]
     op_types = [node.op_type for node in onnx.load(path).graph.node]
     # the tiny model: one encoder layer and one location-decoder layer
     assert op_types.count("MSDeformAttn") == 2 and "GridSample" not in op_types
     network = ExportedNetwork(path)
-    for images, padding_mask in network_inputs:
+    for images, padding_mask in core_inputs:
         with torch.no_grad():
-            expected = predictor.model.network(ImageList(images, []), padding_mask)
+            expected = core_model(images, padding_mask)
         differences = max_abs_differences(expected, network(images, padding_mask))
         assert max(differences.values()) <= 1e-4, differences
 
 
-def test_only_onnx_files_take_it(predictor, network_inputs, tmp_path):
-    pytest.importorskip("detectron2", reason="exporting the meta-architecture needs detectron2")
+def test_only_onnx_files_take_it(core_model, core_inputs, tmp_path):
     from panoptic_segformer.deploy import export_network
 
-    images, padding_mask = network_inputs[0]
+    images, padding_mask = core_inputs[0]
     with pytest.raises(ValueError, match="export format 'onnx', not 'torch_export'"):
         export_network(
-            predictor.model, images, padding_mask, "torch_export", str(tmp_path / "m.pt2"),
-            ort_custom_op=True,
+            core_model, images, padding_mask, "torch_export", str(tmp_path / "m.pt2"),
+            ort_custom_op=True, size_divisibility=32,
         )  # fmt: skip
     assert not list(tmp_path.iterdir())

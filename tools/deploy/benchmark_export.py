@@ -92,7 +92,6 @@ def padded_input(height: int, width: int, divisibility: int) -> List[Tensor]:
 def benchmark(args) -> List[Dict[str, object]]:
     """One row per runtime: name, ms, ratio, export s, MB, max abs difference."""
     from detectron2.modeling import build_model
-    from detectron2.structures import ImageList
 
     from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
 
@@ -106,11 +105,10 @@ def benchmark(args) -> List[Dict[str, object]]:
         PanopticSegFormerCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.prepare_for_inference()  # eager as the Predictor runs it, and what export_model.py exports
     images, padding_mask = padded_input(args.height, args.width, model.size_divisibility)
-    batch = ImageList(images, [])
 
     def eager() -> Dict[str, Tensor]:
         with torch.inference_mode():
-            return model.network(batch, padding_mask)
+            return model.network(images, padding_mask)
 
     expected = eager()
     rows = [{"runtime": "eager PyTorch", "ms": median_ms(eager, args.reps)}]

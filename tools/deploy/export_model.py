@@ -121,7 +121,7 @@ def export(args) -> dict:
     print(f", batch {batch}, export took {seconds:.1f} s")
 
     with torch.no_grad():
-        expected = predictor.model.network(_image_list(images), padding_mask)
+        expected = predictor.model.network(images, padding_mask)
     actual = ExportedNetwork(path)(images, padding_mask)
     differences = max_abs_differences(expected, actual)
     size = "x".join(str(s) for s in images.shape[-2:])
@@ -129,12 +129,6 @@ def export(args) -> dict:
     for name, value in differences.items():
         print(f"  {name:<13} {value:.3g}")
     return {"path": path, "size_mb": size_mb, "seconds": seconds, "differences": differences}
-
-
-def _image_list(images):
-    from detectron2.structures import ImageList
-
-    return ImageList(images, [tuple(images.shape[-2:])] * len(images))
 
 
 def main(argv=None) -> int:
