@@ -7,7 +7,8 @@
   operator (``panoptic_segformer::ms_deform_attn``) with its CPU kernels; without a compiler it
   is built on first use, or the operator's PyTorch path runs.
 
-Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
+Install with ``pip install --no-build-isolation -e ".[detectron2,test]"`` so the build (ours and
+detectron2's) sees the installed torch.
 """
 
 import importlib.util
@@ -108,10 +109,21 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(exclude=("tests", "tests.*", "tools", "configs", "demo")),
-    package_data={"panoptic_segformer.layers": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h"]},
+    package_data={
+        "panoptic_segformer.layers": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h"],
+        # the ONNX Runtime operator, built on first use (deploy/ort_ops.py)
+        "panoptic_segformer.deploy": ["csrc/*.cpp"],
+    },
     install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "scipy", "ninja"],
     extras_require={
         "test": ["pytest>=7", f"timm>={TIMM_TEST_MIN_VERSION}", "fvcore"],
+        # training, evaluation and the demo; neither is on PyPI, so both come from their
+        # repositories (detectron2 builds against the installed torch: --no-build-isolation)
+        "detectron2": [
+            "detectron2 @ git+https://github.com/facebookresearch/detectron2.git",
+            "panopticapi @ git+https://github.com/cocodataset/panopticapi.git",
+            "opencv-python-headless",
+        ],
         "timm": [f"timm>={TIMM_MIN_VERSION}"],
         "benchmark": ["fvcore"],
         "robustness": ["imagecorruptions"],

@@ -71,11 +71,13 @@ class Trainer(DefaultTrainer):
     checkpointer."""
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__'s steps, written out because detectron2 has no hook for the
-        # DDP wrapping, which must also take a CPU model (multi-process training on gloo), nor
-        # for the checkpointer: ours loads MODEL.WEIGHTS / resumes raising on missing or
-        # mismatched weights and saves atomically (the periodic checkpoints too: build_hooks
-        # uses it)
+        # DefaultTrainer.__init__'s steps, written out: it is the narrowest method that wraps the
+        # model, and detectron2 0.6 has no hook there. Its create_ddp_model gives DDP the local
+        # rank as device_ids, which DDP refuses for a CPU model (multi-process training on gloo),
+        # so super().__init__ cannot run with several CPU processes; nor is there a
+        # build_checkpointer: ours (loads MODEL.WEIGHTS / resumes raising on missing or
+        # mismatched weights, saves atomically) is built here, before build_hooks hands it to
+        # the PeriodicCheckpointer, so nothing is swapped after construction
         TrainerBase.__init__(self)
         logger = logging.getLogger("detectron2")
         if not logger.isEnabledFor(logging.INFO):  # setup_logger is not called for d2

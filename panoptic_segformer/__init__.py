@@ -1,27 +1,26 @@
 """Panoptic SegFormer (Li et al., CVPR 2022) as a detectron2 project.
 
 The model core (``panoptic_segformer.layers`` and ``panoptic_segformer.modeling``) is plain
-PyTorch and imports without detectron2. Where detectron2 is installed, importing this package
-also registers the detectron2 layer: the ``PanopticSegFormer`` meta-architecture, the
-``D2TimmBackbone`` backbone, the ADE20K panoptic datasets and COCO panoptic test-dev, and exports
-:func:`add_panoptic_segformer_config` and :class:`PanopticSegFormerCheckpointer`.
+PyTorch and imports without detectron2; importing this package imports nothing else. The
+detectron2 layer loads on first use: :func:`add_panoptic_segformer_config` (which registers the
+``PanopticSegFormer`` meta-architecture, the ``D2TimmBackbone`` backbone and the project's
+datasets, see :mod:`panoptic_segformer.data.builtin`) and :class:`PanopticSegFormerCheckpointer`.
 """
 
-import importlib.util
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+__all__ = ["PanopticSegFormerCheckpointer", "__version__", "add_panoptic_segformer_config"]
 
-if importlib.util.find_spec("detectron2") is not None:
-    # importing these registers them with detectron2
-    from panoptic_segformer import d2_backbone, data, meta_arch
-    from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
-    from panoptic_segformer.config import add_panoptic_segformer_config
+# the detectron2 layer's names, imported from their modules when first asked for
+_DETECTRON2_LAYER = {
+    "PanopticSegFormerCheckpointer": "panoptic_segformer.checkpoint",
+    "add_panoptic_segformer_config": "panoptic_segformer.config",
+}
 
-    __all__ += [
-        "PanopticSegFormerCheckpointer",
-        "add_panoptic_segformer_config",
-        "d2_backbone",
-        "data",
-        "meta_arch",
-    ]
+
+def __getattr__(name: str) -> Any:
+    if name not in _DETECTRON2_LAYER:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_DETECTRON2_LAYER[name]), name)

@@ -20,7 +20,7 @@ from PIL import Image
 from tabulate import tabulate
 
 from panoptic_segformer.boundary_pq import DILATION_RATIO, BoundaryPQStats, boundary_pq_image
-from panoptic_segformer.data import rgb_to_segment_ids
+from panoptic_segformer.data.dataset_mapper import rgb_to_segment_ids
 
 __all__ = [
     "PANOPTIC_EVALUATOR_TYPES",

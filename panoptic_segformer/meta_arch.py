@@ -182,7 +182,7 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         images, padding_mask = self.preprocess_images([x["image"] for x in batched_inputs])
         padded = tuple(images.tensor.shape[-2:])
         targets = [self._targets(x, padded) for x in batched_inputs]
-        losses = self.network(images, padding_mask, targets)
+        losses = self.network(images.tensor, padding_mask, targets)
         check_losses_finite(losses)
         return losses
 
@@ -202,10 +202,8 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         """
         images, padding_mask = self.preprocess_images([x["image"] for x in batched_inputs])
         padded = tuple(images.tensor.shape[-2:])
-        if network is None:
-            outputs = self.network(images, padding_mask)
-        else:
-            outputs = network(images.tensor, padding_mask)
+        run = self.network if network is None else network
+        outputs = run(images.tensor, padding_mask)
         output_sizes = [
             (int(x.get("height", h)), int(x.get("width", w)))
             for x, (h, w) in zip(batched_inputs, images.image_sizes)
@@ -231,11 +229,18 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         return batch, padding_mask
 
     def network(
-        self, images: ImageList, padding_mask: Tensor, targets: Optional[List[Dict]] = None
+        self, images: Tensor, padding_mask: Tensor, targets: Optional[List[Dict]] = None
     ) -> Dict[str, Tensor]:
         """Backbone to mask decoder, no post-processing: the core's losses with ``targets``,
-        else its raw outputs (the core model's ``forward_features``)."""
-        features = self.backbone(images.tensor)
+        else its raw outputs (the core model's ``forward_features``).
+
+        Args:
+            images (Tensor): (N, 3, Hp, Wp) normalised, padded images (the tensor of
+                :meth:`preprocess_images`' ImageList).
+            padding_mask (Tensor): (N, Hp, Wp) bool, True at padding.
+            targets: per-image targets of the core's criterion, for the losses.
+        """
+        features = self.backbone(images)
         features = [features[name] for name in self.in_features]
         return self.model.forward_features(features, padding_mask, targets)
 

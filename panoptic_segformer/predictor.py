@@ -11,10 +11,8 @@ import os
 from typing import Dict, Optional
 
 import numpy as np
-from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
-from detectron2.modeling import build_model
 
 from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
 from panoptic_segformer.class_info import CLASS_INFO_KEY, drawing_metadata
@@ -66,25 +64,31 @@ class Predictor(DefaultPredictor):
     one image at a time: detectron2's ``DefaultPredictor`` with our checkpointer and input checks.
 
     Attributes:
-        metadata: of ``cfg.DATASETS.TEST[0]`` (class names and colours for drawing), or the
-            class names saved with the weights when that dataset is not registered.
+        metadata: of ``cfg.DATASETS.TEST[0]`` (``cfg.DATASETS.TRAIN[0]`` when there is no test
+            dataset): class names and colours for drawing, or the class names saved with the
+            weights when that dataset is not registered.
+        dataset_name: the dataset whose metadata is drawn with, or None.
+        class_info: the class names saved with the weights, or None.
     """
 
     def __init__(self, cfg) -> None:
-        # DefaultPredictor.__init__ would load MODEL.WEIGHTS with detectron2's checkpointer
+        if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
+            raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {cfg.INPUT.FORMAT!r}")
+        datasets = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
+        self.dataset_name = datasets[0] if datasets else None
+        # DefaultPredictor.__init__ builds the model in eval mode, the test resizing and the
+        # metadata; it would also load MODEL.WEIGHTS with detectron2's checkpointer, which reads
+        # .pkl files with pickle.load and leaves missing weights random, so it is given the
+        # config without weights (fvcore then logs "No checkpoint found") and _load_weights
+        # loads them
+        unloaded = cfg.clone()
+        unloaded.defrost()
+        unloaded.MODEL.WEIGHTS = ""
+        super().__init__(unloaded)
         self.cfg = cfg.clone()
-        self.model = build_model(self.cfg)
         self.class_info = self._load_weights()
         # folds the backbone's frozen batch norms, channels-last weights (after loading them)
         self.model.prepare_for_inference()
-        names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
-        self.dataset_name = names[0] if names else None
-        self.aug = T.ResizeShortestEdge(
-            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
-        )
-        self.input_format = cfg.INPUT.FORMAT
-        if self.input_format not in ("RGB", "BGR"):
-            raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {self.input_format!r}")
 
     def _load_weights(self) -> Optional[Dict[str, object]]:
         """Loads ``MODEL.WEIGHTS`` into the model; returns the class info saved with them."""
@@ -105,6 +109,12 @@ class Predictor(DefaultPredictor):
             ValueError: neither has them (the message names the dataset and the fix).
         """
         return drawing_metadata(self.dataset_name, self.class_info)
+
+    @metadata.setter
+    def metadata(self, metadata: Metadata) -> None:
+        # DefaultPredictor.__init__ sets MetadataCatalog's entry of DATASETS.TEST[0]: the getter
+        # draws with that dataset's, read when drawing (it may be registered after this)
+        self.dataset_name = metadata.name
 
     def __call__(self, original_image: np.ndarray) -> dict:
         """

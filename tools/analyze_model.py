@@ -5,14 +5,19 @@ tools/analyze_model.py, for Panoptic SegFormer).
 FLOPs are fvcore's (1 FLOP = 1 multiply-add, as the mmcv counter the paper used) of the
 network, backbone to mask decoder (post-processing excluded), either at one input size or
 averaged over the first N test images of the config's dataset, resized as at test time.
+Parameters count the frozen batch norms' affine weights, as mmdet (the authors' code) does.
 
     python tools/analyze_model.py --config-file configs/r50.yaml                # 800 x 1333
     python tools/analyze_model.py --config-file configs/swin_l.yaml --size 800 1216
     python tools/analyze_model.py --config-file configs/r50.yaml --num-inputs 100 \
         --output output/r50_analysis.json
+    python tools/analyze_model.py --params-only   # parameters of Table 1's four models
 
-Prints one table (parameters and GFLOPs per part, the total, Table 1's value and the
-difference) and writes the same as JSON (--output).
+With a config: one table (parameters and GFLOPs per part, the total, Table 1's value and the
+difference) and the ops fvcore could not count. With --params-only: the parameters per part of
+the four backbones' models (built from the backbones' names, without a config or detectron2;
+a model whose backbone timm cannot build is skipped with a note) against Table 1. Either is also
+written as JSON (--output). Inference time: tools/benchmark_model.py.
 """
 
 import argparse
@@ -22,7 +27,7 @@ import statistics
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 from unittest import mock
 
 import torch
@@ -30,18 +35,28 @@ import tqdm
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from panoptic_segformer.layers.ms_deform_attn_func import IMPLEMENTATION_ENV  # noqa: E402
-from panoptic_segformer.modeling.analysis import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # model_analysis, beside this file
+from model_analysis import (  # noqa: E402
     FLOP_HANDLES,
     PAPER_TABLE1,
     PARTS,
+    build_core_model,
     parameter_parts,
+    print_markdown,
 )
+
+from panoptic_segformer.layers.ms_deform_attn_func import IMPLEMENTATION_ENV  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config-file", metavar="FILE", help="parameters and GFLOPs of a config")
+    what.add_argument(
+        "--params-only",
+        action="store_true",
+        help="parameters of Table 1's four models, no config (no detectron2), no FLOPs",
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "--size", type=int, nargs=2, metavar=("H", "W"), help="one input of this size"
@@ -75,14 +90,16 @@ class _Network(nn.Module):
 
     def forward(self, image: torch.Tensor):
         images, padding_mask = self.meta.preprocess_images([image])
-        outputs = self.meta.network(images, padding_mask)
+        outputs = self.meta.network(images.tensor, padding_mask)
         return tuple(outputs[key] for key in sorted(outputs))
 
 
-def count_flops(meta: nn.Module, image: torch.Tensor) -> Dict[str, float]:
-    """GFLOPs of each part and the total for one (3, H, W) image."""
-    from fvcore.nn import FlopCountAnalysis
-
+def count_flops(meta: nn.Module, image: torch.Tensor) -> Tuple[Dict[str, float], List[str]]:
+    """GFLOPs of each part and the total for one (3, H, W) image, and the ops fvcore has no
+    handle for (not counted)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fvcore's use of the deprecated torch.jit.script
+        from fvcore.nn import FlopCountAnalysis
     network = _Network(meta).eval()
     with mock.patch.dict(os.environ, {IMPLEMENTATION_ENV: "pytorch"}):
         analysis = FlopCountAnalysis(network, (image,)).set_op_handle(**FLOP_HANDLES)
@@ -91,6 +108,7 @@ def count_flops(meta: nn.Module, image: torch.Tensor) -> Dict[str, float]:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit's deprecation warnings while tracing
             by_module, total = analysis.by_module(), analysis.total()
+            skipped = sorted(analysis.unsupported_ops())
     parts = {
         "backbone": by_module["meta.backbone"],
         "location decoder": by_module["meta.model.location_decoder"],
@@ -99,7 +117,7 @@ def count_flops(meta: nn.Module, image: torch.Tensor) -> Dict[str, float]:
     parts["neck + encoder"] = total - sum(parts.values())  # neck, encoder, positions, flattening
     result = {part: parts[part] / 1e9 for part in PARTS}
     result["total"] = total / 1e9
-    return result
+    return result, skipped
 
 
 def inputs_of(cfg, args) -> List[torch.Tensor]:
@@ -120,11 +138,8 @@ def inputs_of(cfg, args) -> List[torch.Tensor]:
     return [mapper(d)["image"] for d in dicts]
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    if args.size is not None and min(args.size) < 1:
-        parser.error(f"--size must be positive, got {args.size[0]} {args.size[1]}")
+def analyze_config(args: argparse.Namespace) -> Dict[str, object]:
+    """Parameters and mean GFLOPs per part of the config's detectron2 model."""
     from detectron2.modeling import build_model
 
     from panoptic_segformer.config import get_config
@@ -134,7 +149,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     meta = build_model(cfg).eval()
     params = {k: v / 1e6 for k, v in parameter_parts(meta.backbone, meta.model).items()}
     images = inputs_of(cfg, args)
-    counts = [count_flops(meta, image) for image in tqdm.tqdm(images, disable=len(images) == 1)]
+    counts, skipped = zip(
+        *(count_flops(meta, image) for image in tqdm.tqdm(images, disable=len(images) == 1))
+    )
     gflops = {key: statistics.mean(c[key] for c in counts) for key in counts[0]}
     sizes = [list(image.shape[-2:]) for image in images]
     key = paper_key(cfg)
@@ -145,9 +162,37 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         "input_sizes": sizes if len(sizes) <= 10 else sizes[:10] + ["..."],
         "params_m": params,
         "gflops": gflops,
+        "not_counted": sorted(set().union(*skipped)),
         "paper_table1": {"backbone": key, **paper},
     }
     print_table(result)
+    return result
+
+
+def analyze_table1_models() -> Dict[str, object]:
+    """Parameters per part of Table 1's four models, built from their backbones' names; those
+    whose backbone cannot be built (timm missing or too old) are skipped with a note."""
+    rows = []
+    for name, paper in PAPER_TABLE1.items():
+        try:
+            model = build_core_model(name)
+        except ImportError as e:
+            print(f"note: {name} skipped: {e}")
+            continue
+        params = {k: v / 1e6 for k, v in parameter_parts(model.backbone, model).items()}
+        rows.append({"backbone": name, "params_m": params, "paper_params_m": paper["params"]})
+    print_parameters(rows)
+    return {"parameters": rows}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.params_only and (args.size or args.num_inputs is not None or args.opts):
+        parser.error("--params-only takes no --size, --num-inputs or config overrides")
+    if args.size is not None and min(args.size) < 1:
+        parser.error(f"--size must be positive, got {args.size[0]} {args.size[1]}")
+    result = analyze_table1_models() if args.params_only else analyze_config(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
@@ -164,16 +209,28 @@ def print_table(result: Dict[str, object]) -> None:
     shape = result["input_sizes"][0] if result["inputs"] == 1 else "mean"
     where = f"{shape[0]}x{shape[1]}" if result["inputs"] == 1 else f"{result['inputs']} images"
     print(f"\n{result['config']}: parameters (M, frozen BN affine included) and GFLOPs ({where})")
-    print("| part | params (M) | GFLOPs |")
-    print("|---|---|---|")
-    for part in [*PARTS, "total"]:
-        print(f"| {part} | {params[part]:.2f} | {gflops[part]:.1f} |")
+    lines = [[part, f"{params[part]:.2f}", f"{gflops[part]:.1f}"] for part in [*PARTS, "total"]]
     if paper.get("params"):
-        print(
-            f"| paper Table 1 ({paper['backbone']}) | {paper['params']:.1f} "
-            f"({_difference(params['total'], paper['params'])}) | {paper['gflops']:.0f} "
-            f"({_difference(gflops['total'], paper['gflops'])}) |"
+        lines.append(
+            [
+                f"paper Table 1 ({paper['backbone']})",
+                f"{paper['params']:.1f} ({_difference(params['total'], paper['params'])})",
+                f"{paper['gflops']:.0f} ({_difference(gflops['total'], paper['gflops'])})",
+            ]
         )
+    print_markdown(["part", "params (M)", "GFLOPs"], lines)
+    not_counted = ", ".join(result["not_counted"])
+    print(f"not counted (fvcore has no handle; mostly element-wise): {not_counted}")
+
+
+def print_parameters(rows: List[Dict[str, object]]) -> None:
+    print("\nParameters (M), frozen BN affine weights included")
+    lines = []
+    for row in rows:
+        params, paper = row["params_m"], row["paper_params_m"]
+        cells = [f"{params[k]:.2f}" for k in [*PARTS, "total"]]
+        lines.append([row["backbone"], *cells, f"{paper:.1f}", _difference(params["total"], paper)])
+    print_markdown(["model", *PARTS, "total", "paper", "difference"], lines)
 
 
 if __name__ == "__main__":

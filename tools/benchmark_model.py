@@ -1,18 +1,13 @@
 #!/usr/bin/env python
-"""Parameters, FLOPs and per-stage inference time of Panoptic SegFormer (paper Table 1).
+"""Per-stage inference time and memory of Panoptic SegFormer (parameters and FLOPs against the
+paper's Table 1: tools/analyze_model.py).
 
 The model is built untrained, inference-only (no criterion), and run on one random image of
 --height x --width (default 800x1333, the paper's test size), batch 1, no padding.
 
-Parameter table (millions): backbone, neck + encoder (ChannelMapper, deformable encoder and the
-level embedding), location decoder, mask decoder (thing and stuff stacks, their class heads and
-the stuff queries), total, the paper's Table 1 value and the relative difference. Frozen
-batch-norm affine weights count as parameters, as in mmdet (the authors' code), where they are
-``nn.Parameter``s with ``requires_grad=False``.
-
 Stage table, for two runs of the same model: keeping the authors' 100 thing queries (100 + 53
-stuff = 153 masks) and keeping 300 (353 masks):
-  GFLOPs  fvcore's count (1 FLOP = 1 multiply-add) of the 153-mask run.
+stuff = 153 masks) and keeping 300 (353 masks); the stages are the backbone, neck + encoder
+(ChannelMapper, deformable encoder), location decoder and mask decoder (thing and stuff stacks):
   ms      median wall time over --reps runs after --warmup, under torch.inference_mode; stages
           are split by forward hooks at the end of the backbone, encoder and location decoder
           (neck + encoder also holds the position encoding and flattening; mask decoder also
@@ -22,7 +17,7 @@ The model is timed as users run it, prepared for inference (``prepare_for_infere
 backbone's frozen batch norms folded into its convolutions, its weights channels-last);
 --preparations instead times the whole network (153 masks) as built, with each preparation alone,
 with both, and with both under ``torch.compile`` (--compile; its first call, the compilation,
-reported as start-up time).
+reported as start-up time), each on a copy of the same model.
 Post-processing (``PanopticSegFormerModel.postprocess`` with --result-types, by default panoptic
 results only, as the model, at the input size) runs on outputs of the model's shapes in which
 every query passes the merging's score and area tests (scores 1, mask values uniform in [0, 1]):
@@ -32,7 +27,6 @@ of the inference time (the stage table's total, post-processing included, same r
 of the network alone (backbone to mask decoder) is printed beside it.
 
 Examples:
-  python tools/benchmark_model.py --params-only          # parameters of all four backbones
   python tools/benchmark_model.py                        # R50 on the CPU, 800x1333
   python tools/benchmark_model.py --result-types panoptic_seg instances sem_seg  # all results
   python tools/benchmark_model.py --device cuda --reps 20 --warmup 5 --json r50.json
@@ -41,120 +35,36 @@ Examples:
 """
 
 import argparse
+import copy
 import json
-import os
 import resource
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
-from unittest import mock
 
 import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from panoptic_segformer.layers.ms_deform_attn_func import IMPLEMENTATION_ENV  # noqa: E402
-from panoptic_segformer.modeling.analysis import (  # noqa: E402
-    FLOP_HANDLES,
-    PAPER_TABLE1,
-    PARTS,
-    parameter_parts,
-)
-from panoptic_segformer.modeling.backbone import build_backbone  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # model_analysis, beside this file
+from model_analysis import PAPER_TABLE1, PARTS, build_core_model, print_markdown  # noqa: E402
+
 from panoptic_segformer.modeling.frozen_bn import (  # noqa: E402
     fold_frozen_batchnorm,
     store_channels_last,
 )
 from panoptic_segformer.modeling.inference import InferenceOptions  # noqa: E402
-from panoptic_segformer.modeling.panoptic_segformer import (  # noqa: E402
-    PanopticSegFormerModel,
-    build_panoptic_segformer,
-)
+from panoptic_segformer.modeling.panoptic_segformer import PanopticSegFormerModel  # noqa: E402
 from panoptic_segformer.modeling.postprocessing import RESULT_TYPES  # noqa: E402
 
-# Table 1 of the paper: millions of parameters and GFLOPs at 800x1333
-PAPER_PARAMS = {name: row["params"] for name, row in PAPER_TABLE1.items()}
-PAPER_GFLOPS = {name: row["gflops"] for name, row in PAPER_TABLE1.items()}
 STAGES = list(PARTS)
 POSTPROCESS = "post-processing"
 # thing queries kept at inference: the authors' 100, and 300 for the 353-query acceptance bar
 DETECTIONS = (100, 300)
 POSTPROCESS_BAR = 10.0  # % of the model's inference time that post-processing may take
-
-
-def build_model(
-    backbone: str, inference: InferenceOptions = InferenceOptions()
-) -> PanopticSegFormerModel:
-    net = build_backbone(backbone)
-    model = build_panoptic_segformer(
-        net, net.out_channels, with_criterion=False, inference=inference
-    )
-    return model.eval()
-
-
-def parameter_row(backbone: str, model: PanopticSegFormerModel) -> Dict[str, object]:
-    parts = parameter_parts(model.backbone, model)
-    row = {"backbone_name": backbone, **{k: v / 1e6 for k, v in parts.items()}}
-    row["paper"] = PAPER_PARAMS.get(backbone)
-    return row
-
-
-def _relative(value: float, reference: Optional[float]) -> str:
-    return f"{100 * (value - reference) / reference:+.1f} %" if reference else "-"
-
-
-def _print_markdown(header: List[str], lines: List[List[str]]) -> None:
-    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    rules = [":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]]
-    print("|" + "|".join(rules) + "|")
-    for line in lines:
-        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]
-        print("| " + " | ".join(cells) + " |")
-
-
-def print_parameters(rows: List[Dict[str, object]]) -> None:
-    print("\nParameters (M), frozen BN affine weights included")
-    header = ["model", *STAGES, "total", "paper", "difference"]
-    lines = [
-        [r["backbone_name"], *(f"{r[k]:.2f}" for k in [*STAGES, "total"])]
-        + [f"{r['paper']:.1f}" if r["paper"] else "-", _relative(r["total"], r["paper"])]
-        for r in rows
-    ]
-    _print_markdown(header, lines)
-
-
-def count_flops(model: PanopticSegFormerModel, images: Tensor, mask: Tensor) -> Optional[Dict]:
-    """fvcore FLOPs (multiply-adds) per stage, the total and the ops fvcore could not count; None
-    when fvcore is not installed. Traced with the PyTorch deformable-attention path, whose
-    grid_sample fvcore can count (the CUDA kernel is opaque to it)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # fvcore's use of the deprecated torch.jit.script
-            from fvcore.nn import FlopCountAnalysis
-    except ImportError:
-        return None
-    with mock.patch.dict(os.environ, {IMPLEMENTATION_ENV: "pytorch"}):
-        analysis = FlopCountAnalysis(model, (images, mask)).set_op_handle(**FLOP_HANDLES)
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        analysis.tracer_warnings("none")
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit's deprecation warnings while tracing
-            by_module, total = analysis.by_module(), analysis.total()
-            skipped = sorted(analysis.unsupported_ops())
-    stages = {
-        "backbone": by_module["backbone"],
-        "location decoder": by_module["location_decoder"],
-        "mask decoder": by_module["mask_decoder"],
-    }
-    # the rest of the forward (neck, encoder, position encoding, flattening)
-    stages["neck + encoder"] = total - sum(stages.values())
-    gflops = {k: v / 1e9 for k, v in stages.items()}
-    return {"stages": gflops, "total": total / 1e9, "skipped": skipped}
 
 
 def _now(device: str) -> float:
@@ -239,25 +149,24 @@ PREPARATIONS = {
 
 
 def time_preparations(
-    args: argparse.Namespace, images: Tensor, mask: Tensor
+    model: PanopticSegFormerModel, args: argparse.Namespace, images: Tensor, mask: Tensor
 ) -> Dict[str, Dict[str, float]]:
     """Start-up (the first call, less a steady call) and steady milliseconds of the network for
-    every preparation, each on a model built anew from the same seed."""
+    every preparation, each on its own copy of ``model`` as built."""
     rows = {}
     for name, prepare in PREPARATIONS.items():
         if "compile" in name and not args.compile:
             continue
         print(f"timing {name} ...", file=sys.stderr)
-        torch.manual_seed(0)
-        model = prepare(build_model(args.backbone).to(args.device))
+        prepared = prepare(copy.deepcopy(model))
         with torch.inference_mode():
             start = _now(args.device)
-            model(images, mask)
+            prepared(images, mask)
             first = (_now(args.device) - start) * 1e3
             times = []
             for rep in range(args.warmup + args.reps):
                 start = _now(args.device)
-                model(images, mask)
+                prepared(images, mask)
                 if rep >= args.warmup:
                     times.append((_now(args.device) - start) * 1e3)
         steady = statistics.median(times)
@@ -271,7 +180,7 @@ def print_preparations(rows: Dict[str, Dict[str, float]]) -> None:
         [name, f"{row['startup_s']:.1f}", f"{row['ms']:.0f}", f"{row['ms'] / base:.2f}"]
         for name, row in rows.items()
     ]
-    _print_markdown(["preparation", "start-up s", "ms", "vs as built"], lines)
+    print_markdown(["preparation", "start-up s", "ms", "vs as built"], lines)
 
 
 def peak_memory_gib(device: str) -> float:
@@ -281,43 +190,22 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def print_stages(
-    timing: Dict[int, Dict[str, float]], flops: Optional[Dict], num_stuff: int
-) -> None:
-    header = ["stage", "GFLOPs"]
-    header += [f"{h} ({k + num_stuff} masks)" for k in timing for h in ("ms", "%")]
+def print_stages(timing: Dict[int, Dict[str, float]], num_stuff: int) -> None:
+    header = ["stage"] + [f"{h} ({k + num_stuff} masks)" for k in timing for h in ("ms", "%")]
     totals = {k: sum(ms.values()) for k, ms in timing.items()}
     lines = []
     for stage in [*STAGES, POSTPROCESS, "total"]:
-        line = [stage, f"{flops['stages'][stage]:.1f}" if flops and stage in STAGES else "-"]
-        if stage == "total" and flops:
-            line[1] = f"{flops['total']:.1f}"
+        line = [stage]
         for k, ms in timing.items():
             value = totals[k] if stage == "total" else ms[stage]
             line += [f"{value:.0f}", f"{100 * value / totals[k]:.1f}"]
         lines.append(line)
-    _print_markdown(header, lines)
+    print_markdown(header, lines)
 
 
-def print_notes(
-    args: argparse.Namespace,
-    timing: Dict[int, Dict[str, float]],
-    flops: Optional[Dict],
-    num_stuff: int,
+def print_bar(
+    args: argparse.Namespace, timing: Dict[int, Dict[str, float]], num_stuff: int
 ) -> None:
-    if flops is None:
-        print("GFLOPs: fvcore is not installed (pip install fvcore); not counted")
-    else:
-        paper = PAPER_GFLOPS.get(args.backbone)
-        comparison = ""
-        if paper and (args.height, args.width) == (800, 1333):
-            comparison = f"; paper Table 1: {paper:.0f} G, {_relative(flops['total'], paper)}"
-        print(
-            "GFLOPs: fvcore, 1 FLOP = 1 multiply-add (as mmcv's counter, which the paper "
-            f"presumably used){comparison}"
-        )
-        skipped = ", ".join(flops["skipped"])
-        print(f"not counted (fvcore has no handle; mostly element-wise): {skipped}")
     kept = DETECTIONS[-1]
     post_ms = timing[kept][POSTPROCESS]
     total_ms = sum(timing[kept].values())
@@ -334,7 +222,7 @@ def print_notes(
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", choices=sorted(PAPER_PARAMS), default="resnet50")
+    parser.add_argument("--backbone", choices=sorted(PAPER_TABLE1), default="resnet50")
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1333)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -354,7 +242,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         help="run the model and post-processing under torch.autocast to this type",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--params-only", action="store_true", help="all four backbones, no runs")
     parser.add_argument(
         "--preparations",
         action="store_true",
@@ -375,49 +262,38 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    results: Dict[str, object] = {"parameters": []}
-    for name in PAPER_PARAMS if args.params_only else [args.backbone]:
-        try:
-            model = build_model(name, InferenceOptions(result_types=args.result_types))
-        except ImportError as e:  # timm missing for Swin / PVTv2
-            if not args.params_only:
-                parser.error(str(e))
-            print(f"note: {name} skipped: {e}")
-            continue
-        results["parameters"].append(parameter_row(name, model))
-    print_parameters(results["parameters"])
+    try:
+        inference = InferenceOptions(result_types=args.result_types)
+        model = build_core_model(args.backbone, inference=inference).to(args.device)
+    except ImportError as e:  # timm missing for Swin / PVTv2
+        parser.error(str(e))
+    images = torch.randn(1, 3, args.height, args.width, device=args.device)
+    mask = torch.zeros(1, args.height, args.width, dtype=torch.bool, device=args.device)
 
     if args.preparations:
-        images = torch.randn(1, 3, args.height, args.width, device=args.device)
-        mask = torch.zeros(1, args.height, args.width, dtype=torch.bool, device=args.device)
-        results["preparations"] = time_preparations(args, images, mask)
+        results = {"preparations": time_preparations(model, args, images, mask)}
         print(
             f"\n{args.backbone}, {args.height}x{args.width}, batch 1, the network (153 masks), "
             f"{args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
             f"median of {args.reps} after {args.warmup} warm-up"
         )
         print_preparations(results["preparations"])
-    elif not args.params_only:
-        device = args.device
+    else:
         autocast = getattr(torch, args.autocast) if args.autocast else None
-        model = model.to(device).prepare_for_inference()
-        images = torch.randn(1, 3, args.height, args.width, device=device)
-        mask = torch.zeros(1, args.height, args.width, dtype=torch.bool, device=device)
-        flops = count_flops(model, images, mask)
+        model.prepare_for_inference()
         timing = {}
         for kept in DETECTIONS:
             print(f"timing with {kept} thing queries kept ...", file=sys.stderr)
             model.set_inference(replace(model.inference, max_detections=kept))
             timing[kept] = time_stages(
-                model, images, mask, device, args.warmup, args.reps, autocast
+                model, images, mask, args.device, args.warmup, args.reps, autocast
             )
-        results.update(
-            flops=flops,
-            timing=timing,
-            peak_memory_gib=peak_memory_gib(device),
-            autocast=args.autocast,
-        )
-        where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+        results = {
+            "timing": timing,
+            "peak_memory_gib": peak_memory_gib(args.device),
+            "autocast": args.autocast,
+        }
+        where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
         print(
             f"\n{args.backbone}, {args.height}x{args.width}, batch 1, {where} "
             f"({torch.get_num_threads()} threads), torch {torch.__version__}, "
@@ -426,8 +302,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             + "post-processing: "
             + ", ".join(args.result_types)
         )
-        print_stages(timing, flops, model.num_stuff_classes)
-        print_notes(args, timing, flops, model.num_stuff_classes)
+        print_stages(timing, model.num_stuff_classes)
+        print_bar(args, timing, model.num_stuff_classes)
         print(f"peak memory: {results['peak_memory_gib']:.1f} GiB")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -75,7 +75,6 @@ Example:
 """
 
 import argparse
-import contextlib
 import importlib
 import json
 import re
@@ -83,16 +82,16 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from panoptic_segformer.modeling.backbone import (  # noqa: E402
-    _checkpoint_filter_fn,
-    _import_timm,
-    _read_state_dict,
+    checkpoint_filter_fn_of,
+    import_timm,
+    read_state_dict,
 )
 
 AUTHOR = "Panoptic-SegFormer (official) converted"
@@ -334,26 +333,6 @@ def _ignore_reason(key: str) -> Optional[str]:
     return next((i.reason for i in IGNORED if re.fullmatch(i.official, key)), None)
 
 
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """While active, every ``nn.Parameter`` registered is moved to the meta device: a model of
-    any size builds in a moment and without memory, for its names and shapes. Buffers stay real
-    (the meta-architecture computes its class maps from its own). Patches ``nn.Module`` for the
-    whole process while active: not for use alongside other threads building modules."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def _timm_rules(model: nn.Module) -> Tuple[List[Rule], Optional[nn.Module]]:
     """For a timm backbone: the rules of the Swin output norms, and the timm feature
     extractor; for any other backbone: no rules and None."""
@@ -378,10 +357,10 @@ def _convert_timm(
         official key -> our key, and a description of each official tensor that did not come
         through unchanged (dropped, or resized by timm because its shape does not fit).
     """
-    timm = _import_timm()
+    timm = import_timm()
     architecture = features.pretrained_cfg["architecture"]
-    filter_fn = _checkpoint_filter_fn(timm, architecture)
-    with parameters_on_meta():
+    filter_fn = checkpoint_filter_fn_of(timm, architecture)
+    with torch.device("meta"):  # names and shapes only
         full = timm.create_model(architecture, pretrained=False)
     stripped = {key[len("backbone.") :]: tensor for key, tensor in official.items()}
     # timm passes tensors it only renames through: identity tells where each one came from
@@ -418,7 +397,7 @@ def convert_state_dict(
     Args:
         official: the authors' ``state_dict`` (``backbone.*``, ``neck.*``, ``bbox_head.*``).
         model: the detectron2 ``PanopticSegFormer`` to convert for; only its state dict's names
-            and shapes are read (parameters may be on the meta device).
+            and shapes are read (its tensors may be on the meta device).
 
     Returns:
         our state dict (the official tensors themselves, renamed) and the report.
@@ -484,16 +463,21 @@ def setup_cfg(config_file: str, opts: Sequence[str]):
 
 
 def build_model_for_conversion(cfg) -> nn.Module:
-    """The config's meta-architecture with its parameters on the meta device (names and shapes
-    only); ImageNet weights (MODEL.TIMM.PRETRAINED) are not read."""
+    """The config's meta-architecture for its state dict's names and shapes: its sub-modules are
+    built on the meta device (a model of any size in a moment and without memory), the
+    meta-architecture itself on the CPU (it computes its class maps from its ids); ImageNet
+    weights (MODEL.TIMM.PRETRAINED) are not read."""
     from detectron2.modeling import META_ARCH_REGISTRY
 
     importlib.import_module("panoptic_segformer")  # registers the meta-architecture, backbones
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.TIMM.PRETRAINED = ""
-    with parameters_on_meta():
-        return META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+    architecture = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    # torch.device as a context: factory calls of this thread only, nothing patched
+    with torch.device("meta"):
+        parts = architecture.from_config(cfg)
+    return architecture(**parts)
 
 
 def format_summary(summary: Dict[str, object]) -> str:
@@ -528,7 +512,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Converts ``--input`` for ``--config-file``; returns the exit status (1 on refusal)."""
     args = parse_args(argv)
-    official = _read_state_dict(args.input)
+    official = read_state_dict(args.input)
     model = build_model_for_conversion(setup_cfg(args.config_file, args.opts))
     try:
         state_dict, report = convert_state_dict(official, model)

@@ -1,22 +1,27 @@
 """Data: the dataset mapper and dataset registration (needs detectron2).
 
-Importing this package registers "ade20k_panoptic_train", "ade20k_panoptic_val" and
-"coco_2017_test-dev_panoptic" under ``$DETECTRON2_DATASETS`` (default "datasets").
+Importing this package registers no dataset: :func:`register_builtin_datasets` registers
+"ade20k_panoptic_train", "ade20k_panoptic_val" and "coco_2017_test-dev_panoptic" (names another
+project may have taken are left alone); :func:`panoptic_segformer.config.get_config` calls it.
 """
 
-import os
-
-from .dataset_mapper import PanopticSegFormerDatasetMapper, build_augmentations, rgb_to_segment_ids
-from .datasets import (
+from panoptic_segformer.data.builtin import (
     load_image_info_json,
-    load_panoptic_json,
-    metadata_from_categories,
     register_all_ade20k_panoptic,
     register_all_coco_panoptic_test,
-    register_panoptic_dataset,
-    register_subset,
-    select_images,
+    register_builtin_datasets,
 )
+from panoptic_segformer.data.coco_panoptic import (
+    load_panoptic_json,
+    metadata_from_categories,
+    register_panoptic_dataset,
+)
+from panoptic_segformer.data.dataset_mapper import (
+    PanopticSegFormerDatasetMapper,
+    build_augmentations,
+    rgb_to_segment_ids,
+)
+from panoptic_segformer.data.subset import register_subset, select_images
 
 __all__ = [
     "PanopticSegFormerDatasetMapper",
@@ -26,12 +31,9 @@ __all__ = [
     "metadata_from_categories",
     "register_all_ade20k_panoptic",
     "register_all_coco_panoptic_test",
+    "register_builtin_datasets",
     "register_panoptic_dataset",
     "register_subset",
     "rgb_to_segment_ids",
     "select_images",
 ]
-
-_root = os.getenv("DETECTRON2_DATASETS", "datasets")
-register_all_ade20k_panoptic(_root)
-register_all_coco_panoptic_test(_root)

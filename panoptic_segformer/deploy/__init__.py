@@ -1,6 +1,10 @@
 """Deployment: exporting the network (ONNX, TorchScript, torch.export) and running the exported
-file with the PyTorch model's pre- and post-processing. Needs detectron2; ONNX needs the
-``deploy`` extra (onnx, onnxruntime, onnxscript)."""
+file. Exporting and :class:`ExportedNetwork` need no detectron2; :class:`ExportedPredictor`
+(the PyTorch model's pre- and post-processing around the file) does, and is imported from
+:mod:`panoptic_segformer.deploy.predictor` when first asked for. ONNX needs the ``deploy`` extra
+(onnx, onnxruntime, onnxscript)."""
+
+from typing import Any
 
 from panoptic_segformer.deploy.export import (
     EXPORTERS,
@@ -8,13 +12,9 @@ from panoptic_segformer.deploy.export import (
     OUTPUT_NAMES,
     ExportableNetwork,
     export_network,
+    network_of,
 )
-from panoptic_segformer.deploy.runtime import (
-    ExportedNetwork,
-    ExportedPredictor,
-    format_of,
-    max_abs_differences,
-)
+from panoptic_segformer.deploy.runtime import ExportedNetwork, format_of, max_abs_differences
 
 __all__ = [
     "EXPORTERS",
@@ -26,4 +26,14 @@ __all__ = [
     "export_network",
     "format_of",
     "max_abs_differences",
+    "network_of",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ExportedPredictor imports detectron2: only when asked for
+    if name != "ExportedPredictor":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from panoptic_segformer.deploy.predictor import ExportedPredictor
+
+    return ExportedPredictor

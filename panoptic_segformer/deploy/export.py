@@ -1,22 +1,25 @@
-"""Exporting the network of the detectron2 meta-architecture: ONNX, TorchScript, torch.export.
+"""Exporting the network of Panoptic SegFormer: ONNX, TorchScript, torch.export.
 
-What is exported is :meth:`PanopticSegFormer.network` of the meta-architecture, from the
-normalised, padded images and their padding mask to plain tensors (:data:`OUTPUT_NAMES`), with
-dynamic height and width (multiples of the model's size divisibility). Pre- and
-post-processing stay in Python (:mod:`panoptic_segformer.deploy.runtime` runs them around the
-exported file with the meta-architecture's own code).
+What is exported is the network (:func:`network_of`) of the plain-PyTorch core model or of the
+detectron2 meta-architecture, from the normalised, padded images and their padding mask to plain
+tensors (:data:`OUTPUT_NAMES`), with dynamic height and width (multiples of the size
+divisibility). Exporting does not need detectron2. Pre- and post-processing stay in Python
+(:mod:`panoptic_segformer.deploy.predictor` runs them around the exported file with the
+meta-architecture's own code).
 
 * ``torch_export``: ``torch.export`` keeps deformable attention as the registered operator
   ``panoptic_segformer::ms_deform_attn`` (load this package before loading the program).
 * ``onnx``: the same program, translated by ``torch.onnx`` with deformable attention written
-  as ``GridSample`` ops (:mod:`panoptic_segformer.deploy.onnx_ops`), opset 18.
+  as ``GridSample`` ops (:mod:`panoptic_segformer.deploy.onnx_ops`), opset 18; or, with
+  ``ort_custom_op``, as the ONNX Runtime custom operator ``panoptic_segformer::MSDeformAttn``
+  (faster; runs where :mod:`panoptic_segformer.deploy.ort_ops` can register its library).
 * ``torchscript``: ``torch.jit.trace`` of the network, keeping the registered operator. A trace
   records the level shapes as constants, so this file takes the sample's padded size only (the
   model reads its level shapes from tensors, which tracing cannot keep symbolic).
 
 Every file carries a JSON metadata dict (:data:`METADATA_KEY`): input and output names, the
-batch size it takes (None: any), the size divisibility, the config and the class names
-(:mod:`panoptic_segformer.class_info`).
+batch size it takes (None: any), the size divisibility, the custom operators it needs, and for
+a meta-architecture the config and the class names (:mod:`panoptic_segformer.class_info`).
 
 Shape shorthand: N images, Hp x Wp padded input, k kept thing queries, Z stuff classes,
 H1 x W1 = Hp / 8 x Wp / 8.
@@ -28,8 +31,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
-from detectron2.structures import ImageList
 from torch import Tensor, nn
+
+from panoptic_segformer.deploy.ort_ops import DOMAIN as ORT_DOMAIN
+from panoptic_segformer.deploy.ort_ops import OPERATOR as ORT_OPERATOR
 
 __all__ = [
     "EXPORTERS",
@@ -39,6 +44,7 @@ __all__ = [
     "ONNX_OPSET",
     "ExportableNetwork",
     "export_network",
+    "network_of",
     "sample_inputs",
 ]
 
@@ -64,20 +70,34 @@ MIN_SIDE_UNITS = 3
 MAX_SIDE_UNITS = 512
 
 
-class ExportableNetwork(nn.Module):
-    """The meta-architecture's network with tensor inputs and a tuple of tensors out.
+def network_of(model: nn.Module) -> Callable[[Tensor, Tensor], Dict[str, Tensor]]:
+    """The network of a model: (N, 3, Hp, Wp) normalised, padded images and their (N, Hp, Wp)
+    bool padding mask -> the raw inference outputs by name (:data:`OUTPUT_NAMES`).
 
     Args:
-        model: the detectron2 meta-architecture (:class:`panoptic_segformer.meta_arch.
-            PanopticSegFormer`), in eval mode.
+        model: the detectron2 meta-architecture (its ``network`` method) or the core model
+            (``modeling.panoptic_segformer``, built with a backbone: its ``forward``).
+    """
+    return getattr(model, "network", model)
+
+
+class ExportableNetwork(nn.Module):
+    """A model's network (:func:`network_of`) with a tuple of tensors out.
+
+    Args:
+        model: the core model or the detectron2 meta-architecture, in eval mode.
         output_names: the outputs returned, in order (those of :data:`OUTPUT_NAMES` the model
             has: :func:`output_names_of`).
+        size_divisibility: the padded heights and widths it takes are multiples of this.
     """
 
-    def __init__(self, model: nn.Module, output_names: Tuple[str, ...]) -> None:
+    def __init__(
+        self, model: nn.Module, output_names: Tuple[str, ...], size_divisibility: int
+    ) -> None:
         super().__init__()
         self.model = model
         self.output_names = tuple(output_names)
+        self.size_divisibility = size_divisibility
 
     def forward(self, images: Tensor, padding_mask: Tensor) -> Tuple[Tensor, ...]:
         """
@@ -90,10 +110,7 @@ class ExportableNetwork(nn.Module):
             ``thing_boxes`` (N, k, 4), ``stuff_masks`` (N, Z, H1, W1), ``stuff_scores`` (N, Z),
             in ``output_names`` order.
         """
-        # the network reads only the tensor of the ImageList (a list of N sizes would make
-        # torch.export fix the batch size)
-        batch = ImageList(images, [])
-        outputs = self.model.network(batch, padding_mask)
+        outputs = network_of(self.model)(images, padding_mask)
         return tuple(outputs[name] for name in self.output_names)
 
 
@@ -119,7 +136,7 @@ def _dynamic_shapes(size_divisibility: int, dynamic_batch: bool) -> Dict[str, Di
 def _program(
     network: ExportableNetwork, args: Tuple[Tensor, Tensor], dynamic_batch: bool
 ) -> torch.export.ExportedProgram:
-    divisibility = network.model.size_divisibility
+    divisibility = network.size_divisibility
     with torch.no_grad():
         return torch.export.export(
             network, args, dynamic_shapes=_dynamic_shapes(divisibility, dynamic_batch)
@@ -139,7 +156,7 @@ def _save_onnx(
     onnx_program = torch.onnx.export(
         program,
         args,
-        custom_translation_table=onnx_translation_table(),
+        custom_translation_table=onnx_translation_table(bool(metadata["custom_ops"])),
         opset_version=ONNX_OPSET,
         input_names=list(INPUT_NAMES),
         output_names=list(network.output_names),
@@ -192,11 +209,14 @@ def export_network(
     config_text: str = "",
     class_info: Optional[Dict[str, object]] = None,
     dynamic_batch: bool = False,
+    ort_custom_op: bool = False,
+    size_divisibility: Optional[int] = None,
 ) -> Dict[str, object]:
-    """Exports the meta-architecture's network to ``path`` in format ``fmt``.
+    """Exports a model's network (:func:`network_of`) to ``path`` in format ``fmt``.
 
     Args:
-        model: the detectron2 meta-architecture, in eval mode, on the CPU.
+        model: the core model (with a backbone) or the detectron2 meta-architecture, in eval
+            mode, on the CPU.
         images (Tensor): (N, 3, Hp, Wp) normalised, padded sample images (N = 1, or N >= 2
             with ``dynamic_batch``).
         padding_mask (Tensor): (N, Hp, Wp) bool.
@@ -205,17 +225,31 @@ def export_network(
         config_text: the model's config (``cfg.dump()``), saved in the file.
         class_info: the class names to save (:func:`panoptic_segformer.class_info.class_info_of`).
         dynamic_batch: export any batch size, else the sample's batch size only.
+        ort_custom_op: (onnx) write deformable attention as the ONNX Runtime custom operator
+            ``panoptic_segformer::MSDeformAttn`` instead of ``GridSample`` ops.
+        size_divisibility: the exported file takes padded sides that are multiples of this;
+            None takes the model's ``size_divisibility`` (the meta-architecture's; the core
+            model has none: give the backbone's largest stride, or a multiple of it).
 
     Returns:
         the metadata saved with the file.
 
     Raises:
-        ValueError: an unknown format, or a sample whose size is not a multiple of the model's
-            size divisibility or is under ``MIN_SIDE_UNITS`` times it.
+        ValueError: an unknown format, no size divisibility, or a sample whose size is not a
+            multiple of the size divisibility or is under ``MIN_SIDE_UNITS`` times it.
     """
     if fmt not in EXPORTERS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {sorted(EXPORTERS)}")
-    divisibility = model.size_divisibility
+    if ort_custom_op and fmt != "onnx":
+        raise ValueError(
+            f"ort_custom_op is an ONNX Runtime operator: export format 'onnx', not {fmt!r}"
+        )
+    divisibility = size_divisibility or getattr(model, "size_divisibility", None)
+    if not divisibility:
+        raise ValueError(
+            f"{type(model).__name__} has no size_divisibility: pass size_divisibility (the "
+            "backbone's largest stride, or a multiple of it)"
+        )
     smallest = MIN_SIDE_UNITS * divisibility
     if images.shape[-2] % divisibility or images.shape[-1] % divisibility:
         raise ValueError(
@@ -228,8 +262,8 @@ def export_network(
             f"{smallest} x {smallest} (INPUT.MIN_SIZE_TEST), the smallest an exported model takes"
         )
     with torch.no_grad():
-        names = output_names_of(model.network(ImageList(images, []), padding_mask))
-    network = ExportableNetwork(model, names).eval()
+        names = output_names_of(network_of(model)(images, padding_mask))
+    network = ExportableNetwork(model, names, divisibility).eval()
     metadata = {
         "version": METADATA_VERSION,
         "format": fmt,
@@ -240,6 +274,8 @@ def export_network(
         "fixed_size": list(images.shape[-2:]) if fmt in FIXED_SIZE_FORMATS else None,
         "size_divisibility": int(divisibility),
         "opset": ONNX_OPSET if fmt == "onnx" else None,
+        # "domain::operator" of the custom operators the runtime must register
+        "custom_ops": [f"{ORT_DOMAIN}::{ORT_OPERATOR}"] if ort_custom_op else [],
         "torch": torch.__version__,
         "config": config_text,
         "class_info": class_info,

@@ -9,6 +9,11 @@ model keeps dynamic heights and widths. ``GridSample`` exists since opset 16; th
 opset 18, the lowest it supports (``export.ONNX_OPSET``). Points with non-finite locations get
 ONNX Runtime's ``GridSample`` result, not the kernels' NaN rule.
 
+With ``ort_custom_op``, the operator becomes one node of the ONNX Runtime custom operator
+``panoptic_segformer::MSDeformAttn`` (:mod:`panoptic_segformer.deploy.ort_ops`): the kernel's
+own loop, a few times faster than the ``GridSample`` form, but the file then runs only where
+that library is registered.
+
 Shape shorthand as in the operator: N batch, S value tokens, M heads, D channels per head,
 Q queries, L levels, P points.
 """
@@ -18,7 +23,7 @@ from typing import Callable, Dict
 import torch
 from onnxscript import opset18 as op
 
-__all__ = ["onnx_translation_table"]
+__all__ = ["ms_deform_attn_grid_sample", "ms_deform_attn_ort_op", "onnx_translation_table"]
 
 
 def _ints(*values: int):
@@ -85,11 +90,46 @@ def ms_deform_attn_grid_sample(
     return op.Transpose(summed, perm=[0, 2, 1])
 
 
-def onnx_translation_table() -> Dict[Callable, Callable]:
-    """``custom_translation_table`` of ``torch.onnx.export`` for this package's operators."""
+def ms_deform_attn_ort_op(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+):
+    """The operator as one node of the ONNX Runtime custom operator (same arguments and result
+    as :func:`ms_deform_attn_grid_sample`)."""
+    from onnxscript import values
+
+    from panoptic_segformer.deploy.ort_ops import DOMAIN
+
+    custom = values.Opset(DOMAIN, 1)
+    return custom.MSDeformAttn(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+
+
+def onnx_translation_table(ort_custom_op: bool = False) -> Dict[Callable, Callable]:
+    """``custom_translation_table`` of ``torch.onnx.export`` for this package's operators.
+
+    Args:
+        ort_custom_op: write deformable attention as the ONNX Runtime custom operator rather
+            than as ``GridSample`` ops.
+
+    Raises:
+        RuntimeError: ``ort_custom_op`` without the compiled operator, whose calls the custom
+            node replaces.
+    """
     from panoptic_segformer.layers.ms_deform_attn_op import load_operator
 
     operator, reason = load_operator("cpu")
     if operator is None:
+        if ort_custom_op:
+            raise RuntimeError(
+                f"exporting with the ONNX Runtime operator needs the compiled CPU operator: {reason}"
+            )
         return {}  # not built: a traced model then holds the PyTorch path, plain aten ops
-    return {torch.ops.panoptic_segformer.ms_deform_attn.default: ms_deform_attn_grid_sample}
+    if ort_custom_op:
+        from panoptic_segformer.deploy.ort_ops import register_schema
+
+        register_schema()
+        translation = ms_deform_attn_ort_op
+    else:
+        translation = ms_deform_attn_grid_sample
+    return {torch.ops.panoptic_segformer.ms_deform_attn.default: translation}

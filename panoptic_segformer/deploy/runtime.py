@@ -1,12 +1,9 @@
-"""Running an exported network (ONNX Runtime, TorchScript, torch.export) with the PyTorch
-model's own pre- and post-processing.
+"""Running an exported network (ONNX Runtime, TorchScript, torch.export); no detectron2 needed.
 
 :class:`ExportedNetwork` loads a file of :func:`panoptic_segformer.deploy.export_network` and
 maps (N, 3, Hp, Wp) images and their padding mask to the network's output dict.
-:class:`ExportedPredictor` is :class:`panoptic_segformer.predictor.Predictor` with that file in
-place of the network: same resizing, normalisation and padding, same post-processing
-(:meth:`PanopticSegFormer.inference` of the meta-architecture, built from the config the file
-carries), same detectron2 outputs (``panoptic_seg``, ...).
+:class:`panoptic_segformer.deploy.predictor.ExportedPredictor` runs it with the PyTorch model's
+own pre- and post-processing.
 """
 
 import json
@@ -15,12 +12,12 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from panoptic_segformer.deploy import ort_ops
 from panoptic_segformer.deploy.export import EXPORTERS, METADATA_KEY
-from panoptic_segformer.predictor import Predictor
 
-__all__ = ["ExportedNetwork", "ExportedPredictor", "format_of"]
+__all__ = ["ExportedNetwork", "format_of", "max_abs_differences"]
 
 
 def format_of(path: str) -> str:
@@ -37,12 +34,17 @@ def format_of(path: str) -> str:
 
 
 def _load_onnx(path: str, threads: Optional[int]) -> Tuple[Callable, Optional[str]]:
+    import onnx
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    # a file exported with the custom operator needs its library (built on first use)
+    domains = {entry.domain for entry in onnx.load(path, load_external_data=False).opset_import}
+    if ort_ops.DOMAIN in domains:
+        ort_ops.register(options)
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     metadata = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     names = [o.name for o in session.get_outputs()]
@@ -102,6 +104,8 @@ class ExportedNetwork:
 
     Raises:
         FileNotFoundError: no such file.
+        LibraryUnavailable: an ONNX file with the custom operator, whose library cannot be
+            built here (:mod:`panoptic_segformer.deploy.ort_ops`).
         ValueError: an unknown suffix, or a file that cannot be loaded as its format (the message
             names the file and the cause).
     """
@@ -117,6 +121,11 @@ class ExportedNetwork:
                 f"{path}: running {self.format} files needs {e.name}: pip install "
                 "'panoptic_segformer[deploy]' (or the README's install command)"
             ) from e
+        except ort_ops.LibraryUnavailable as e:
+            raise ort_ops.LibraryUnavailable(
+                f"{path} holds nodes of the ONNX Runtime operator "
+                f"{ort_ops.DOMAIN}::{ort_ops.OPERATOR}: {e}"
+            ) from None
         except Exception as e:  # each runtime raises its own types for a corrupt file
             raise ValueError(f"{path}: cannot load it as a {self.format} model ({e})") from None
         if not metadata:
@@ -164,58 +173,6 @@ class ExportedNetwork:
         if isinstance(outputs, dict):
             return outputs
         return dict(zip(self.metadata["output_names"], outputs))
-
-
-def _config_from_text(text: str):
-    """The config saved in an exported file (``cfg.dump()``)."""
-    from detectron2.config import CfgNode, get_cfg
-
-    from panoptic_segformer.config import add_panoptic_segformer_config
-
-    cfg = get_cfg()
-    add_panoptic_segformer_config(cfg)
-    cfg.merge_from_other_cfg(CfgNode.load_cfg(text))
-    cfg.MODEL.WEIGHTS = ""
-    return cfg
-
-
-class _ExportedModel(nn.Module):
-    """The meta-architecture's inference with an exported network in place of its own."""
-
-    def __init__(self, model: nn.Module, network: ExportedNetwork) -> None:
-        super().__init__()
-        self.model = model
-        self.network = network
-
-    def forward(self, batched_inputs):
-        return self.model.inference(batched_inputs, self.network)
-
-
-class ExportedPredictor(Predictor):
-    """:class:`~panoptic_segformer.predictor.Predictor` running an exported file: the same
-    pre-processing, post-processing and outputs (detectron2's ``panoptic_seg``, ...).
-
-    Args:
-        path: the exported file (``.onnx``, ``.ts`` or ``.pt2``).
-        cfg: the config for pre- and post-processing (test size, thresholds); None takes the
-            one saved in the file. Its ``MODEL.WEIGHTS`` is not read: the weights are in the
-            file.
-        threads: as in :class:`ExportedNetwork`.
-    """
-
-    def __init__(self, path: str, cfg=None, threads: Optional[int] = None) -> None:
-        network = ExportedNetwork(path, threads)
-        cfg = _config_from_text(network.metadata["config"]) if cfg is None else cfg.clone()
-        cfg.defrost()
-        cfg.MODEL.DEVICE = "cpu"  # the exported network runs, and returns its outputs, there
-        self.network = network
-        super().__init__(cfg)
-        self.model = _ExportedModel(self.model, network)
-
-    def _load_weights(self) -> Optional[Dict[str, object]]:
-        # the weights are in the exported file; the built model serves its pre- and
-        # post-processing only
-        return self.network.metadata.get("class_info")
 
 
 def max_abs_differences(expected: Dict[str, Tensor], actual: Dict[str, Tensor]) -> Dict[str, float]:

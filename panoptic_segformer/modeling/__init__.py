@@ -7,13 +7,14 @@ from a backbone), its :class:`InferenceOptions` with the merging's :class:`MaskW
 """
 
 from panoptic_segformer.modeling.backbone import build_backbone, count_parameters
-from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion, split_targets
+from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion
 from panoptic_segformer.modeling.inference import InferenceOptions
 from panoptic_segformer.modeling.panoptic_segformer import (
     PanopticSegFormerModel,
     build_panoptic_segformer,
 )
 from panoptic_segformer.modeling.postprocessing import MaskWiseOptions, PixelArgmaxOptions
+from panoptic_segformer.modeling.targets import split_targets
 
 __all__ = [
     "InferenceOptions",

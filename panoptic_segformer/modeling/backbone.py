@@ -70,7 +70,7 @@ def _check_out_indices(out_indices: Sequence[int], num_stages: int) -> List[int]
     return out_indices
 
 
-def _read_state_dict(path: str) -> Dict[str, Tensor]:
+def read_state_dict(path: str) -> Dict[str, Tensor]:
     """Reads a local checkpoint, unwrapping ``{"state_dict": ...}`` / ``{"model": ...}`` and a
     ``module.`` / ``model.`` prefix shared by every key. Never downloads anything."""
     if not os.path.isfile(path):
@@ -185,7 +185,7 @@ class ResNetBackbone(nn.Module):
         """
         state_dict = {
             k: v
-            for k, v in _read_state_dict(path).items()
+            for k, v in read_state_dict(path).items()
             if not k.startswith("fc.") and not k.endswith(".num_batches_tracked")
         }
         _check_state_dict(self.state_dict(), state_dict, path)
@@ -203,7 +203,8 @@ TIMM_MIN_VERSION = "1.0.8"
 TIMM_FACTORY_KWARGS_MIN_VERSION = "1.0.21"
 
 
-def _import_timm() -> Any:
+def import_timm() -> Any:
+    """The ``timm`` module; an ImportError saying how to install it when it is missing."""
     try:
         return importlib.import_module("timm")
     except ImportError as e:
@@ -238,7 +239,7 @@ def _check_timm_version(timm: Any, model_name: str, timm_kwargs: Dict[str, Any])
             )
 
 
-def _checkpoint_filter_fn(timm: Any, model_name: str) -> Callable[..., Dict[str, Tensor]]:
+def checkpoint_filter_fn_of(timm: Any, model_name: str) -> Callable[..., Dict[str, Tensor]]:
     """The ``checkpoint_filter_fn`` of ``model_name``'s family, which maps the original Swin /
     PVTv2 releases to timm's names. Raises an ImportError naming the model when the family's
     module has none (PVTv2 before timm 1.0.7): the weights would load unconverted."""
@@ -264,9 +265,9 @@ def _timm_state_dict(
     second conversion is not a no-op (before timm 1.0.31, Swin's filter takes a timm checkpoint
     without a classifier for an original one and moves its downsampling layers again).
     """
-    filter_fn = _checkpoint_filter_fn(timm, model_name)
+    filter_fn = checkpoint_filter_fn_of(timm, model_name)
     full = timm.create_model(model_name, pretrained=False, **timm_kwargs)
-    checkpoint = _read_state_dict(path)
+    checkpoint = read_state_dict(path)
     state_dict = filter_fn(checkpoint, full)
     classifiers = full.pretrained_cfg.get("classifier") or ()
     classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
@@ -306,7 +307,7 @@ class TimmBackbone(nn.Module):
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
-        timm = _import_timm()
+        timm = import_timm()
         _check_timm_version(timm, model_name, timm_kwargs)
         out_indices = tuple(out_indices)
         pretrained: Dict[str, Any] = {"pretrained": False}

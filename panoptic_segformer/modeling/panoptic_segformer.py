@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion, split_targets
+from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion
 from panoptic_segformer.modeling.decoupled_mask_decoder import DecoupledMaskDecoder, gather_queries
 from panoptic_segformer.modeling.encoder import (
     DeformableEncoder,
@@ -32,6 +32,7 @@ from panoptic_segformer.modeling.mask_decoder import MASK_LEVELS
 from panoptic_segformer.modeling.neck import ChannelMapper
 from panoptic_segformer.modeling.position_encoding import PositionEmbeddingSine
 from panoptic_segformer.modeling.postprocessing import results_from_outputs
+from panoptic_segformer.modeling.targets import split_targets
 
 
 class PanopticSegFormerModel(PreparableForInference, nn.Module):

@@ -9,7 +9,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-SAMPLE = ROOT.parent / "shared" / "data" / "coco_panoptic_sample"
+# the real photos (tests/conftest.py's REAL_SAMPLE, which the variable also moves)
+SAMPLE = Path(
+    os.environ.get(
+        "PANOPTIC_SEGFORMER_REAL_SAMPLE", ROOT.parent / "shared" / "data" / "coco_panoptic_sample"
+    )
+)
 
 # A small model for CPU tests: ResNet-18, 64 channels, one layer per stack, 20 queries.
 TINY = [
@@ -91,10 +96,10 @@ def needs_sample():
     )
 
 
-def register_sample(name, ground_truth=SAMPLE, **kwargs):
-    """Registers the two-image COCO panoptic sample as dataset ``name`` (once), with the ground
-    truth in ``ground_truth`` (``panoptic/`` PNGs and ``panoptic.json``; by default the
-    sample's own); returns ``name``."""
+def register_sample(name, ground_truth=SAMPLE, images=SAMPLE / "images", **kwargs):
+    """Registers a two-image COCO panoptic sample as dataset ``name`` (once): the images in
+    ``images`` with the ground truth in ``ground_truth`` (``panoptic/`` PNGs and
+    ``panoptic.json``; by default the real sample's); returns ``name``."""
     from detectron2.data import DatasetCatalog
 
     from panoptic_segformer.data import register_panoptic_dataset
@@ -102,7 +107,7 @@ def register_sample(name, ground_truth=SAMPLE, **kwargs):
     if name not in DatasetCatalog.list():
         register_panoptic_dataset(
             name,
-            str(SAMPLE / "images"),
+            str(images),
             str(ground_truth / "panoptic"),
             str(ground_truth / "panoptic.json"),
             **kwargs,
@@ -146,8 +151,8 @@ def write_instances_json(path):
 def write_own_predictions_as_ground_truth(cfg, dataset, folder):
     """The panoptic predictions on the sample dataset ``dataset`` of the model of ``cfg`` (with
     its ``MODEL.WEIGHTS``), from this (single) process, written as a COCO panoptic dataset (PNGs
-    under ``folder/panoptic``, ``folder/panoptic.json``); returns the number of predicted
-    segments per image.
+    under ``folder/panoptic``, ``folder/panoptic.json`` with the images and categories of
+    ``dataset``'s json); returns the number of predicted segments per image.
 
     Contiguous ids become COCO's by detectron2's own ``coco_2017_train_panoptic`` metadata, not
     by the package's: a mistake in the package's id maps then shows as a mismatch. A 4 x 4
@@ -201,6 +206,6 @@ def write_own_predictions_as_ground_truth(cfg, dataset, folder):
         annotations.append(
             {"image_id": record["image_id"], "file_name": name, "segments_info": infos}
         )
-    sample = json.loads((SAMPLE / "panoptic.json").read_text())
+    sample = json.loads(Path(MetadataCatalog.get(dataset).panoptic_json).read_text())
     (folder / "panoptic.json").write_text(json.dumps({**sample, "annotations": annotations}))
     return counts

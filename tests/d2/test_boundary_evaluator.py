@@ -8,7 +8,7 @@ pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 
 pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panopticapi installed")
 
 import torch  # noqa: E402
-from d2_helpers import needs_sample, register_sample  # noqa: E402
+from d2_helpers import register_sample  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -21,8 +21,9 @@ KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
 
 
 @pytest.fixture(scope="module")
-def sample_dataset():
-    return register_sample(DATASET)
+def sample_dataset(coco_panoptic_sample):
+    """The generated COCO panoptic sample (tests/coco_panoptic_sample.py)."""
+    return register_sample(DATASET, coco_panoptic_sample, coco_panoptic_sample / "images")
 
 
 def ground_truth_as_outputs(dataset, shift):
@@ -64,7 +65,6 @@ def both(dataset, shift, tmp_path, dilation_ratio=0.02):
     return results["panoptic_seg"], results["boundary_panoptic_seg"]
 
 
-@needs_sample()
 def test_ground_truth_as_prediction_scores_100(tmp_path, sample_dataset):
     pq, bpq = both(sample_dataset, 0, tmp_path)
     assert set(bpq) == set(KEYS)
@@ -72,7 +72,6 @@ def test_ground_truth_as_prediction_scores_100(tmp_path, sample_dataset):
     assert bpq == pytest.approx({k: 100.0 for k in KEYS})
 
 
-@needs_sample()
 def test_a_shifted_prediction_loses_more_boundary_pq_than_pq(tmp_path, sample_dataset):
     pq, bpq = both(sample_dataset, 4, tmp_path)
     for suffix in ("", "_th", "_st"):
@@ -85,7 +84,6 @@ def test_a_shifted_prediction_loses_more_boundary_pq_than_pq(tmp_path, sample_da
     assert alone["boundary_panoptic_seg"] == bpq
 
 
-@needs_sample()
 def test_bands_wider_than_the_image_give_panopticapis_pq(tmp_path, sample_dataset):
     # with d beyond the image size every pixel of a segment is boundary: boundary IoU = IoU, so
     # the VOID, crowd and matching rules are checked against panopticapi's on real ground truth
@@ -93,7 +91,6 @@ def test_bands_wider_than_the_image_give_panopticapis_pq(tmp_path, sample_datase
     assert bpq == pytest.approx(pq, rel=1e-12)
 
 
-@needs_sample()
 def test_unknown_images_and_missing_ground_truth_are_named(sample_dataset):
     evaluator = BoundaryPanopticEvaluator(sample_dataset)
     evaluator.reset()

@@ -1,4 +1,5 @@
-"""demo/demo.py draws a prediction on a real photo, on the CPU."""
+"""demo/demo.py draws a prediction on an image of the generated COCO panoptic sample, on the
+CPU."""
 
 import importlib.util
 import os
@@ -12,9 +13,7 @@ pytest.importorskip("cv2", reason="the demo draws with OpenCV")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from d2_helpers import CONFIGS, ROOT, SAMPLE, TINY, needs_sample  # noqa: E402
-
-PHOTO = SAMPLE / "images" / "000000142238.jpg"  # 640 x 427
+from d2_helpers import CONFIGS, ROOT, TINY  # noqa: E402
 
 
 def load_demo():
@@ -39,12 +38,12 @@ def run_demo(workdir, *arguments):
     return done
 
 
-@needs_sample()
-def test_demo_writes_a_drawn_image(tmp_path):
+def test_demo_writes_a_drawn_image(tmp_path, coco_panoptic_sample):
+    photo_path = coco_panoptic_sample / "images" / "000000142238.jpg"  # 640 x 427
     out = tmp_path / "drawn.jpg"
     done = run_demo(
         tmp_path,
-        "--input", str(PHOTO),
+        "--input", str(photo_path),
         "--output", str(out),
         "--confidence-threshold", "0.0",
         "--opts", *TINY, "MODEL.PANOPTIC_SEGFORMER.TEST.THING_SCORE_THRESHOLD", "0.0",
@@ -52,7 +51,7 @@ def test_demo_writes_a_drawn_image(tmp_path):
     )  # fmt: skip
     drawn = cv2.imread(str(out))
     assert drawn is not None and drawn.shape == (427, 640, 3)
-    photo = cv2.imread(str(PHOTO))
+    photo = cv2.imread(str(photo_path))
     assert (abs(drawn.astype(int) - photo.astype(int)) > 30).mean() > 0.05  # something drawn
     assert "MODEL.WEIGHTS is empty" in done.stdout + done.stderr
 
@@ -73,14 +72,14 @@ def test_demo_draws_every_frame_of_a_video(tmp_path):
     drawn.release()
 
 
-@needs_sample()
-def test_input_expansion(tmp_path):
+def test_input_expansion(tmp_path, coco_panoptic_sample):
     demo = load_demo()
-    images = str(SAMPLE / "images")
-    assert demo.expand_inputs([images]) == sorted(str(p) for p in (SAMPLE / "images").glob("*.jpg"))
-    assert demo.expand_inputs([os.path.join(images, "*439180.jpg")]) == [
-        str(SAMPLE / "images" / "000000439180.jpg")
+    images = coco_panoptic_sample / "images"
+    assert demo.expand_inputs([str(images)]) == [
+        str(images / "000000142238.jpg"),
+        str(images / "000000439180.jpg"),
     ]
+    assert demo.expand_inputs([str(images / "*439180.jpg")]) == [str(images / "000000439180.jpg")]
     with pytest.raises(FileNotFoundError, match=r"--input '.*nothing\*.png' matches no image"):
         demo.expand_inputs([str(tmp_path / "nothing*.png")])
     assert demo.output_path(str(tmp_path / "out"), "/a/b.jpg", many=True) == str(

@@ -2,9 +2,9 @@
 commands, run as users run them (``train_net.py`` in subprocesses, gloo), are the same training
 and the same evaluation as one process.
 
-The two real COCO images stand in for COCO: ``DETECTRON2_DATASETS`` points at a folder laid out
-as detectron2 expects COCO panoptic (train2017 and val2017 both the sample), so the configs'
-``coco_2017_*_panoptic`` datasets are the sample.
+The generated COCO panoptic sample (tests/coco_panoptic_sample.py) stands in for COCO:
+``DETECTRON2_DATASETS`` points at a folder laid out as detectron2 expects COCO panoptic (train2017
+and val2017 both the sample), so the configs' ``coco_2017_*_panoptic`` datasets are the sample.
 """
 
 import json
@@ -25,19 +25,14 @@ from d2_helpers import (  # noqa: E402
     CONFIGS,
     PERMISSIVE_SCORES,
     ROOT,
-    SAMPLE,
     make_cfg,
-    needs_sample,
     register_sample,
-    write_instances_json,
     write_own_predictions_as_ground_truth,
 )
 from detectron2.modeling import build_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
 from overfit_sample import SMALL_MODEL  # noqa: E402
-
-pytestmark = needs_sample()
 
 CONFIG = str(CONFIGS[0].parent / "r50.yaml")
 # tools/overfit_sample.py's small model (a ResNet-18 with GroupNorm from scratch, a narrow
@@ -73,25 +68,31 @@ ONE_SGD_STEP = [
 TIMEOUT = 600
 
 
-def lay_out_coco(root, ground_truth):
-    """Makes ``root`` a DETECTRON2_DATASETS folder whose COCO panoptic splits are the sample's
-    images with the given ground truth: ``{split: (panoptic PNG folder, panoptic json)}``
-    (instances jsons from the sample's real segments); returns ``root``."""
+def lay_out_coco(root, sample, ground_truth):
+    """Makes ``root`` a DETECTRON2_DATASETS folder whose COCO panoptic splits are the images of
+    the COCO panoptic sample in folder ``sample`` with the given ground truth: ``{split: (panoptic
+    PNG folder, panoptic json)}`` (instances jsons: the sample's own); returns ``root``."""
     coco = root / "coco"
     (coco / "annotations").mkdir(parents=True)
     for split, (panoptic, panoptic_json) in ground_truth.items():
-        (coco / split).symlink_to(SAMPLE / "images")
+        (coco / split).symlink_to(sample / "images")
         (coco / f"panoptic_{split}").symlink_to(panoptic)
         (coco / "annotations" / f"panoptic_{split}.json").symlink_to(panoptic_json)
-        write_instances_json(coco / "annotations" / f"instances_{split}.json")
+        (coco / "annotations" / f"instances_{split}.json").symlink_to(sample / "instances.json")
     return root
 
 
+def ground_truth_of(folder):
+    """(panoptic PNG folder, panoptic json) of the COCO panoptic dataset in ``folder``."""
+    return folder / "panoptic", folder / "panoptic.json"
+
+
 @pytest.fixture(scope="module")
-def datasets_root(tmp_path_factory):
+def datasets_root(tmp_path_factory, coco_panoptic_sample):
     """A DETECTRON2_DATASETS folder whose COCO panoptic train2017 and val2017 are the sample."""
-    real = (SAMPLE / "panoptic", SAMPLE / "panoptic.json")
-    return lay_out_coco(tmp_path_factory.mktemp("datasets"), {"train2017": real, "val2017": real})
+    truth = ground_truth_of(coco_panoptic_sample)
+    root = tmp_path_factory.mktemp("datasets")
+    return lay_out_coco(root, coco_panoptic_sample, {"train2017": truth, "val2017": truth})
 
 
 def free_port():
@@ -214,22 +215,22 @@ def test_two_machines_train_in_step(two_machines):
     assert reports[0]["losses"][-1] < 0.8 * reports[0]["losses"][0]
 
 
-def test_two_processes_evaluate_exactly_like_one(tmp_path, two_machines):
-    # coco_2017_val_panoptic: the sample with its real ground truth; coco_2017_train_panoptic:
+def test_two_processes_evaluate_exactly_like_one(tmp_path, two_machines, coco_panoptic_sample):
+    # coco_2017_val_panoptic: the sample with its own ground truth; coco_2017_train_panoptic:
     # the sample with the model's own one-process predictions as ground truth, so stuff PQ is
     # close to 100 and any image lost, repeated or mixed up between the processes lowers it
     weights = two_machines[0] / "model_final.pth"
     own = tmp_path / "own"
     cfg = make_cfg(CONFIG, *SMALL, *PERMISSIVE_SCORES, "MODEL.WEIGHTS", str(weights))
-    sample = register_sample("psf_test_distributed_sample")
+    sample = register_sample(
+        "psf_test_distributed_sample", coco_panoptic_sample, coco_panoptic_sample / "images"
+    )
     segments_per_image = write_own_predictions_as_ground_truth(cfg, sample, own)
     assert len(segments_per_image) == 2 and all(segments_per_image)
     datasets = lay_out_coco(
         tmp_path / "datasets",
-        {
-            "val2017": (SAMPLE / "panoptic", SAMPLE / "panoptic.json"),
-            "train2017": (own / "panoptic", own / "panoptic.json"),
-        },
+        coco_panoptic_sample,
+        {"val2017": ground_truth_of(coco_panoptic_sample), "train2017": ground_truth_of(own)},
     )
 
     test_sets = ["coco_2017_val_panoptic", "coco_2017_train_panoptic"]
@@ -250,7 +251,8 @@ def test_two_processes_evaluate_exactly_like_one(tmp_path, two_machines):
     # PQ, SQ, RQ (all, things, stuff) and COCO AP of masks and boxes: exactly
     assert results[0] == results[1]
     own_pq = results[0]["coco_2017_train_panoptic"]["panoptic_seg"]
-    assert own_pq["PQ_st"] > 90 and own_pq["PQ_th"] == 0  # the added person is missed
+    # the model's own segments are found, the added person is missed
+    assert own_pq["PQ_st"] > 90 and 0 < own_pq["PQ_th"] < 100
     for dataset in test_sets:
         path = Path("inference") / dataset / "predictions.json"
         predictions = [

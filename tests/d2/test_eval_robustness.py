@@ -1,6 +1,7 @@
 """tools/eval_robustness.py: the corruption library under the installed numpy and scikit-image,
 the corrupting mapper (deterministic, before the resize, in either channel order), the checks of
-the command line, and the whole tool on the two COCO sample images with a tiny untrained model."""
+the command line, and the whole tool on the generated COCO panoptic sample (tests/coco_panoptic_sample.py) with a tiny
+untrained model."""
 
 import importlib.util
 import json
@@ -15,14 +16,7 @@ pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panoptica
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from d2_helpers import (  # noqa: E402
-    ROOT,
-    SAMPLE,
-    TINY,
-    make_cfg,
-    needs_sample,
-    register_sample,
-)
+from d2_helpers import ROOT, TINY, make_cfg, register_sample  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -35,7 +29,6 @@ from panoptic_segformer.data import (  # noqa: E402
 TOOL = ROOT / "tools" / "eval_robustness.py"
 CONFIG = ROOT / "configs" / "r50.yaml"
 DATASET = "psf_test_robustness_sample"
-IMAGE = SAMPLE / "images" / "000000142238.jpg"
 SMALL_TEST = ["INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "256"]
 
 
@@ -50,8 +43,8 @@ tool = load_tool()
 
 
 @pytest.fixture(scope="module")
-def sample_dataset():
-    return register_sample(DATASET)
+def sample_dataset(coco_panoptic_sample):
+    return register_sample(DATASET, coco_panoptic_sample, coco_panoptic_sample / "images")
 
 
 def test_every_paper_corruption_runs():
@@ -67,11 +60,11 @@ def test_every_paper_corruption_runs():
         assert not np.array_equal(out, image), name
 
 
-@needs_sample()
-def test_corrupted_mapper_is_deterministic_and_before_the_resize():
+def test_corrupted_mapper_is_deterministic_and_before_the_resize(coco_panoptic_sample):
     cfg = make_cfg(CONFIG, *SMALL_TEST)
-    width, height = Image.open(IMAGE).size
-    record = {"file_name": str(IMAGE), "image_id": 142238, "height": height, "width": width}
+    image = coco_panoptic_sample / "images" / "000000142238.jpg"
+    width, height = Image.open(image).size
+    record = {"file_name": str(image), "image_id": 142238, "height": height, "width": width}
     clean = PanopticSegFormerDatasetMapper(cfg, False)(record)["image"]
     mapper = tool.CorruptedMapper(cfg, "gaussian_noise", 3)
     state = np.random.get_state()[1].copy()
@@ -134,7 +127,6 @@ def test_select_images():
         select_images(dicts, 0)
 
 
-@needs_sample()
 def test_seeded_subset_ground_truth(tmp_path, sample_dataset):
     """panopticapi needs a prediction for every image of its json: the subset gets its own."""
     name = register_subset(sample_dataset, 1, str(tmp_path), seed=3)
@@ -147,7 +139,6 @@ def test_seeded_subset_ground_truth(tmp_path, sample_dataset):
     assert metadata.panoptic_root == MetadataCatalog.get(sample_dataset).panoptic_root
 
 
-@needs_sample()
 def test_main_on_the_sample(tmp_path, sample_dataset, capsys, monkeypatch):
     corrupted = []  # (corruption, severity, size of the image it corrupts)
     apply_image = tool.ImageCorruption.apply_image

@@ -1,5 +1,6 @@
 """The predictor's inference-only preparation (frozen batch norms folded, channels-last weights)
-keeps the panoptic results: same segments on the two real photos as the model as built."""
+keeps the panoptic results: same segments on the generated COCO panoptic sample's two images as
+the model as built."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import pytest
 pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
 
 import torch  # noqa: E402
-from d2_helpers import CONFIGS, PIXEL_ARGMAX, SAMPLE, TINY, make_cfg, needs_sample  # noqa: E402
+from d2_helpers import CONFIGS, PIXEL_ARGMAX, TINY, make_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from panoptic_segformer.meta_arch import PanopticSegFormer  # noqa: E402
@@ -18,6 +19,10 @@ R50 = str(CONFIGS[0].parent / "r50.yaml")
 
 
 def test_detectron2_resnet_folds_every_norm(randomise_norms):
+    # seeded: unseeded, the weights that other tests' draws left behind exceeded the tolerance by
+    # up to 2x (float32 rounding through 50 layers of random statistics); seeds 0-7 stay within
+    # it by a margin of 1.4 to 7 (seed 0: 2.4)
+    torch.manual_seed(0)
     cfg = make_cfg(R50, "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "")
     model = build_model(cfg).eval()
     randomise_norms(model)
@@ -33,8 +38,9 @@ def test_detectron2_resnet_folds_every_norm(randomise_norms):
         torch.testing.assert_close(folded[name], value, rtol=1e-4, atol=1e-5 * scale)
 
 
-@needs_sample()
-def test_prepared_predictor_paints_the_same_segments(tmp_path, monkeypatch, randomise_norms):
+def test_prepared_predictor_paints_the_same_segments(
+    tmp_path, monkeypatch, randomise_norms, coco_panoptic_sample
+):
     # random weights and batch-norm statistics, saved as a checkpoint both predictors load; the
     # pixel-wise argmax paints thing and stuff segments even so
     torch.manual_seed(0)
@@ -48,7 +54,9 @@ def test_prepared_predictor_paints_the_same_segments(tmp_path, monkeypatch, rand
     monkeypatch.setattr(PanopticSegFormer, "prepare_for_inference", lambda self: self.eval())
     as_built = Predictor(cfg)
     assert is_frozen_batchnorm(as_built.model.backbone.stem.conv1.norm)
-    for path in sorted((SAMPLE / "images").glob("*.jpg")):
+    paths = sorted((coco_panoptic_sample / "images").glob("*.jpg"))
+    assert len(paths) == 2
+    for path in paths:
         image = load_image(str(path))
         seg, segments = prepared(image)["panoptic_seg"]
         expected_seg, expected_segments = as_built(image)["panoptic_seg"]

@@ -1,8 +1,9 @@
 """COCO panoptic test-dev: the dataset without ground truth, the submission writer (zip of a
 json and PNGs in COCO's panoptic results format) and ``train_net.py --eval-only`` writing it.
 
-The two real COCO images stand in for test-dev: a DETECTRON2_DATASETS folder whose
-``coco/test2017`` is the sample's images, with an image-info json listing them.
+The generated COCO panoptic sample (tests/coco_panoptic_sample.py) stands in for test-dev: a
+DETECTRON2_DATASETS folder whose ``coco/test2017`` is the sample's images, with an image-info json
+listing them.
 """
 
 import io
@@ -20,7 +21,7 @@ import torch
 pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
 pytest.importorskip("panopticapi", reason="the submission writer needs panopticapi installed")
 
-from d2_helpers import CONFIGS, PERMISSIVE, ROOT, SAMPLE, TINY, make_cfg  # noqa: E402
+from d2_helpers import CONFIGS, PERMISSIVE, ROOT, TINY, make_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from panopticapi.evaluation import pq_compute  # noqa: E402
@@ -43,47 +44,41 @@ import train_net  # noqa: E402
 NAME = "coco_2017_test-dev_panoptic"
 CONFIG = CONFIGS[0].parent / "r50.yaml"
 SUBMISSION = "panoptic_test-dev2017_PanopticSegFormer_results"
-needs_sample = pytest.mark.skipif(
-    not (SAMPLE / "panoptic.json").is_file(),
-    reason=f"the COCO panoptic sample is missing ({SAMPLE})",
-)
 
 
-def lay_out_test_dev(root):
-    """Makes ``root`` a DETECTRON2_DATASETS folder whose COCO test-dev is the sample's images;
-    its image-info json has, as the real one, ``images`` and the 80 detection ``categories``."""
+def lay_out_test_dev(root, sample):
+    """Makes ``root`` a DETECTRON2_DATASETS folder whose COCO test-dev is the images of the
+    COCO panoptic sample in folder ``sample``; its image-info json has, as the real one,
+    ``images`` and the 80 detection ``categories``."""
     coco = root / "coco"
     (coco / "annotations").mkdir(parents=True)
-    (coco / "test2017").symlink_to(SAMPLE / "images")
-    sample = json.loads((SAMPLE / "panoptic.json").read_text())
-    things = [c for c in sample["categories"] if c["isthing"]]
-    info = {"images": sample["images"], "categories": things}
+    (coco / "test2017").symlink_to(sample / "images")
+    panoptic = json.loads((sample / "panoptic.json").read_text())
+    things = [c for c in panoptic["categories"] if c["isthing"]]
+    info = {"images": panoptic["images"], "categories": things}
     (coco / "annotations" / "image_info_test-dev2017.json").write_text(json.dumps(info))
     return root
 
 
 def unregister():
-    DatasetCatalog.remove(NAME)
-    MetadataCatalog.remove(NAME)
+    if NAME in DatasetCatalog.list():
+        DatasetCatalog.remove(NAME)
+        MetadataCatalog.remove(NAME)
 
 
 @pytest.fixture
 def register_under():
-    """Registers test-dev under the given root; restores the import-time registration."""
+    """Registers test-dev under the given root; afterwards, registers it as the config does
+    (under $DETECTRON2_DATASETS; the config registers once per process, tests/test_imports.py
+    checks that it does)."""
     unregister()
     yield lambda root: register_all_coco_panoptic_test(str(root))
     unregister()
     register_all_coco_panoptic_test(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
 
-def test_registered_on_import():
-    assert NAME in DatasetCatalog.list()
-    assert MetadataCatalog.get(NAME).evaluator_type == "coco_panoptic_submission"
-
-
-@needs_sample
-def test_test_dev_has_images_only_and_val_metadata(tmp_path, register_under):
-    root = lay_out_test_dev(tmp_path)
+def test_test_dev_has_images_only_and_val_metadata(tmp_path, register_under, coco_panoptic_sample):
+    root = lay_out_test_dev(tmp_path, coco_panoptic_sample)
     register_under(root)
     images = root / "coco" / "test2017"
     assert DatasetCatalog.get(NAME) == [
@@ -234,15 +229,15 @@ def test_writer_zips_json_and_pngs_in_coco_format(tmp_path):
     np.testing.assert_array_equal(rgb2id(np.asarray(unzipped)), ids.numpy())
 
 
-@needs_sample
-def test_ground_truth_written_as_submission_scores_pq_100(tmp_path):
+def test_ground_truth_written_as_submission_scores_pq_100(tmp_path, coco_panoptic_sample):
     # the sample's annotations as the "model's" outputs (contiguous ids): panopticapi, the
     # server's evaluation, reads the submission back as exactly the ground truth
+    sample = coco_panoptic_sample
     meta = MetadataCatalog.get(NAME)
     records = load_panoptic_json(
-        str(SAMPLE / "panoptic.json"),
-        str(SAMPLE / "images"),
-        str(SAMPLE / "panoptic"),
+        str(sample / "panoptic.json"),
+        str(sample / "images"),
+        str(sample / "panoptic"),
         thing_dataset_id_to_contiguous_id=meta.thing_dataset_id_to_contiguous_id,
         stuff_dataset_id_to_contiguous_id=meta.stuff_dataset_id_to_contiguous_id,
     )
@@ -259,14 +254,15 @@ def test_ground_truth_written_as_submission_scores_pq_100(tmp_path):
     with zipfile.ZipFile(zip_path) as archive:
         archive.extractall(tmp_path / "unzipped")
     results = pq_compute(
-        str(SAMPLE / "panoptic.json"),
+        str(sample / "panoptic.json"),
         str(tmp_path / "unzipped" / f"{SUBMISSION}.json"),
-        gt_folder=str(SAMPLE / "panoptic"),
+        gt_folder=str(sample / "panoptic"),
         pred_folder=str(tmp_path / "unzipped" / SUBMISSION),
     )
-    for part in ("All", "Things", "Stuff"):
+    # the categories of the sample: person, car, dog and chair; sky, grass, wall and floor
+    for part, categories in (("All", 8), ("Things", 4), ("Stuff", 4)):
         assert results[part]["pq"] == pytest.approx(1.0), part
-        assert results[part]["n"] > 0, part
+        assert results[part]["n"] == categories, part
 
 
 def test_evaluation_of_test_dev_is_the_writer_alone(tmp_path):
@@ -285,8 +281,7 @@ def test_evaluation_of_test_dev_is_the_writer_alone(tmp_path):
         COCOPanopticSubmissionWriter("coco_2017_val_panoptic", str(tmp_path), "psf")
 
 
-@needs_sample
-def test_train_net_eval_only_writes_the_submission(tmp_path):
+def test_train_net_eval_only_writes_the_submission(tmp_path, coco_panoptic_sample):
     # the README's command on a tiny random model that paints segments, in two processes (gloo):
     # each predicts one image, the main process writes both
     torch.manual_seed(0)
@@ -309,7 +304,8 @@ def test_train_net_eval_only_writes_the_submission(tmp_path):
         "DATALOADER.NUM_WORKERS", "0",
         "OUTPUT_DIR", str(output_dir),
     ]  # fmt: skip
-    env = {**os.environ, "DETECTRON2_DATASETS": str(lay_out_test_dev(tmp_path / "datasets"))}
+    datasets = lay_out_test_dev(tmp_path / "datasets", coco_panoptic_sample)
+    env = {**os.environ, "DETECTRON2_DATASETS": str(datasets)}
     run = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
     )
@@ -321,7 +317,8 @@ def test_train_net_eval_only_writes_the_submission(tmp_path):
     annotations = content["annotations"]
     assert [a["image_id"] for a in annotations] == [142238, 439180]
     assert pngs.keys() == {"000000142238.png", "000000439180.png"}
-    coco_ids = {c["id"] for c in json.loads((SAMPLE / "panoptic.json").read_text())["categories"]}
+    panoptic = json.loads((coco_panoptic_sample / "panoptic.json").read_text())
+    coco_ids = {c["id"] for c in panoptic["categories"]}
     for annotation, size in zip(annotations, [(427, 640), (360, 640)]):
         ids = pngs[annotation["file_name"]]
         assert ids.shape == size  # the original image's size

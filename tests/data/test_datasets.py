@@ -19,18 +19,16 @@ from panoptic_segformer.data import (  # noqa: E402
     PanopticSegFormerDatasetMapper,
     metadata_from_categories,
     register_all_ade20k_panoptic,
+    register_builtin_datasets,
     register_panoptic_dataset,
 )
 
-SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco_panoptic_sample"
 ADE_NAMES = ("ade20k_panoptic_train", "ade20k_panoptic_val")
 
 
 @pytest.fixture
-def sample():
-    if not (SAMPLE / "panoptic.json").is_file():
-        pytest.skip(f"COCO panoptic sample not found at {SAMPLE}")
-    return SAMPLE
+def sample(coco_panoptic_sample):
+    return coco_panoptic_sample
 
 
 @pytest.fixture
@@ -54,7 +52,7 @@ def _unregister_ade():
 
 @pytest.fixture
 def fresh_ade():
-    """Lets a test register the ADE20K names itself; restores the import-time registration."""
+    """Lets a test register the ADE20K names itself; restores the usual registration."""
     _unregister_ade()
     yield
     _unregister_ade()
@@ -78,9 +76,34 @@ def test_register_sample_gives_standard_dicts(sample, unique_name):
     assert first["sem_seg_file_name"] == os.path.join("semantic", "000000142238.png")
     assert (first["image_id"], first["height"], first["width"]) == (142238, 427, 640)
     assert (second["image_id"], second["height"], second["width"]) == (439180, 360, 640)
+    assert [len(d["segments_info"]) for d in dicts] == [5, 6]
+    assert [[s["iscrowd"] for s in d["segments_info"]] for d in dicts] == [
+        [0, 0, 0, 0, 1],
+        [0, 0, 0, 0, 0, 1],
+    ]
+    # car, drawn at rows 250:400, columns 360:600, less the crowd drawn over its corner
+    assert first["segments_info"][3] == {
+        "id": 4,
+        "category_id": 2,  # car
+        "isthing": True,
+        "iscrowd": 0,
+        "area": 240 * 150 - 120 * 10,
+        "bbox": [360, 250, 240, 150],
+    }
+    wall = second["segments_info"][0]
+    assert (wall["category_id"], wall["isthing"]) == (131, False)  # wall-other-merged
+    assert_files_and_categories(sample, unique_name, dicts)
+
+
+def test_register_real_sample_gives_standard_dicts(real_coco_panoptic_sample, unique_name):
+    sample = real_coco_panoptic_sample
+    register_panoptic_dataset(
+        unique_name, str(sample / "images"), str(sample / "panoptic"), str(sample / "panoptic.json")
+    )
+    dicts = DatasetCatalog.get(unique_name)
     assert [len(d["segments_info"]) for d in dicts] == [18, 32]
     assert [sum(s["iscrowd"] for s in d["segments_info"]) for d in dicts] == [1, 2]
-    assert first["segments_info"][0] == {
+    assert dicts[0]["segments_info"][0] == {
         "id": 3937500,
         "category_id": 0,  # person
         "isthing": True,
@@ -88,12 +111,17 @@ def test_register_sample_gives_standard_dicts(sample, unique_name):
         "area": 3528,
         "bbox": [282, 207, 48, 149],
     }
+    assert_files_and_categories(sample, unique_name, dicts)
+
+
+def assert_files_and_categories(sample: Path, name: str, dicts) -> None:
+    """The records' files exist, and every segment maps back to its json category."""
     assert all(
         Path(d["file_name"]).is_file() and Path(d["pan_seg_file_name"]).is_file() for d in dicts
     )
 
     # every segment maps back to its json category through the metadata
-    meta = MetadataCatalog.get(unique_name)
+    meta = MetadataCatalog.get(name)
     contiguous_to_json = {
         v: k
         for k, v in {
@@ -195,9 +223,12 @@ def test_colors_without_json_color_are_deterministic():
     assert meta["stuff_dataset_id_to_contiguous_id"] == {3: 1}
 
 
-def test_ade20k_names_are_registered_on_import():
+def test_builtin_datasets_register_ade20k(tmp_path, fresh_ade):
+    register_builtin_datasets(str(tmp_path))
     assert set(ADE_NAMES) <= set(DatasetCatalog.list())
-    assert MetadataCatalog.get("ade20k_panoptic_val").evaluator_type == "ade20k_panoptic_seg"
+    meta = MetadataCatalog.get("ade20k_panoptic_val")
+    assert meta.evaluator_type == "ade20k_panoptic_seg"
+    assert meta.panoptic_json == str(tmp_path / "ADEChallengeData2016" / "ade20k_panoptic_val.json")
 
 
 def test_ade20k_absent_root_raises_on_get(tmp_path, fresh_ade):

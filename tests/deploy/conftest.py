@@ -1,15 +1,27 @@
-"""Fixtures of the deployment tests: a tiny model, two photos, and the model exported once per
-format (session scope: exporting is the slow part)."""
+"""Fixtures of the deployment tests: two photos; a tiny core model (plain PyTorch) and a tiny
+detectron2 model, each exported once per format (session scope: exporting is the slow part).
+The core model's fixtures need no detectron2; the others import it when first used."""
 
 import sys
 from pathlib import Path
+from typing import Callable, List, Tuple
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "d2"))  # d2_helpers
 
 from deploy_helpers import TINY_DEPLOY  # noqa: E402
+
+# the core model's input, as the detectron2 model's (TINY_DEPLOY): short side 96, ImageNet
+# normalisation in RGB order, padding to a multiple of 32 (the backbone's largest stride)
+CORE_SHORT_SIDE = 96
+CORE_DIVISIBILITY = 32
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 def _generated_photo(height: int, width: int, seed: int) -> np.ndarray:
@@ -21,17 +33,139 @@ def _generated_photo(height: int, width: int, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def photos():
+def photos() -> List[np.ndarray]:
     """Two (H, W, 3) uint8 BGR photos of different aspect ratios: the COCO sample's two photos
     (640 x 427 and 640 x 360) where present, else generated images of those sizes."""
     from d2_helpers import SAMPLE
-
-    from panoptic_segformer.predictor import load_image
+    from PIL import Image
 
     paths = sorted((SAMPLE / "images").glob("*.jpg"))
     if len(paths) >= 2:
-        return [load_image(str(p)) for p in paths[:2]]
+        # RGB -> BGR, as detectron2's predictors take images
+        return [
+            np.ascontiguousarray(np.asarray(Image.open(p).convert("RGB"))[:, :, ::-1])
+            for p in paths[:2]
+        ]
     return [_generated_photo(427, 640, 0), _generated_photo(360, 640, 1)]
+
+
+def core_input(photo: np.ndarray) -> Tuple[Tensor, Tensor]:
+    """A photo as the core model takes it: resized to a short side of 96, normalised, padded.
+
+    Args:
+        photo: (H, W, 3) uint8 BGR.
+
+    Returns:
+        (1, 3, Hp, Wp) float32 images and their (1, Hp, Wp) bool padding mask.
+    """
+    # (H, W, 3) BGR -> (1, 3, H, W) RGB
+    rgb = torch.from_numpy(np.ascontiguousarray(photo[:, :, ::-1])).permute(2, 0, 1)[None]
+    scale = CORE_SHORT_SIDE / min(photo.shape[:2])
+    size = (round(photo.shape[0] * scale), round(photo.shape[1] * scale))
+    resized = F.interpolate(rgb.float(), size=size, mode="bilinear", align_corners=False)
+    mean, std = torch.tensor(PIXEL_MEAN).view(3, 1, 1), torch.tensor(PIXEL_STD).view(3, 1, 1)
+    padded = [-(-side // CORE_DIVISIBILITY) * CORE_DIVISIBILITY for side in size]
+    images = torch.zeros(1, 3, *padded)
+    images[:, :, : size[0], : size[1]] = (resized - mean) / std
+    padding_mask = torch.ones(1, *padded, dtype=torch.bool)
+    padding_mask[:, : size[0], : size[1]] = False
+    return images, padding_mask
+
+
+@pytest.fixture(scope="session")
+def core_model() -> torch.nn.Module:
+    """The core model (no detectron2): ResNet-18, hidden 32, one layer per stack, 8 queries,
+    3 thing and 2 stuff classes, random weights; eval mode."""
+    from panoptic_segformer.modeling.backbone import ResNetBackbone
+    from panoptic_segformer.modeling.inference import InferenceOptions
+    from panoptic_segformer.modeling.panoptic_segformer import build_panoptic_segformer
+
+    torch.manual_seed(0)
+    backbone = ResNetBackbone(depth=18)
+    return build_panoptic_segformer(
+        backbone,
+        backbone.out_channels,
+        num_thing_classes=3,
+        num_stuff_classes=2,
+        d_model=32,
+        n_heads=2,
+        n_points=2,
+        d_ffn=64,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        num_queries=8,
+        num_thing_mask_layers=1,
+        num_stuff_mask_layers=1,
+        inference=InferenceOptions(max_detections=5),
+        with_criterion=False,
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def core_inputs(photos) -> List[Tuple[Tensor, Tensor]]:
+    """The two photos as the core model takes them: (1, 3, 96, 160) and (1, 3, 96, 192) images
+    with their padding masks."""
+    return [core_input(photo) for photo in photos]
+
+
+def _needs_onnx(fmt: str) -> None:
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="ONNX needs the deploy extra (onnxruntime)")
+        pytest.importorskip("onnxscript", reason="ONNX needs the deploy extra (onnxscript)")
+
+
+def _exporter(folder: Path, model, inputs: Tuple[Tensor, Tensor], **kwargs) -> Callable:
+    """A function exporting ``model`` once per format (at the size of ``inputs``) and returning
+    the file: batch 1 for ONNX and TorchScript, any batch for torch.export."""
+    from panoptic_segformer.deploy import EXPORTERS, export_network
+
+    files = {}
+
+    def get(fmt: str) -> Path:
+        _needs_onnx(fmt)
+        if fmt not in files:
+            images, padding_mask = inputs
+            dynamic_batch = fmt == "torch_export"
+            if dynamic_batch:  # torch.export specialises a batch of 1: trace with 2
+                images, padding_mask = images.repeat(2, 1, 1, 1), padding_mask.repeat(2, 1, 1)
+            path = folder / f"tiny{EXPORTERS[fmt][0]}"
+            with torch.no_grad():
+                export_network(
+                    model,
+                    images,
+                    padding_mask,
+                    fmt,
+                    str(path),
+                    dynamic_batch=dynamic_batch,
+                    **kwargs,
+                )
+            files[fmt] = path
+        return files[fmt]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def core_exported(tmp_path_factory, core_model, core_inputs) -> Callable:
+    """Per format, the core model exported at the first photo's size (:func:`_exporter`)."""
+    folder = tmp_path_factory.mktemp("core_exported")
+    return _exporter(folder, core_model, core_inputs[0], size_divisibility=CORE_DIVISIBILITY)
+
+
+@pytest.fixture(scope="session")
+def core_network(core_exported) -> Callable:
+    """Per format, the core model's exported file loaded once (loading a program takes
+    seconds): an :class:`~panoptic_segformer.deploy.ExportedNetwork`."""
+    from panoptic_segformer.deploy import ExportedNetwork
+
+    networks = {}
+
+    def get(fmt: str):
+        if fmt not in networks:
+            networks[fmt] = ExportedNetwork(str(core_exported(fmt)))
+        return networks[fmt]
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +180,6 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def predictor(tiny_cfg):
-    import torch
-
     from panoptic_segformer.predictor import Predictor
 
     torch.manual_seed(0)
@@ -64,39 +196,16 @@ def network_inputs(predictor, photos):
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory, predictor, network_inputs, tiny_cfg):
-    """Per format, a function exporting the tiny model once (at the first photo's size) and
-    returning the file: ONNX and TorchScript for batch 1, torch.export for any batch."""
-    import torch
-
+def exported(tmp_path_factory, predictor, network_inputs, tiny_cfg) -> Callable:
+    """Per format, the detectron2 model exported at the first photo's size (:func:`_exporter`),
+    with its config and class names."""
     from panoptic_segformer.class_info import class_info_of_config
-    from panoptic_segformer.deploy import EXPORTERS, export_network
 
     folder = tmp_path_factory.mktemp("exported")
-    files = {}
-
-    def get(fmt: str) -> Path:
-        if fmt == "onnx":
-            pytest.importorskip("onnxruntime", reason="ONNX needs the deploy extra (onnxruntime)")
-            pytest.importorskip("onnxscript", reason="ONNX needs the deploy extra (onnxscript)")
-        if fmt not in files:
-            images, padding_mask = network_inputs[0]
-            dynamic_batch = fmt == "torch_export"
-            if dynamic_batch:
-                images, padding_mask = images.repeat(2, 1, 1, 1), padding_mask.repeat(2, 1, 1)
-            path = folder / f"tiny{EXPORTERS[fmt][0]}"
-            with torch.no_grad():
-                export_network(
-                    predictor.model,
-                    images,
-                    padding_mask,
-                    fmt,
-                    str(path),
-                    config_text=tiny_cfg.dump(),
-                    class_info=class_info_of_config(tiny_cfg),
-                    dynamic_batch=dynamic_batch,
-                )
-            files[fmt] = path
-        return files[fmt]
-
-    return get
+    return _exporter(
+        folder,
+        predictor.model,
+        network_inputs[0],
+        config_text=tiny_cfg.dump(),
+        class_info=class_info_of_config(tiny_cfg),
+    )

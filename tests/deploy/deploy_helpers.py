@@ -1,6 +1,9 @@
 """Constants shared by the deployment tests (a module of its own: test files cannot import
 conftest reliably)."""
 
+FORMATS = ("onnx", "torch_export", "torchscript")
+TOLERANCE = 1e-4  # absolute, on every output of the network and every segment score
+
 # a tiny model: ResNet-18, hidden 32, one layer per stack, 10 queries, images of short side 96
 TINY_DEPLOY = [
     "MODEL.DEVICE", "cpu",

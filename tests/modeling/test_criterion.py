@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion, split_targets
+from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion
+from panoptic_segformer.modeling.targets import split_targets
 
 ALPHA, GAMMA = 0.25, 2.0
 

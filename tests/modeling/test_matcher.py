@@ -11,14 +11,16 @@ from panoptic_segformer.modeling.losses import dice_loss
 from panoptic_segformer.modeling.matcher import (
     HungarianMatcher,
     MaskDecoderMatcher,
+    hungarian_match,
+    repeated_hungarian_match,
+)
+from panoptic_segformer.modeling.matching_costs import (
     box_cost,
     dice_cost,
     focal_class_cost,
     giou_cost,
-    hungarian_match,
     l1_box_cost,
     mask_decoder_matching_cost,
-    repeated_hungarian_match,
 )
 
 

@@ -12,8 +12,9 @@ from panoptic_segformer.modeling import (
     PanopticSegFormerModel,
     PixelArgmaxOptions,
 )
-from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion, split_targets
+from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion
 from panoptic_segformer.modeling.panoptic_segformer import build_panoptic_segformer
+from panoptic_segformer.modeling.targets import split_targets
 
 K, Z = 3, 2  # thing and stuff classes
 

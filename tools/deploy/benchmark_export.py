@@ -5,9 +5,11 @@ TorchScript.
 Builds the model of --config-file (random weights unless MODEL.WEIGHTS is given), exports it in
 each of --formats at the --height x --width input, then times the network (normalised padded
 image -> raw outputs, batch 1, no post-processing) over --reps runs after one warm-up, with
---threads CPU threads for PyTorch and ONNX Runtime alike. Prints, per runtime: median ms, the
-ratio to eager PyTorch, the export time, the file size and the largest absolute difference of
-any output to eager on the same input.
+--threads CPU threads for PyTorch and ONNX Runtime alike. Eager is the model as the Predictor
+runs it (prepare_for_inference: frozen batch norms folded, backbone weights channels-last), and
+that model is exported. Prints, per runtime: median ms, the ratio to eager PyTorch, the export
+time, the file size and the largest absolute difference of any output to eager on the same
+input.
 
 Example (the issue's bar, R50 at 800 x 1333):
     python tools/deploy/benchmark_export.py --config-file configs/r50.yaml --threads 2 \\
@@ -44,13 +46,23 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=5, help="timed runs per runtime")
     parser.add_argument(
-        "--formats", nargs="+", default=["onnx", "torchscript"], choices=sorted(EXPORTERS)
+        "--formats",
+        nargs="+",
+        default=["onnx", "torchscript"],
+        choices=sorted([*EXPORTERS, ORT_CUSTOM_OP]),
+        help=f"{ORT_CUSTOM_OP}: onnx with deformable attention as our ONNX Runtime operator "
+        "(needs ORT_INCLUDE_DIR, see panoptic_segformer/deploy/ort_ops.py)",
     )
     parser.add_argument("--output", help="directory for the exported files (default: temporary)")
     parser.add_argument(
         "opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
     )
     return parser
+
+
+# the --formats entry of an ONNX file with the ONNX Runtime custom operator
+ORT_CUSTOM_OP = "onnx_custom_op"
+RUNTIME_NAMES = {"onnx": "ONNX Runtime", ORT_CUSTOM_OP: "ORT + custom op"}
 
 
 def median_ms(run: Callable[[], object], reps: int) -> float:
@@ -80,7 +92,6 @@ def padded_input(height: int, width: int, divisibility: int) -> List[Tensor]:
 def benchmark(args) -> List[Dict[str, object]]:
     """One row per runtime: name, ms, ratio, export s, MB, max abs difference."""
     from detectron2.modeling import build_model
-    from detectron2.structures import ImageList
 
     from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
 
@@ -92,26 +103,35 @@ def benchmark(args) -> List[Dict[str, object]]:
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
         PanopticSegFormerCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.prepare_for_inference()  # eager as the Predictor runs it, and what export_model.py exports
     images, padding_mask = padded_input(args.height, args.width, model.size_divisibility)
-    batch = ImageList(images, [])
 
     def eager() -> Dict[str, Tensor]:
         with torch.inference_mode():
-            return model.network(batch, padding_mask)
+            return model.network(images, padding_mask)
 
     expected = eager()
     rows = [{"runtime": "eager PyTorch", "ms": median_ms(eager, args.reps)}]
     folder = args.output or tempfile.mkdtemp(prefix="psf_export_")
-    for fmt in args.formats:
-        path = os.path.join(folder, f"{Path(args.config_file).stem}{EXPORTERS[fmt][0]}")
+    for name in args.formats:
+        fmt = "onnx" if name == ORT_CUSTOM_OP else name
+        path = os.path.join(folder, f"{Path(args.config_file).stem}_{name}{EXPORTERS[fmt][0]}")
         start = time.perf_counter()
-        export_network(model, images, padding_mask, fmt, path, config_text=cfg.dump())
+        export_network(
+            model,
+            images,
+            padding_mask,
+            fmt,
+            path,
+            config_text=cfg.dump(),
+            ort_custom_op=name == ORT_CUSTOM_OP,
+        )
         seconds = time.perf_counter() - start
         network = ExportedNetwork(path, threads=args.threads)
         actual = network(images, padding_mask)
         rows.append(
             {
-                "runtime": "ONNX Runtime" if fmt == "onnx" else fmt,
+                "runtime": RUNTIME_NAMES.get(name, name),
                 "ms": median_ms(lambda: network(images, padding_mask), args.reps),
                 "export_s": seconds,
                 "mb": os.path.getsize(path) / 2**20,

@@ -11,6 +11,10 @@ Examples:
         --sample-image img.jpg --output exported/ MODEL.WEIGHTS model.pth
     python tools/deploy/export_model.py --config-file configs/r50.yaml --format torch_export \\
         --output exported/ --dynamic-batch MODEL.WEIGHTS model.pth
+    # deformable attention as our ONNX Runtime operator (needs ONNX Runtime's C header to build
+    # it for the check run: ORT_INCLUDE_DIR, see panoptic_segformer/deploy/ort_ops.py)
+    python tools/deploy/export_model.py --config-file configs/r50.yaml --format onnx \\
+        --ort-custom-op --output exported/ MODEL.WEIGHTS model.pth
 
 After writing the file it prints its size and opset and runs it on the sample, printing the
 largest absolute difference to PyTorch for every output.
@@ -57,6 +61,13 @@ def get_parser() -> argparse.ArgumentParser:
         help="export for any number of images per call (default: one)",
     )
     parser.add_argument(
+        "--ort-custom-op",
+        action="store_true",
+        help="(onnx) deformable attention as the ONNX Runtime operator "
+        "panoptic_segformer::MSDeformAttn (faster; the runtime must register its library) "
+        "instead of GridSample ops",
+    )
+    parser.add_argument(
         "opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
     )
     return parser
@@ -96,16 +107,21 @@ def export(args) -> dict:
         config_text=cfg.dump(),
         class_info=class_info,
         dynamic_batch=args.dynamic_batch,
+        ort_custom_op=args.ort_custom_op,
     )
     seconds = time.perf_counter() - start
     size_mb = os.path.getsize(path) / 2**20
     print(f"wrote {path}: {size_mb:.1f} MB, format {args.format}", end="")
     print(f", ONNX opset {metadata['opset']}" if metadata["opset"] else "", end="")
+    print(
+        f", custom operators {', '.join(metadata['custom_ops'])}" if metadata["custom_ops"] else "",
+        end="",
+    )
     batch = metadata["batch"] or "any"
     print(f", batch {batch}, export took {seconds:.1f} s")
 
     with torch.no_grad():
-        expected = predictor.model.network(_image_list(images), padding_mask)
+        expected = predictor.model.network(images, padding_mask)
     actual = ExportedNetwork(path)(images, padding_mask)
     differences = max_abs_differences(expected, actual)
     size = "x".join(str(s) for s in images.shape[-2:])
@@ -113,12 +129,6 @@ def export(args) -> dict:
     for name, value in differences.items():
         print(f"  {name:<13} {value:.3g}")
     return {"path": path, "size_mb": size_mb, "seconds": seconds, "differences": differences}
-
-
-def _image_list(images):
-    from detectron2.structures import ImageList
-
-    return ImageList(images, [tuple(images.shape[-2:])] * len(images))
 
 
 def main(argv=None) -> int:

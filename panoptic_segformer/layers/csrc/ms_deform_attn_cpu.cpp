@@ -7,7 +7,8 @@
 // only decides who does what:
 // * forward: the (n, m, q) triples, query fastest, are split into contiguous ranges over the
 //   threads (at::parallel_for), so a thread mostly reads one head of value; per triple the D
-//   channels of a head are accumulated in a loop the compiler vectorises.
+//   channels of a head are accumulated in a loop the compiler vectorises. That loop is
+//   ms_deform_attn_cpu_forward.h, which the ONNX Runtime operator runs too.
 // * backward: one (n, m) head per task. Only that task writes grad_value[n, :, m, :], so no two
 //   threads ever write the same element, and within a task the queries, levels and points are
 //   visited in a fixed order: the gradients are bit-identical whatever the number of threads.
@@ -26,16 +27,16 @@
 
 #include "cpu_features.h"
 #include "ms_deform_attn.h"
+#include "ms_deform_attn_cpu_forward.h"
 #include "ms_deform_attn_math.h"
 
 namespace panoptic_segformer {
 namespace {
 
 using msda::Bilinear;
-
-struct Sizes {
-  int64_t N, S, M, D, Q, L, P;
-};
+using msda::Corners;
+using msda::ForwardArgs;
+using msda::Sizes;
 
 Sizes make_sizes(const at::Tensor& value, const at::Tensor& sampling_locations) {
   return {value.size(0),
@@ -60,82 +61,6 @@ PSF_INLINE acc_t fixed_order_sum(const acc_t* __restrict x, int64_t n) {
   for (int j = 0; i < n; ++i, ++j) lanes[j] += x[i];
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
          ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
-
-// The four corner rows of one sampling point in one head (D channels each): rows of value for
-// corners on the map, a row of zeros for the others.
-template <typename scalar_t, typename acc_t>
-struct Corners {
-  const scalar_t* row[4];
-
-  PSF_INLINE Corners(const Bilinear<acc_t, int64_t>& b, const scalar_t* value_level,
-                     int64_t token_stride, const scalar_t* zeros) {
-    for (int c = 0; c < 4; ++c) {
-      row[c] = b.valid[c] ? value_level + b.offset[c] * token_stride : zeros;
-    }
-  }
-};
-
-template <typename scalar_t, typename coord_t>
-struct ForwardArgs {
-  const scalar_t* value;
-  const coord_t* sampling_locations;
-  const coord_t* attention_weights;
-  scalar_t* output;
-  const Levels* levels;
-  Sizes sz;
-};
-
-// Triples [begin, end) of the forward pass, in (n, m, q) order, q fastest.
-template <typename scalar_t, typename coord_t>
-PSF_INLINE void forward_triples(const ForwardArgs<scalar_t, coord_t>& args, int64_t begin,
-                                int64_t end) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const Sizes& sz = args.sz;
-  const Levels& levels = *args.levels;
-  const int64_t token_stride = sz.M * sz.D;  // one S step in value
-  const int64_t points = sz.L * sz.P;        // per (n, q, m)
-  std::vector<acc_t> acc_buffer(sz.D);
-  const std::vector<scalar_t> zeros(sz.D, scalar_t(0));
-  acc_t* __restrict acc = acc_buffer.data();
-  for (int64_t t = begin; t < end; ++t) {
-    const int64_t q = t % sz.Q;
-    const int64_t m = (t / sz.Q) % sz.M;
-    const int64_t n = t / (sz.Q * sz.M);
-    const int64_t nqm = (n * sz.Q + q) * sz.M + m;
-    const coord_t* loc = args.sampling_locations + nqm * points * 2;
-    const coord_t* attn = args.attention_weights + nqm * points;
-    const scalar_t* value_head = args.value + n * sz.S * token_stride + m * sz.D;
-    std::fill(acc, acc + sz.D, acc_t(0));
-    bool poisoned = false;
-    for (int64_t l = 0; l < sz.L; ++l) {
-      const scalar_t* value_level = value_head + levels.start[l] * token_stride;
-      for (int64_t p = 0; p < sz.P; ++p, loc += 2, ++attn) {
-        const Bilinear<acc_t, int64_t> b(static_cast<acc_t>(loc[0]), static_cast<acc_t>(loc[1]),
-                                         levels.height[l], levels.width[l]);
-        const acc_t a = static_cast<acc_t>(*attn);
-        if (!b.inside) {
-          poisoned = poisoned || msda::outside_point_poisons(b, a);
-          continue;
-        }
-        const Corners<scalar_t, acc_t> corners(b, value_level, token_stride, zeros.data());
-        const scalar_t* __restrict v0 = corners.row[0];
-        const scalar_t* __restrict v1 = corners.row[1];
-        const scalar_t* __restrict v2 = corners.row[2];
-        const scalar_t* __restrict v3 = corners.row[3];
-        for (int64_t d = 0; d < sz.D; ++d) {
-          acc[d] += a * msda::interpolate(b, static_cast<acc_t>(v0[d]), static_cast<acc_t>(v1[d]),
-                                          static_cast<acc_t>(v2[d]), static_cast<acc_t>(v3[d]));
-        }
-      }
-    }
-    // output (N, Q, M * D)
-    scalar_t* out = args.output + (n * sz.Q + q) * token_stride + m * sz.D;
-    const acc_t nan = msda::quiet_nan<acc_t>();
-    for (int64_t d = 0; d < sz.D; ++d) {
-      out[d] = static_cast<scalar_t>(poisoned ? nan : acc[d]);
-    }
-  }
 }
 
 template <typename scalar_t, typename coord_t>
@@ -240,7 +165,7 @@ PSF_INLINE void backward_heads(const BackwardArgs<scalar_t, coord_t>& args, int6
 template <typename scalar_t, typename coord_t>
 void forward_triples_baseline(const ForwardArgs<scalar_t, coord_t>& args, int64_t begin,
                               int64_t end) {
-  forward_triples(args, begin, end);
+  msda::forward_triples<scalar_t, coord_t, at::opmath_type<scalar_t>>(args, begin, end);
 }
 
 template <typename scalar_t, typename coord_t>
@@ -253,7 +178,7 @@ void backward_heads_baseline(const BackwardArgs<scalar_t, coord_t>& args, int64_
 template <typename scalar_t, typename coord_t>
 __attribute__((target("avx2"))) void forward_triples_avx2(
     const ForwardArgs<scalar_t, coord_t>& args, int64_t begin, int64_t end) {
-  forward_triples(args, begin, end);
+  msda::forward_triples<scalar_t, coord_t, at::opmath_type<scalar_t>>(args, begin, end);
 }
 
 template <typename scalar_t, typename coord_t>
@@ -294,10 +219,12 @@ struct ForwardLauncher {
 
   template <typename scalar_t, typename coord_t>
   void operator()() const {
+    const msda::LevelShapes shapes{levels.height.data(), levels.width.data(),
+                                   levels.start.data()};
     forward_kernel<scalar_t, coord_t>({value.data_ptr<scalar_t>(),
                                        sampling_locations.data_ptr<coord_t>(),
                                        attention_weights.data_ptr<coord_t>(),
-                                       output.data_ptr<scalar_t>(), &levels, sz});
+                                       output.data_ptr<scalar_t>(), shapes, sz});
   }
 };
 

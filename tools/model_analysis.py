@@ -1,14 +1,27 @@
-"""Model analysis shared by the tools: the paper's Table 1, parameters per part, fvcore FLOP
-handles for the ops fvcore does not count itself."""
+"""Helpers of the tools that analyse the model (tools/analyze_model.py, tools/benchmark_model.py):
+the paper's Table 1, its models built by backbone name, parameters per part, fvcore FLOP handles
+for the ops fvcore does not count itself, and aligned markdown tables."""
 
 import math
 from typing import Dict, List
 
 from torch import nn
 
-from panoptic_segformer.modeling.backbone import count_parameters
+from panoptic_segformer.modeling.backbone import build_backbone, count_parameters
+from panoptic_segformer.modeling.inference import InferenceOptions
+from panoptic_segformer.modeling.panoptic_segformer import (
+    PanopticSegFormerModel,
+    build_panoptic_segformer,
+)
 
-__all__ = ["FLOP_HANDLES", "PAPER_TABLE1", "PARTS", "parameter_parts"]
+__all__ = [
+    "FLOP_HANDLES",
+    "PAPER_TABLE1",
+    "PARTS",
+    "build_core_model",
+    "parameter_parts",
+    "print_markdown",
+]
 
 # Paper Table 1: millions of parameters and GFLOPs (the authors' mmcv counter, 800x1333 inputs)
 PAPER_TABLE1 = {
@@ -20,13 +33,28 @@ PAPER_TABLE1 = {
 PARTS = ("backbone", "neck + encoder", "location decoder", "mask decoder")
 
 
+def build_core_model(
+    backbone: str, inference: InferenceOptions = InferenceOptions()
+) -> PanopticSegFormerModel:
+    """The untrained, inference-only (no criterion) model of a Table 1 backbone, in eval mode.
+
+    Raises:
+        ImportError: the backbone needs timm, and it is missing or too old.
+    """
+    net = build_backbone(backbone)
+    model = build_panoptic_segformer(
+        net, net.out_channels, with_criterion=False, inference=inference
+    )
+    return model.eval()
+
+
 def parameter_parts(backbone: nn.Module, model: nn.Module) -> Dict[str, int]:
     """Parameters of each part and the total, frozen-BN affine weights included (as mmdet and
     the paper count them).
 
     Args:
         backbone: the backbone.
-        model: the model core (:class:`~panoptic_segformer.modeling.PanopticSegFormer`), with or
+        model: the model core (:class:`~panoptic_segformer.modeling.PanopticSegFormerModel`), with or
             without the backbone inside.
     """
     parts = {
@@ -39,6 +67,17 @@ def parameter_parts(backbone: nn.Module, model: nn.Module) -> Dict[str, int]:
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def print_markdown(header: List[str], lines: List[List[str]]) -> None:
+    """A markdown table, columns padded to align; the first left-aligned, the others right."""
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    rules = [":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]]
+    print("|" + "|".join(rules) + "|")
+    for line in lines:
+        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]
+        print("| " + " | ".join(cells) + " |")
 
 
 def _sizes(value) -> List[int]:

@@ -1,0 +1,76 @@
+"""Running an exported network with the PyTorch model's own pre- and post-processing (needs
+detectron2).
+
+:class:`ExportedPredictor` is :class:`panoptic_segformer.predictor.Predictor` with an exported
+file (:class:`~panoptic_segformer.deploy.runtime.ExportedNetwork`) in place of the network:
+same resizing, normalisation and padding, same post-processing
+(:meth:`PanopticSegFormer.inference` of the meta-architecture, built from the config the file
+carries), same detectron2 outputs (``panoptic_seg``, ...).
+"""
+
+from typing import Dict, Optional
+
+from detectron2.config import CfgNode, get_cfg
+from torch import nn
+
+from panoptic_segformer.config import add_panoptic_segformer_config
+from panoptic_segformer.deploy.runtime import ExportedNetwork
+from panoptic_segformer.predictor import Predictor
+
+__all__ = ["ExportedPredictor"]
+
+
+def _config_from_text(text: str):
+    """The config saved in an exported file (``cfg.dump()``)."""
+    cfg = get_cfg()
+    add_panoptic_segformer_config(cfg)
+    cfg.merge_from_other_cfg(CfgNode.load_cfg(text))
+    cfg.MODEL.WEIGHTS = ""
+    return cfg
+
+
+class _ExportedModel(nn.Module):
+    """The meta-architecture's inference with an exported network in place of its own."""
+
+    def __init__(self, model: nn.Module, network: ExportedNetwork) -> None:
+        super().__init__()
+        self.model = model
+        self.network = network
+
+    def forward(self, batched_inputs):
+        return self.model.inference(batched_inputs, self.network)
+
+
+class ExportedPredictor(Predictor):
+    """:class:`~panoptic_segformer.predictor.Predictor` running an exported file: the same
+    pre-processing, post-processing and outputs (detectron2's ``panoptic_seg``, ...).
+
+    Args:
+        path: the exported file (``.onnx``, ``.ts`` or ``.pt2``).
+        cfg: the config for pre- and post-processing (test size, thresholds); None takes the
+            one saved in the file. Its ``MODEL.WEIGHTS`` is not read: the weights are in the
+            file.
+        threads: as in :class:`ExportedNetwork`.
+
+    Raises:
+        ValueError: as :class:`ExportedNetwork`, or no ``cfg`` for a file without one.
+    """
+
+    def __init__(self, path: str, cfg=None, threads: Optional[int] = None) -> None:
+        network = ExportedNetwork(path, threads)
+        if cfg is None and not network.metadata["config"]:
+            raise ValueError(
+                f"{path} holds no config (exported from the core model, not the "
+                "meta-architecture): pass the model's cfg"
+            )
+        cfg = _config_from_text(network.metadata["config"]) if cfg is None else cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEVICE = "cpu"  # the exported network runs, and returns its outputs, there
+        self.network = network
+        super().__init__(cfg)
+        self.model = _ExportedModel(self.model, network)
+
+    def _load_weights(self) -> Optional[Dict[str, object]]:
+        # the weights are in the exported file; the built model serves its pre- and
+        # post-processing only
+        return self.network.metadata.get("class_info")

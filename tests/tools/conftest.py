@@ -1,0 +1,81 @@
+"""Fixtures of the tools' tests: a tool loaded by path (``import tools`` would find detectron2's
+own ``tools`` package), a tiny stand-in for ``model_analysis.build_core_model``, and a reader of
+the tools' markdown tables."""
+
+import importlib.util
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from panoptic_segformer.modeling.backbone import ResNetBackbone
+from panoptic_segformer.modeling.inference import InferenceOptions
+from panoptic_segformer.modeling.panoptic_segformer import build_panoptic_segformer
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def _load_tool(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def load_tool():
+    """``load_tool(name)``: tools/<name>.py as a fresh module."""
+    return _load_tool
+
+
+def _tiny_core_model(
+    backbone: str, inference: InferenceOptions = InferenceOptions()
+) -> torch.nn.Module:
+    """COCO's 80 + 53 classes (so 300 thing detections can be kept), everything else tiny; a
+    ResNet-18 whatever ``backbone`` names."""
+    torch.manual_seed(0)
+    net = ResNetBackbone(depth=18)
+    return build_panoptic_segformer(
+        net,
+        net.out_channels,
+        d_model=32,
+        n_heads=4,
+        n_points=2,
+        d_ffn=64,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        num_queries=4,
+        num_thing_mask_layers=1,
+        num_stuff_mask_layers=1,
+        with_criterion=False,
+        inference=inference,
+    ).eval()
+
+
+@pytest.fixture
+def tiny_core_model():
+    """``tiny_core_model(backbone, inference)``: a stand-in for
+    ``model_analysis.build_core_model`` that builds in well under a second."""
+    return _tiny_core_model
+
+
+def _markdown_table(text: str, first_header: str):
+    """Header and rows (lists of cells) of the aligned markdown table (``print_markdown``'s) in
+    ``text`` whose first header is given."""
+    lines = text.splitlines()
+    start = next(i for i, l in enumerate(lines) if re.match(rf"\| {re.escape(first_header)} ", l))
+    assert re.fullmatch(r"\|:-+(\|-+:)+\|", lines[start + 1])
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return table[0], table[2:]
+
+
+@pytest.fixture
+def markdown_table():
+    """``markdown_table(text, first_header)``: the header and rows of a table a tool printed."""
+    return _markdown_table
