@@ -65,7 +65,6 @@ def train_net_args(output_dir, dataset, *extra, eval_only=False, resume=False):
         *TINY,
         "DATASETS.TRAIN", f"('{dataset}',)",
         "DATASETS.TEST", f"('{dataset}',)",
-        "MODEL.PANOPTIC_SEGFORMER.NUM_QUERIES", "50",  # the sample's second image has 26 things
         "SOLVER.IMS_PER_BATCH", "2",
         "SOLVER.CHECKPOINT_PERIOD", "100",
         "INPUT.MIN_SIZE_TRAIN", "(160,)",
