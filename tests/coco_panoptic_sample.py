@@ -1,18 +1,27 @@
 """A small COCO-panoptic dataset written by the tests: two images, their panoptic PNGs, the
 panoptic json and an instances json, with COCO panoptic's 133 categories.
 
-Its layout, image ids and sizes are those of the two real photos in
-``../shared/data/coco_panoptic_sample`` (``images/*.jpg``, ``panoptic/*.png``, ``panoptic.json``),
-so a test runs on either. Each
-segment is a rectangle painted in its category's colour with seeded noise, so the images have
-edges for a model to see.
+Its layout, image ids and sizes are those of the two real photos in ``REAL_SAMPLE``
+(``images/*.jpg``, ``panoptic/*.png``, ``panoptic.json``), so a test runs on either. Each segment
+is a rectangle painted in its category's colour with seeded noise, so the images have edges for
+a model to see.
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
+
+# the two real COCO photos with their ground truth, where this checkout sits beside ../shared;
+# PANOPTIC_SEGFORMER_REAL_SAMPLE points elsewhere (a missing folder hides them)
+REAL_SAMPLE = Path(
+    os.environ.get(
+        "PANOPTIC_SEGFORMER_REAL_SAMPLE",
+        Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_panoptic_sample",
+    )
+)
 
 # (y0, y1, x0, x1) of a segment; later segments are painted over earlier ones
 Box = Tuple[int, int, int, int]

@@ -1,23 +1,14 @@
 """Fixtures shared by the test folders."""
 
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from coco_panoptic_sample import REAL_SAMPLE, write_coco_panoptic_sample
 
 from panoptic_segformer.modeling.frozen_bn import is_frozen_batchnorm
-
-# the two real COCO photos with their ground truth, where this checkout sits beside ../shared;
-# PANOPTIC_SEGFORMER_REAL_SAMPLE points elsewhere (a missing folder hides them)
-REAL_SAMPLE = Path(
-    os.environ.get(
-        "PANOPTIC_SEGFORMER_REAL_SAMPLE",
-        Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_panoptic_sample",
-    )
-)
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +17,6 @@ def coco_panoptic_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ``tests/coco_panoptic_sample.py``): ``images/``, ``panoptic/``, ``panoptic.json`` and
     ``instances.json``. Needs detectron2 (its COCO categories) and pycocotools."""
     pytest.importorskip("detectron2", reason="the generated COCO panoptic sample needs detectron2")
-    from coco_panoptic_sample import write_coco_panoptic_sample
-
     return write_coco_panoptic_sample(tmp_path_factory.mktemp("coco_panoptic_sample"))
 
 

@@ -5,16 +5,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-# the real photos (tests/conftest.py's REAL_SAMPLE, which the variable also moves)
-SAMPLE = Path(
-    os.environ.get(
-        "PANOPTIC_SEGFORMER_REAL_SAMPLE", ROOT.parent / "shared" / "data" / "coco_panoptic_sample"
-    )
-)
 
 # A small model for CPU tests: ResNet-18, 64 channels, one layer per stack, 20 queries.
 TINY = [
@@ -65,7 +58,6 @@ def train_net_args(output_dir, dataset, *extra, eval_only=False, resume=False):
         *TINY,
         "DATASETS.TRAIN", f"('{dataset}',)",
         "DATASETS.TEST", f"('{dataset}',)",
-        "MODEL.PANOPTIC_SEGFORMER.NUM_QUERIES", "50",  # the sample's second image has 26 things
         "SOLVER.IMS_PER_BATCH", "2",
         "SOLVER.CHECKPOINT_PERIOD", "100",
         "INPUT.MIN_SIZE_TRAIN", "(160,)",
@@ -89,17 +81,10 @@ def make_cfg(config_file, *opts):
     return get_config(str(config_file), opts)
 
 
-def needs_sample():
-    return pytest.mark.skipif(
-        not (SAMPLE / "panoptic.json").is_file(),
-        reason=f"the COCO panoptic sample is missing ({SAMPLE})",
-    )
-
-
-def register_sample(name, ground_truth=SAMPLE, images=SAMPLE / "images", **kwargs):
+def register_sample(name, ground_truth, images, **kwargs):
     """Registers a two-image COCO panoptic sample as dataset ``name`` (once): the images in
     ``images`` with the ground truth in ``ground_truth`` (``panoptic/`` PNGs and
-    ``panoptic.json``; by default the real sample's); returns ``name``."""
+    ``panoptic.json``); returns ``name``."""
     from detectron2.data import DatasetCatalog
 
     from panoptic_segformer.data import register_panoptic_dataset
@@ -113,39 +98,6 @@ def register_sample(name, ground_truth=SAMPLE, images=SAMPLE / "images", **kwarg
             **kwargs,
         )
     return name
-
-
-def write_instances_json(path):
-    """The sample's thing segments as a COCO instances json (what COCOEvaluator reads)."""
-    from panopticapi.utils import rgb2id
-    from PIL import Image
-    from pycocotools import mask as mask_util
-
-    panoptic = json.loads((SAMPLE / "panoptic.json").read_text())
-    things = [c for c in panoptic["categories"] if c["isthing"]]
-    thing_ids = {c["id"] for c in things}
-    annotations = []
-    for ann in panoptic["annotations"]:
-        ids = rgb2id(np.asarray(Image.open(SAMPLE / "panoptic" / ann["file_name"])))
-        for segment in ann["segments_info"]:
-            if segment["category_id"] not in thing_ids:
-                continue
-            rle = mask_util.encode(np.asfortranarray(ids == segment["id"]).astype(np.uint8))
-            rle["counts"] = rle["counts"].decode()
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": ann["image_id"],
-                    "category_id": segment["category_id"],
-                    "segmentation": rle,
-                    "area": segment["area"],
-                    "bbox": segment["bbox"],
-                    "iscrowd": segment["iscrowd"],
-                }
-            )
-    data = {"images": panoptic["images"], "annotations": annotations, "categories": things}
-    path.write_text(json.dumps(data))
-    return str(path)
 
 
 def write_own_predictions_as_ground_truth(cfg, dataset, folder):

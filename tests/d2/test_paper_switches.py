@@ -1,6 +1,7 @@
-"""The paper's ablation switches through train_net.py: each trains 20 iterations on the two
-real COCO images with finite losses, then predicts and is evaluated (Tables 6, 7, 8, Fig. 5,
-Sec. 3.3.3). Their effect on the model is tested in tests/modeling and tests/d2/test_meta_arch.py.
+"""The paper's ablation switches through train_net.py: each trains 20 iterations on the
+generated COCO panoptic sample (tests/coco_panoptic_sample.py) with finite losses, then predicts
+and is evaluated (Tables 6, 7, 8, Fig. 5, Sec. 3.3.3). Their effect on the model is tested in
+tests/modeling and tests/d2/test_meta_arch.py.
 """
 
 import json
@@ -16,7 +17,6 @@ pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panoptica
 from d2_helpers import (  # noqa: E402
     ROOT,
     make_cfg,
-    needs_sample,
     register_sample,
     train_net_args,
 )
@@ -64,10 +64,9 @@ def run_args(output_dir, *opts):
     )  # fmt: skip
 
 
-@needs_sample()
 @pytest.mark.parametrize("switch", SWITCHES)
-def test_switch_trains_20_iterations_and_predicts(switch, tmp_path):
-    register_sample(DATASET)
+def test_switch_trains_20_iterations_and_predicts(switch, tmp_path, coco_panoptic_sample):
+    register_sample(DATASET, coco_panoptic_sample, coco_panoptic_sample / "images")
     args = run_args(tmp_path, *SWITCHES[switch])
     results = train_net.main(args)  # raises on a non-finite loss (check_losses_finite)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
@@ -76,7 +75,7 @@ def test_switch_trains_20_iterations_and_predicts(switch, tmp_path):
     assert all(math.isfinite(m["total_loss"]) for m in logged)
     panoptic = results["panoptic_seg"]
     assert all(math.isfinite(panoptic[k]) for k in ("PQ", "SQ", "RQ"))
-    # the trained model predicts segments on a real image once its thresholds let it
+    # the trained model predicts segments on a sample image once its thresholds let it
     cfg = make_cfg(
         args.config_file,
         *args.opts,

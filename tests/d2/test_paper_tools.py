@@ -15,7 +15,6 @@ from d2_helpers import (  # noqa: E402
     ROOT,
     TINY,
     make_cfg,
-    needs_sample,
     register_sample,
 )
 from detectron2.data import DatasetCatalog  # noqa: E402
@@ -36,8 +35,9 @@ def load_tool(name):
 
 
 @pytest.fixture(scope="module")
-def sample_dataset():
-    return register_sample(DATASET)
+def sample_dataset(coco_panoptic_sample):
+    """The generated COCO panoptic sample (tests/coco_panoptic_sample.py)."""
+    return register_sample(DATASET, coco_panoptic_sample, coco_panoptic_sample / "images")
 
 
 def test_analyze_model_at_a_size(tmp_path, capsys):
@@ -71,7 +71,6 @@ def test_flops_grow_with_the_input(tmp_path):
     assert large["paper_table1"] == {"backbone": "resnet50", "params": 51.0, "gflops": 214.0}
 
 
-@needs_sample()
 def test_analyze_model_over_dataset_images(tmp_path, sample_dataset):
     tool = load_tool("analyze_model")
     opts = [*TINY, "DATASETS.TEST", f"('{sample_dataset}',)", "INPUT.MIN_SIZE_TEST", "96"]
@@ -85,7 +84,6 @@ def test_analyze_model_over_dataset_images(tmp_path, sample_dataset):
     ]  # the test-time resize (640x427, 640x360)
 
 
-@needs_sample()
 def test_ablate_inference_table(tmp_path, sample_dataset, capsys):
     tool = load_tool("ablate_inference")
     opts = [*TINY, "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "200",
@@ -154,7 +152,6 @@ def test_ablate_inference_variants_switch_a_built_model_as_the_config_would():
     assert torch.equal(built_seg, switched_seg) and not torch.equal(default_seg, switched_seg)
 
 
-@needs_sample()
 def test_subset_has_its_own_json(tmp_path, sample_dataset):
     name = register_subset(sample_dataset, 1, str(tmp_path))
     (first,) = DatasetCatalog.get(name)

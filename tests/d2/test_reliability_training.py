@@ -18,8 +18,9 @@ scheduler and the iteration, but no random state):
 * A one-image dataset: the sampler's seeded stream restarts at resume rather than skipping the
   batches already seen, so with two images batch ``i`` after a resume holds them in the order
   of batch ``i - start`` of a fresh run. Every batch holds both images either way, and only the
-  order in which per-image terms are summed changes: on the sample, a run resumed at iteration 4
-  ends within 1.2e-7 of the uninterrupted one (127 of 275 tensors differ in the last bits).
+  order in which per-image terms are summed changes: on the two real photos, a run resumed at
+  iteration 4 ended within 1.2e-7 of the uninterrupted one (127 of 275 tensors differed in the
+  last bits).
   With one image every batch is the same and the runs must agree exactly.
 """
 
@@ -41,10 +42,8 @@ from d2_helpers import (  # noqa: E402
     PERMISSIVE,
     PIXEL_ARGMAX,
     ROOT,
-    SAMPLE,
     TINY,
     make_cfg,
-    needs_sample,
     register_sample,
 )
 from detectron2.engine import hooks  # noqa: E402
@@ -59,7 +58,7 @@ import train_net  # noqa: E402
 
 CONFIG = CONFIGS[0].parent / "r50.yaml"
 DATASET = "psf_test_reliability_sample"
-ONE_IMAGE = 142238  # the sample image with 18 segments: TINY's 20 queries hold its things
+ONE_IMAGE = 142238  # a sample image: sky, grass, a person, a car and a crowd of persons
 MAX_ITER = 8
 TRAIN = [
     *TINY,
@@ -83,14 +82,14 @@ THRESHOLDS = {"default": [], "mask_wise": PERMISSIVE, "pixel_argmax": PIXEL_ARGM
 # --- interrupted training -------------------------------------------------------------------
 
 
-def one_image_coco(root):
+def one_image_coco(root, sample):
     """A ``$DETECTRON2_DATASETS`` folder whose ``coco_2017_train_panoptic`` (the configs'
-    training set) is the sample image ``ONE_IMAGE``."""
+    training set) is the image ``ONE_IMAGE`` of the COCO panoptic sample in folder ``sample``."""
     coco = root / "coco"
     (coco / "annotations").mkdir(parents=True)
-    (coco / "train2017").symlink_to(SAMPLE / "images")
-    (coco / "panoptic_train2017").symlink_to(SAMPLE / "panoptic")
-    data = json.loads((SAMPLE / "panoptic.json").read_text())
+    (coco / "train2017").symlink_to(sample / "images")
+    (coco / "panoptic_train2017").symlink_to(sample / "panoptic")
+    data = json.loads((sample / "panoptic.json").read_text())
     data["images"] = [im for im in data["images"] if im["id"] == ONE_IMAGE]
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] == ONE_IMAGE]
     (coco / "annotations" / "panoptic_train2017.json").write_text(json.dumps(data))
@@ -168,12 +167,11 @@ def optimizer_steps(checkpoint):
     return {float(s["step"]) for s in state.values()}
 
 
-@needs_sample()
-def test_killed_training_resumes_exactly_where_it_stopped(tmp_path):
+def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, coco_panoptic_sample):
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        DETECTRON2_DATASETS=str(one_image_coco(tmp_path / "datasets")),
+        DETECTRON2_DATASETS=str(one_image_coco(tmp_path / "datasets", coco_panoptic_sample)),
         OMP_NUM_THREADS="1",  # float reductions are reproducible for a fixed thread count
     )
     reference, run = tmp_path / "uninterrupted", tmp_path / "interrupted"
@@ -273,15 +271,15 @@ def test_a_failed_tag_leaves_last_checkpoint_naming_a_complete_file(tmp_path, mo
 
 
 @pytest.fixture(scope="module")
-def sample_dataset():
-    return register_sample(DATASET)
+def sample_dataset(coco_panoptic_sample):
+    """The generated COCO panoptic sample (tests/coco_panoptic_sample.py)."""
+    return register_sample(DATASET, coco_panoptic_sample, coco_panoptic_sample / "images")
 
 
 def trainer(output_dir, dataset):
     cfg = make_cfg(
         CONFIG,
         *TRAIN,
-        "MODEL.PANOPTIC_SEGFORMER.NUM_QUERIES", "50",  # the other image has 26 things
         "SOLVER.CHECKPOINT_PERIOD", "100",
         "DATASETS.TRAIN", f"('{dataset}',)",
         "OUTPUT_DIR", str(output_dir),
@@ -290,7 +288,6 @@ def trainer(output_dir, dataset):
     return train_net.Trainer(cfg)
 
 
-@needs_sample()
 def test_the_trainer_saves_its_periodic_checkpoints_atomically(tmp_path, sample_dataset):
     built = trainer(tmp_path, sample_dataset)
     periodic = [h for h in built._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
@@ -299,7 +296,6 @@ def test_the_trainer_saves_its_periodic_checkpoints_atomically(tmp_path, sample_
     assert type(built.checkpointer) is PanopticSegFormerCheckpointer
 
 
-@needs_sample()
 def test_a_nan_loss_stops_training_naming_the_term_and_iteration(tmp_path, sample_dataset):
     built = trainer(tmp_path, sample_dataset)
     built.resume_or_load(resume=False)
@@ -404,10 +400,9 @@ def assert_same_outputs(ours, theirs):
     assert torch.equal(ours["sem_seg"], theirs["sem_seg"])
 
 
-@needs_sample()
 @pytest.mark.parametrize("thresholds", ["mask_wise", "pixel_argmax"])
-def test_inference_is_deterministic_on_the_cpu(thresholds):
-    image = load_image(str(SAMPLE / "images" / f"{ONE_IMAGE:012d}.jpg"))
+def test_inference_is_deterministic_on_the_cpu(thresholds, coco_panoptic_sample):
+    image = load_image(str(coco_panoptic_sample / "images" / f"{ONE_IMAGE:012d}.jpg"))
     model = predictor(thresholds)
     first = model(image)
     assert first["panoptic_seg"][1] and len(first["instances"]) > 0

@@ -1,5 +1,6 @@
-"""train_net.py end to end on the two real COCO images: a training iteration through
-detectron2's trainer, a checkpoint, then inference and COCOPanopticEvaluator."""
+"""train_net.py end to end on the generated COCO panoptic sample (tests/coco_panoptic_sample.py):
+a training iteration through detectron2's trainer, a checkpoint, then inference and
+COCOPanopticEvaluator."""
 
 import json
 import logging
@@ -20,10 +21,8 @@ from d2_helpers import (  # noqa: E402
     PIXEL_ARGMAX,
     ROOT,
     make_cfg,
-    needs_sample,
     register_sample,
     train_net_args,
-    write_instances_json,
     write_own_predictions_as_ground_truth,
 )
 
@@ -35,9 +34,13 @@ OWN = "psf_test_own_predictions"  # the sample with a model's predictions as gro
 
 
 @pytest.fixture(scope="module")
-def sample_dataset(tmp_path_factory):
-    instances = write_instances_json(tmp_path_factory.mktemp("sample") / "instances.json")
-    return register_sample(DATASET, instances_json=instances)
+def sample_dataset(coco_panoptic_sample):
+    return register_sample(
+        DATASET,
+        coco_panoptic_sample,
+        coco_panoptic_sample / "images",
+        instances_json=str(coco_panoptic_sample / "instances.json"),
+    )
 
 
 def args_for(output_dir, *extra, eval_only=False, resume=False):
@@ -53,8 +56,7 @@ def args_for(output_dir, *extra, eval_only=False, resume=False):
     )  # fmt: skip
 
 
-@needs_sample()
-def test_train_then_evaluate(tmp_path, sample_dataset):
+def test_train_then_evaluate(tmp_path, sample_dataset, coco_panoptic_sample):
     # the pixel-wise argmax paints dozens of thing and stuff segments after one iteration
     results = train_net.main(args_for(tmp_path, *PIXEL_ARGMAX))
     assert (tmp_path / "model_final.pth").is_file()
@@ -62,7 +64,7 @@ def test_train_then_evaluate(tmp_path, sample_dataset):
     saved = torch.load(tmp_path / "model_final.pth", weights_only=True)["class_info"]
     assert saved["dataset"] == DATASET and saved["thing_classes"][0] == "person"
     assert len(saved["stuff_classes"]) == len(saved["stuff_colors"]) > 0
-    # the evaluation after the last iteration, on the real ground truth (PQ ~0 so soon)
+    # the evaluation after the last iteration, on the sample's ground truth (PQ ~0 so soon)
     panoptic = results["panoptic_seg"]
     for key in ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"):
         assert math.isfinite(panoptic[key]) and 0 <= panoptic[key] <= 100, key
@@ -77,7 +79,7 @@ def test_train_then_evaluate(tmp_path, sample_dataset):
     args = args_for(tmp_path, *PIXEL_ARGMAX, *own_test, eval_only=True)
     cfg = make_cfg(args.config_file, *args.opts)
     write_own_predictions_as_ground_truth(cfg, sample_dataset, tmp_path / "own")
-    register_sample(OWN, ground_truth=tmp_path / "own")
+    register_sample(OWN, tmp_path / "own", coco_panoptic_sample / "images")
     again = train_net.main(args)
 
     # the trained weights evaluate the same way with --eval-only
@@ -123,7 +125,6 @@ def test_train_then_evaluate(tmp_path, sample_dataset):
     assert own["RQ_th"] == pytest.approx(rq_th) and own["PQ_th"] > rq_th - 1
 
 
-@needs_sample()
 def test_resume_restores_iteration_optimizer_and_scheduler(tmp_path, sample_dataset):
     # no test dataset: the evaluation after the last iteration has nothing to do
     no_test = ["DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", "1"]
@@ -159,15 +160,18 @@ def test_resume_refuses_a_last_checkpoint_that_would_run_code(tmp_path, crafted_
     assert not crafted_weights.marker.exists()
 
 
-@needs_sample()
 def test_eval_only_needs_weights(tmp_path, sample_dataset):
     with pytest.raises(ValueError, match="--eval-only needs trained weights: set MODEL.WEIGHTS"):
         train_net.main(args_for(tmp_path, eval_only=True))
 
 
-@needs_sample()
-def test_missing_instances_json_is_skipped_with_a_warning(tmp_path, caplog):
-    name = register_sample("psf_test_no_instances_json", instances_json=str(tmp_path / "no.json"))
+def test_missing_instances_json_is_skipped_with_a_warning(tmp_path, caplog, coco_panoptic_sample):
+    name = register_sample(
+        "psf_test_no_instances_json",
+        coco_panoptic_sample,
+        coco_panoptic_sample / "images",
+        instances_json=str(tmp_path / "no.json"),
+    )
     cfg = make_cfg(CONFIGS[0].parent / "r50.yaml")
     with caplog.at_level(logging.WARNING, logger="detectron2"):
         evaluators = train_net.Trainer.build_evaluator(cfg, name, str(tmp_path))
@@ -175,7 +179,6 @@ def test_missing_instances_json_is_skipped_with_a_warning(tmp_path, caplog):
     assert f"the instances json {tmp_path / 'no.json'} does not exist" in caplog.text
 
 
-@needs_sample()
 def test_boundary_pq_is_added_on_request(tmp_path, sample_dataset):
     cfg = make_cfg(
         CONFIGS[0].parent / "r50.yaml", "MODEL.PANOPTIC_SEGFORMER.TEST.INSTANCE_ON", "False"

@@ -34,12 +34,12 @@ def _generated_photo(height: int, width: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def photos() -> List[np.ndarray]:
-    """Two (H, W, 3) uint8 BGR photos of different aspect ratios: the COCO sample's two photos
+    """Two (H, W, 3) uint8 BGR photos of different aspect ratios: the two real COCO photos
     (640 x 427 and 640 x 360) where present, else generated images of those sizes."""
-    from d2_helpers import SAMPLE
+    from coco_panoptic_sample import REAL_SAMPLE
     from PIL import Image
 
-    paths = sorted((SAMPLE / "images").glob("*.jpg"))
+    paths = sorted((REAL_SAMPLE / "images").glob("*.jpg"))
     if len(paths) >= 2:
         # RGB -> BGR, as detectron2's predictors take images
         return [
