@@ -6,7 +6,7 @@ import torch
 from test_panoptic_segformer import synthetic_batch, tiny_model
 
 from panoptic_segformer.modeling import losses as L
-from panoptic_segformer.modeling import matcher as M
+from panoptic_segformer.modeling import matching_costs as M
 
 DEVICES = [
     ("cpu", torch.bfloat16),
