@@ -2,7 +2,6 @@
 detectron2 model, each exported once per format (session scope: exporting is the slow part).
 The core model's fixtures need no detectron2; the others import it when first used."""
 
-import sys
 from pathlib import Path
 from typing import Callable, List, Tuple
 
@@ -10,11 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from deploy_helpers import TINY_DEPLOY
 from torch import Tensor
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "d2"))  # d2_helpers
-
-from deploy_helpers import TINY_DEPLOY  # noqa: E402
 
 # the core model's input, as the detectron2 model's (TINY_DEPLOY): short side 96, ImageNet
 # normalisation in RGB order, padding to a multiple of 32 (the backbone's largest stride)

@@ -1,5 +1,5 @@
 """tools/analyze_model.py without detectron2: --params-only (Table 1's four models) and its
-argument checks. With a config (detectron2): tests/d2/test_paper_tools.py."""
+argument checks. With a config (detectron2): tests/tools/test_paper_tools.py."""
 
 import json
 

@@ -186,7 +186,7 @@ def two_machines(tmp_path_factory, datasets_root):
     output_dir = tmp_path_factory.mktemp("two_machines")
     url = f"tcp://127.0.0.1:{free_port()}"
     opts = ["SOLVER.MAX_ITER", "20", "SOLVER.BASE_LR", "0.0004"]
-    script = ROOT / "tests" / "d2" / "train_net_reporting.py"
+    script = ROOT / "tests" / "engine" / "train_net_reporting.py"
     flags = ["--num-gpus", "1", "--num-machines", "2", "--dist-url", url]
     # two "machines" on this one: a thread each (a real machine would use all its cores)
     ranks = [

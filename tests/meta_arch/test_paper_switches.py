@@ -1,7 +1,7 @@
 """The paper's ablation switches through train_net.py: each trains 20 iterations on the
 generated COCO panoptic sample (tests/coco_panoptic_sample.py) with finite losses, then predicts
 and is evaluated (Tables 6, 7, 8, Fig. 5, Sec. 3.3.3). Their effect on the model is tested in
-tests/modeling and tests/d2/test_meta_arch.py.
+tests/modeling and tests/meta_arch/test_meta_arch.py.
 """
 
 import json
@@ -47,7 +47,7 @@ SWITCHES = {
         PS + "TEST.MERGE", "pixel_argmax", PS + "TEST.PIXEL_ARGMAX_CLASS_WEIGHTED", "False",
     ],
 }  # fmt: skip
-# (Table 6's 2 layers is TINY's DEC_LAYERS, trained by tests/d2/test_train_net.py)
+# (Table 6's 2 layers is TINY's DEC_LAYERS, trained by tests/engine/test_train_net.py)
 
 
 def run_args(output_dir, *opts):

@@ -6,7 +6,7 @@ over all processes (an all-reduce, so every rank holds the value the main proces
 SHA-256 of its final weights. Used by ``test_distributed.py`` on "machines" that are local
 processes:
 
-    python tests/d2/train_net_reporting.py --config-file configs/r50.yaml --num-machines 2 \\
+    python tests/engine/train_net_reporting.py --config-file configs/r50.yaml --num-machines 2 \\
         --machine-rank 0 --dist-url tcp://127.0.0.1:<port> MODEL.DEVICE cpu ...
 """
 
