@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from deploy_helpers import TINY_DEPLOY
+from tiny_core_model import build_tiny_core_model
 from torch import Tensor
 
 # the core model's input, as the detectron2 model's (TINY_DEPLOY): short side 96, ImageNet
@@ -72,29 +73,14 @@ def core_input(photo: np.ndarray) -> Tuple[Tensor, Tensor]:
 def core_model() -> torch.nn.Module:
     """The core model (no detectron2): ResNet-18, hidden 32, one layer per stack, 8 queries,
     3 thing and 2 stuff classes, random weights; eval mode."""
-    from panoptic_segformer.modeling.backbone import ResNetBackbone
     from panoptic_segformer.modeling.inference import InferenceOptions
-    from panoptic_segformer.modeling.panoptic_segformer import build_panoptic_segformer
 
-    torch.manual_seed(0)
-    backbone = ResNetBackbone(depth=18)
-    return build_panoptic_segformer(
-        backbone,
-        backbone.out_channels,
+    return build_tiny_core_model(
         num_thing_classes=3,
         num_stuff_classes=2,
-        d_model=32,
         n_heads=2,
-        n_points=2,
-        d_ffn=64,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        num_queries=8,
-        num_thing_mask_layers=1,
-        num_stuff_mask_layers=1,
         inference=InferenceOptions(max_detections=5),
-        with_criterion=False,
-    ).eval()
+    )
 
 
 @pytest.fixture(scope="session")

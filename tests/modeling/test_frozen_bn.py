@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_core_model import build_tiny_core_model
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -12,7 +13,6 @@ from panoptic_segformer.modeling.frozen_bn import (
     is_frozen_batchnorm,
 )
 from panoptic_segformer.modeling.inference import InferenceOptions
-from panoptic_segformer.modeling.panoptic_segformer import build_panoptic_segformer
 
 
 @pytest.mark.parametrize("conv_bias", [False, True])
@@ -67,23 +67,12 @@ def test_resnet_backbone_folds_every_norm(randomise_norms):
 
 
 def test_prepared_model_predicts_the_same_and_refuses_training_losses(randomise_norms):
-    torch.manual_seed(0)
-    model = build_panoptic_segformer(
-        ResNetBackbone(depth=18),
-        [128, 256, 512],
+    model = build_tiny_core_model(
         num_thing_classes=3,
         num_stuff_classes=2,
-        d_model=32,
-        n_heads=4,
-        n_points=2,
-        d_ffn=64,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        num_queries=8,
-        num_thing_mask_layers=1,
-        num_stuff_mask_layers=1,
         inference=InferenceOptions(max_detections=4),
-    ).eval()
+        with_criterion=True,
+    )
     randomise_norms(model)
     images = torch.randn(1, 3, 96, 128)
     with torch.no_grad():

@@ -9,10 +9,9 @@ from types import ModuleType
 
 import pytest
 import torch
+from tiny_core_model import build_tiny_core_model
 
-from panoptic_segformer.modeling.backbone import ResNetBackbone
 from panoptic_segformer.modeling.inference import InferenceOptions
-from panoptic_segformer.modeling.panoptic_segformer import build_panoptic_segformer
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -35,23 +34,7 @@ def _tiny_core_model(
 ) -> torch.nn.Module:
     """COCO's 80 + 53 classes (so 300 thing detections can be kept), everything else tiny; a
     ResNet-18 whatever ``backbone`` names."""
-    torch.manual_seed(0)
-    net = ResNetBackbone(depth=18)
-    return build_panoptic_segformer(
-        net,
-        net.out_channels,
-        d_model=32,
-        n_heads=4,
-        n_points=2,
-        d_ffn=64,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        num_queries=4,
-        num_thing_mask_layers=1,
-        num_stuff_mask_layers=1,
-        with_criterion=False,
-        inference=inference,
-    ).eval()
+    return build_tiny_core_model(num_queries=4, inference=inference)
 
 
 @pytest.fixture
