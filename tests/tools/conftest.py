@@ -23,7 +23,7 @@ def _load_tool(name: str) -> ModuleType:
     return module
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def load_tool():
     """``load_tool(name)``: tools/<name>.py as a fresh module."""
     return _load_tool

@@ -8,7 +8,6 @@ converted weights compute the same masks, queries and class scores in our mask d
 """
 
 import copy
-import importlib.util
 import json
 import pickle
 import re
@@ -29,7 +28,6 @@ from panoptic_segformer import PanopticSegFormerCheckpointer  # noqa: E402
 
 ROOT = CONFIGS[0].parents[1]
 BASE = ROOT / "configs" / "r50.yaml"
-TOOL = ROOT / "tools" / "convert_official_checkpoint.py"
 R50 = ["MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS", "256"]
 TWO_MASK_LAYERS = [
     "MODEL.PANOPTIC_SEGFORMER.THING_MASK_LAYERS", "2",
@@ -311,11 +309,8 @@ def authors_mask_head(sd, p, query, pos: Optional[Tensor], memory, hw, heads, bl
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("convert_official_checkpoint", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("convert_official_checkpoint")
 
 
 def tiny_model(*opts, seed: int = 0):

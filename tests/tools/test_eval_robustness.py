@@ -3,7 +3,6 @@ the corrupting mapper (deterministic, before the resize, in either channel order
 the command line, and the whole tool on the generated COCO panoptic sample (tests/coco_panoptic_sample.py) with a tiny
 untrained model."""
 
-import importlib.util
 import json
 import math
 import sys
@@ -26,20 +25,14 @@ from panoptic_segformer.data import (  # noqa: E402
     select_images,
 )
 
-TOOL = ROOT / "tools" / "eval_robustness.py"
 CONFIG = ROOT / "configs" / "r50.yaml"
 DATASET = "psf_test_robustness_sample"
 SMALL_TEST = ["INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "256"]
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("eval_robustness", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = load_tool()
+@pytest.fixture(scope="module")
+def tool(load_tool):
+    return load_tool("eval_robustness")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +40,7 @@ def sample_dataset(coco_panoptic_sample):
     return register_sample(DATASET, coco_panoptic_sample, coco_panoptic_sample / "images")
 
 
-def test_every_paper_corruption_runs():
+def test_every_paper_corruption_runs(tool):
     """Guards the compatibility patches: fog (np.float_), gaussian_blur and glass_blur
     (scikit-image's removed ``multichannel``) fail unpatched under NumPy 2 / scikit-image 0.26."""
     corrupt, names = tool.load_corruption_library()
@@ -60,7 +53,7 @@ def test_every_paper_corruption_runs():
         assert not np.array_equal(out, image), name
 
 
-def test_corrupted_mapper_is_deterministic_and_before_the_resize(coco_panoptic_sample):
+def test_corrupted_mapper_is_deterministic_and_before_the_resize(tool, coco_panoptic_sample):
     cfg = make_cfg(CONFIG, *SMALL_TEST)
     image = coco_panoptic_sample / "images" / "000000142238.jpg"
     width, height = Image.open(image).size
@@ -85,7 +78,7 @@ def test_corrupted_mapper_is_deterministic_and_before_the_resize(coco_panoptic_s
         tool.CorruptedMapper(cfg, "fog", 1)
 
 
-def test_bad_settings_raise():
+def test_bad_settings_raise(tool):
     with pytest.raises(
         ValueError, match=r"unknown corruption\(s\) 'fgo'; the valid ones are .*fog"
     ):
@@ -96,7 +89,7 @@ def test_bad_settings_raise():
         tool.parse_args(["--config-file", str(CONFIG), "--severities", "1", "high"])
 
 
-def test_missing_library_names_the_package(monkeypatch):
+def test_missing_library_names_the_package(tool, monkeypatch):
     monkeypatch.setitem(sys.modules, "imagecorruptions", None)  # as if not installed
     tool.load_corruption_library.cache_clear()
     try:
@@ -107,7 +100,7 @@ def test_missing_library_names_the_package(monkeypatch):
         tool.load_corruption_library.cache_clear()
 
 
-def test_list_options_give_back_trailing_overrides():
+def test_list_options_give_back_trailing_overrides(tool):
     args = tool.parse_args(
         ["--config-file", "c.yaml", "--severities", "2", "4", "MODEL.WEIGHTS", "m.pth"]
     )
@@ -139,7 +132,7 @@ def test_seeded_subset_ground_truth(tmp_path, sample_dataset):
     assert metadata.panoptic_root == MetadataCatalog.get(sample_dataset).panoptic_root
 
 
-def test_main_on_the_sample(tmp_path, sample_dataset, capsys, monkeypatch):
+def test_main_on_the_sample(tool, tmp_path, sample_dataset, capsys, monkeypatch):
     corrupted = []  # (corruption, severity, size of the image it corrupts)
     apply_image = tool.ImageCorruption.apply_image
 

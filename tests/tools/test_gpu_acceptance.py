@@ -3,7 +3,6 @@ the parts that can run on a CPU (the CPU kernel benchmark, training with AMP swi
 the numbers the table shows."""
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,11 +18,8 @@ TOOL = ROOT / "tools" / "gpu_acceptance.py"
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("gpu_acceptance", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("gpu_acceptance")
 
 
 def context(tool, tmp_path, gpus=1, detectron2=None):

@@ -1,6 +1,5 @@
 """tools/analyze_model.py and tools/ablate_inference.py on tiny inputs."""
 
-import importlib.util
 import json
 
 import pytest
@@ -12,7 +11,6 @@ import torch  # noqa: E402
 from d2_helpers import (  # noqa: E402
     CONFIGS,
     PERMISSIVE_SCORES,
-    ROOT,
     TINY,
     make_cfg,
     register_sample,
@@ -27,20 +25,13 @@ R50 = str(CONFIGS[0].parent / "r50.yaml")
 DATASET = "psf_test_tools_sample"
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def sample_dataset(coco_panoptic_sample):
     """The generated COCO panoptic sample (tests/coco_panoptic_sample.py)."""
     return register_sample(DATASET, coco_panoptic_sample, coco_panoptic_sample / "images")
 
 
-def test_analyze_model_at_a_size(tmp_path, capsys):
+def test_analyze_model_at_a_size(load_tool, tmp_path, capsys):
     tool = load_tool("analyze_model")
     out = tmp_path / "analysis.json"
     result = tool.main(["--config-file", R50, "--size", "64", "96", "--output", str(out), *TINY])
@@ -60,7 +51,7 @@ def test_analyze_model_at_a_size(tmp_path, capsys):
     assert "not counted (fvcore has no handle; mostly element-wise): aten::" in text
 
 
-def test_flops_grow_with_the_input(tmp_path):
+def test_flops_grow_with_the_input(load_tool, tmp_path):
     tool = load_tool("analyze_model")
     small = tool.main(["--config-file", R50, "--size", "64", "96", "--output", str(tmp_path / "a")])
     large = tool.main(
@@ -71,7 +62,7 @@ def test_flops_grow_with_the_input(tmp_path):
     assert large["paper_table1"] == {"backbone": "resnet50", "params": 51.0, "gflops": 214.0}
 
 
-def test_analyze_model_over_dataset_images(tmp_path, sample_dataset):
+def test_analyze_model_over_dataset_images(load_tool, tmp_path, sample_dataset):
     tool = load_tool("analyze_model")
     opts = [*TINY, "DATASETS.TEST", f"('{sample_dataset}',)", "INPUT.MIN_SIZE_TEST", "96"]
     result = tool.main(
@@ -84,7 +75,7 @@ def test_analyze_model_over_dataset_images(tmp_path, sample_dataset):
     ]  # the test-time resize (640x427, 640x360)
 
 
-def test_ablate_inference_table(tmp_path, sample_dataset, capsys):
+def test_ablate_inference_table(load_tool, tmp_path, sample_dataset, capsys):
     tool = load_tool("ablate_inference")
     opts = [*TINY, "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "200",
             "MODEL.PANOPTIC_SEGFORMER.THING_MASK_LAYERS", "2",
@@ -114,7 +105,7 @@ def test_ablate_inference_table(tmp_path, sample_dataset, capsys):
         tool.main(["--config-file", R50, "--variants", "exit_9", *TINY])
 
 
-def test_ablate_inference_variants_switch_a_built_model_as_the_config_would():
+def test_ablate_inference_variants_switch_a_built_model_as_the_config_would(load_tool):
     tool = load_tool("ablate_inference")
     test = "MODEL.PANOPTIC_SEGFORMER.TEST."
     opts = [*TINY, *PERMISSIVE_SCORES, test + "MASK_DECODER_LAYERS", "1"]
@@ -166,7 +157,7 @@ def test_subset_has_its_own_json(tmp_path, sample_dataset):
 @pytest.mark.parametrize(
     "tool", ["analyze_model", "ablate_inference", "eval_robustness", "convert_official_checkpoint"]
 )
-def test_every_tool_has_help(tool, capsys):
+def test_every_tool_has_help(load_tool, tool, capsys):
     module = load_tool(tool)
     with pytest.raises(SystemExit) as done:
         if hasattr(module, "get_parser"):
@@ -177,7 +168,7 @@ def test_every_tool_has_help(tool, capsys):
     assert "--config-file" in capsys.readouterr().out
 
 
-def test_analyze_model_rejects_a_bad_size(capsys):
+def test_analyze_model_rejects_a_bad_size(load_tool, capsys):
     tool = load_tool("analyze_model")
     with pytest.raises(SystemExit):
         tool.main(["--config-file", R50, "--size", "0", "96"])
