@@ -45,12 +45,13 @@ def cuda_extension(torch, helpers):
     if not (force or torch.cuda.is_available()):
         print("panoptic_segformer: no GPU visible; the CUDA kernel will be built on first CUDA use")
         return None
-    if helpers.cuda_toolkit_home() is None:
-        message = "no CUDA toolkit found (no bin/nvcc under CUDA_HOME)"
+    home, reason = helpers.find_cuda_toolkit()
+    if home is None:
         if force:
-            raise RuntimeError(f"FORCE_CUDA=1 but {message}")
-        print(f"panoptic_segformer: {message}; the CUDA kernel will be built on first CUDA use")
+            raise RuntimeError(f"FORCE_CUDA=1 but {reason}")
+        print(f"panoptic_segformer: {reason}; the CUDA kernel will be built on first CUDA use")
         return None
+    helpers.use_cuda_toolkit(home)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = helpers.DEFAULT_ARCH_LIST
     sources = [os.path.relpath(p, ROOT) for p in helpers.source_paths()]

@@ -20,6 +20,7 @@ from PIL import Image
 from tabulate import tabulate
 
 from panoptic_segformer.boundary_pq import DILATION_RATIO, BoundaryPQStats, boundary_pq_image
+from panoptic_segformer.data.builtin import SUBMISSION_EVALUATOR_TYPE
 from panoptic_segformer.data.dataset_mapper import rgb_to_segment_ids
 
 __all__ = [
@@ -36,9 +37,8 @@ logger = logging.getLogger(__name__)
 
 # detectron2's evaluator_type of panoptic datasets (COCO's, ADE20K's, register_panoptic_dataset's)
 PANOPTIC_EVALUATOR_TYPES = ("coco_panoptic_seg", "ade20k_panoptic_seg")
-# evaluator_type of panoptic datasets without ground truth: predictions are written for COCO's
-# evaluation server (COCOPanopticSubmissionWriter) instead of scored
-SUBMISSION_EVALUATOR_TYPE = "coco_panoptic_submission"
+# SUBMISSION_EVALUATOR_TYPE (data/builtin.py) marks panoptic datasets without ground truth:
+# their predictions are written for COCO's evaluation server (COCOPanopticSubmissionWriter)
 
 
 def check_panoptic_dataset(dataset_name: str) -> None:

@@ -227,7 +227,7 @@ def script(arguments: str, *more: str) -> List[str]:
 
 
 LOAD_KERNEL = """
-from panoptic_segformer.layers._extension import load_extension
+from panoptic_segformer.layers.ms_deform_attn_op import load_extension
 module, reason = load_extension()
 print(reason or f"loaded {module.__file__}")
 raise SystemExit(module is None)

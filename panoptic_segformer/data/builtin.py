@@ -24,14 +24,18 @@ from panoptic_segformer.data.coco_panoptic import (
     read_json,
     register_panoptic_dataset,
 )
-from panoptic_segformer.evaluation import SUBMISSION_EVALUATOR_TYPE
 
 __all__ = [
+    "SUBMISSION_EVALUATOR_TYPE",
     "load_image_info_json",
     "register_all_ade20k_panoptic",
     "register_all_coco_panoptic_test",
     "register_builtin_datasets",
 ]
+
+# evaluator_type of panoptic datasets without ground truth (COCO test-dev): their predictions
+# are written for COCO's evaluation server (evaluation.COCOPanopticSubmissionWriter), not scored
+SUBMISSION_EVALUATOR_TYPE = "coco_panoptic_submission"
 
 # ADE20K panoptic as written by the MaskFormer family's preparation script
 # (prepare_ade20k_pan_seg.py): name -> (images, panoptic PNGs, panoptic json, semantic PNGs),

@@ -1,4 +1,5 @@
-"""Building and loading the package's optional compiled extensions.
+"""Building the package's optional compiled extensions (loading them is
+:mod:`panoptic_segformer.layers.ms_deform_attn_op`'s).
 
 Two extensions, each compiled at install time by ``setup.py`` when it can be, and otherwise on
 first use with ``torch.utils.cpp_extension.load`` (JIT), so users never run a separate build
@@ -11,20 +12,17 @@ step; the callers fall back to PyTorch operations where neither works:
   at install time when a GPU (or ``FORCE_CUDA=1``) is present. It registers kernels for the
   operator the CPU extension defines, so that one is always loaded first.
 
-``setup.py`` reads the sources and compiler flags from here so the two builds cannot drift
-apart. Nothing here imports an extension at package import time.
+``setup.py`` loads this file by path (it imports nothing of the package, and torch only inside
+functions) and reads the sources and compiler flags from here, so the two builds cannot drift
+apart.
 """
 
 import contextlib
-import importlib
-import logging
 import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
-
-logger = logging.getLogger(__name__)
+from typing import Dict, Iterator, List, Optional, Tuple
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("cuda_module.cpp", "ms_deform_attn_checks.cpp", "ms_deform_attn_cuda.cu")
@@ -40,9 +38,8 @@ CPU_JIT_NAME = "panoptic_segformer_cpu"
 # Architectures compiled when no GPU is visible to pick from (CUDA 12 and 13 both support
 # these); override with TORCH_CUDA_ARCH_LIST as for any PyTorch extension.
 DEFAULT_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0+PTX"
-
-# extension name -> (module, None) or (None, why it is unavailable), once tried
-_loaded: Dict[str, Tuple[Optional[ModuleType], Optional[str]]] = {}
+# where CUDA toolkits install by default on Linux, tried when the folder PyTorch derives is none
+USUAL_CUDA_HOME = "/usr/local/cuda"
 
 
 def source_paths() -> List[str]:
@@ -79,13 +76,69 @@ def cpu_link_args() -> List[str]:
     return _openmp_flags()
 
 
-def cuda_toolkit_home() -> Optional[str]:
-    """The CUDA toolkit PyTorch would build with, or None when it has no ``bin/nvcc``."""
-    from torch.utils.cpp_extension import CUDA_HOME
+def _cuda_runtime_missing(home: str) -> Optional[str]:
+    """Why ``home`` is not a CUDA toolkit to build with, or None when it has ``bin/nvcc`` and the
+    CUDA runtime library in one of the folders PyTorch links from."""
+    root = Path(home)
+    if not (root / "bin" / "nvcc").exists() and not (root / "bin" / "nvcc.exe").exists():
+        return "no bin/nvcc"
+    for folder in ("lib64", "lib", "lib/x64"):
+        if any((root / folder).glob("libcudart.so*")) or (root / folder / "cudart.lib").exists():
+            return None
+    return "bin/nvcc but no CUDA runtime library (libcudart) in lib64/ or lib/"
 
-    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
-        return CUDA_HOME
-    return None
+
+def find_cuda_toolkit() -> Tuple[Optional[str], str]:
+    """``(folder, "")`` of the CUDA toolkit to build with, or ``(None, why none)``.
+
+    ``CUDA_HOME`` (or ``CUDA_PATH``) when set; otherwise the folder PyTorch derives (above the
+    ``nvcc`` on PATH), else :data:`USUAL_CUDA_HOME`. A folder counts only when it holds ``nvcc``
+    and the CUDA runtime: an ``nvcc`` on PATH can be a wrapper script outside the toolkit, and
+    PyTorch would then link against the wrapper's folder (``cannot find -lcudart``).
+    """
+    from torch.utils import cpp_extension
+
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [explicit] if explicit else [cpp_extension.CUDA_HOME, USUAL_CUDA_HOME]
+    problems = []
+    for home in dict.fromkeys(c for c in candidates if c):
+        problem = _cuda_runtime_missing(home)
+        if problem is None:
+            return home, ""
+        problems.append(f"{home}: {problem}")
+    where = "; ".join(problems) or "no nvcc on PATH"
+    return None, f"no CUDA toolkit found ({where}); set CUDA_HOME to the toolkit's folder"
+
+
+def cuda_toolkit_home() -> Optional[str]:
+    """The CUDA toolkit's folder (see :func:`find_cuda_toolkit`), or None."""
+    return find_cuda_toolkit()[0]
+
+
+def use_cuda_toolkit(home: str) -> None:
+    """Makes PyTorch's extension builder compile and link with the toolkit at ``home`` (it reads
+    the folder it derived at import from ``torch.utils.cpp_extension.CUDA_HOME``)."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.CUDA_HOME = home
+    os.environ["CUDA_HOME"] = home
+
+
+@contextlib.contextmanager
+def cuda_toolkit(home: str) -> Iterator[None]:
+    """:func:`use_cuda_toolkit` for the duration of a build, then PyTorch's own setting again."""
+    from torch.utils import cpp_extension
+
+    saved = cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME")
+    use_cuda_toolkit(home)
+    try:
+        yield
+    finally:
+        cpp_extension.CUDA_HOME = saved[0]
+        if saved[1] is None:
+            del os.environ["CUDA_HOME"]
+        else:
+            os.environ["CUDA_HOME"] = saved[1]
 
 
 @contextlib.contextmanager
@@ -118,13 +171,11 @@ def build_extension(build_directory: Optional[str] = None, verbose: bool = False
     """
     from torch.utils.cpp_extension import load
 
-    if cuda_toolkit_home() is None:
-        raise RuntimeError(
-            "no CUDA toolkit found (no bin/nvcc under CUDA_HOME); set CUDA_HOME to build the "
-            "multi-scale deformable attention kernel"
-        )
+    home, reason = find_cuda_toolkit()
+    if home is None:
+        raise RuntimeError(f"cannot build the multi-scale deformable attention kernel: {reason}")
     args = compile_args()
-    with default_arch_list():
+    with cuda_toolkit(home), default_arch_list():
         return load(
             name=JIT_NAME,
             sources=source_paths(),
@@ -155,67 +206,3 @@ def build_cpu_extension(build_directory: Optional[str] = None, verbose: bool = F
         build_directory=build_directory,
         verbose=verbose,
     )
-
-
-def _load_once(
-    installed: str,
-    build: Callable[[], ModuleType],
-    what: str,
-    after_load: Optional[Callable[[], None]] = None,
-) -> Tuple[Optional[ModuleType], Optional[str]]:
-    """The extension built at install time, else a JIT build; the outcome is cached, so a failed
-    build is attempted once per process. ``after_load`` runs once, after a successful load."""
-    if installed in _loaded:
-        return _loaded[installed]
-    try:
-        module = importlib.import_module(installed)
-    except ImportError as e:
-        logger.info("%s not built at install time (%s); building it now (JIT)", what, e)
-        try:
-            module = build()
-        except (ImportError, OSError, RuntimeError) as e:
-            reason = f"the {what} could not be built: {e}"
-            logger.warning("%s", reason)
-            _loaded[installed] = None, reason
-            return _loaded[installed]
-    if after_load is not None:
-        try:
-            after_load()
-        except (AttributeError, RuntimeError) as e:  # e.g. a PyTorch without these APIs
-            reason = f"the {what} loaded but could not be set up: {e}"
-            logger.warning("%s", reason)
-            _loaded[installed] = None, reason
-            return _loaded[installed]
-    _loaded[installed] = module, None
-    return _loaded[installed]
-
-
-def _register_operator_python_parts() -> None:
-    # the operator's fake implementation and autograd formula (imported here, not at the top:
-    # setup.py loads this file without the package)
-    from panoptic_segformer.layers.ms_deform_attn_op import register_python_parts
-
-    register_python_parts()
-
-
-def load_cpu_extension() -> Tuple[Optional[ModuleType], Optional[str]]:
-    """Returns ``(extension, None)``, or ``(None, reason)`` when the CPU extension (the
-    deformable-attention operator and its CPU kernels) is unavailable. Tries the
-    extension built at install time, then a JIT build, once per process."""
-    return _load_once(
-        "panoptic_segformer._cpu",
-        build_cpu_extension,
-        "CPU extension (deformable-attention operator)",
-        after_load=_register_operator_python_parts,
-    )
-
-
-def load_extension() -> Tuple[Optional[ModuleType], Optional[str]]:
-    """Returns ``(extension, None)``, or ``(None, reason)`` when the CUDA kernels of multi-scale
-    deformable attention are unavailable. Loads the CPU extension first (it defines the operator
-    the CUDA kernels are registered for), then the CUDA extension built at install time, then a
-    JIT build, once per process."""
-    cpu, reason = load_cpu_extension()
-    if cpu is None:
-        return None, f"the operator is not defined: {reason}"
-    return _load_once("panoptic_segformer._C", build_extension, "CUDA deformable-attention kernel")

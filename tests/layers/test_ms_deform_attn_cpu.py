@@ -18,12 +18,12 @@ import pytest
 import torch
 from msda_reference import level_tensors, make_inputs, random_case, reference_msda
 
-from panoptic_segformer.layers import MSDeformAttn, _extension
+from panoptic_segformer.layers import MSDeformAttn, ms_deform_attn_op
 from panoptic_segformer.layers import multi_scale_deformable_attention as msda
 from panoptic_segformer.modeling.encoder import DeformableEncoder, DeformableEncoderLayer
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNEL, WHY_NOT = _extension.load_cpu_extension()
+KERNEL, WHY_NOT = ms_deform_attn_op.load_cpu_extension()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason=f"no CPU kernel: {WHY_NOT}")
 
 CASES = [
@@ -320,13 +320,13 @@ def test_torch_compile_when_the_first_call_loads_the_extension():
     # that must not be traced (fullgraph=True would fail on the import machinery)
     script = """
 import torch
-from panoptic_segformer.layers import MSDeformAttn, _extension
-assert "panoptic_segformer._cpu" not in _extension._loaded
+from panoptic_segformer.layers import MSDeformAttn, ms_deform_attn_op
+assert "panoptic_segformer._cpu" not in ms_deform_attn_op._loaded
 attn = MSDeformAttn(32, 2, 4, 2).eval()
 args = (torch.randn(2, 75, 32), torch.rand(2, 75, 2, 2), torch.randn(2, 75, 32),
         torch.tensor([(6, 10), (3, 5)]), torch.tensor([0, 60]))
 out = torch.compile(attn, fullgraph=True, backend="aot_eager")(*args)
-assert "panoptic_segformer._cpu" in _extension._loaded
+assert "panoptic_segformer._cpu" in ms_deform_attn_op._loaded
 torch.testing.assert_close(out, attn(*args), rtol=0, atol=0)
 """
     result = subprocess.run(

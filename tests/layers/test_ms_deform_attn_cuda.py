@@ -12,7 +12,7 @@ import pytest
 import torch
 from msda_reference import off_pixel_boundaries
 
-from panoptic_segformer.layers import _extension
+from panoptic_segformer.layers import ms_deform_attn_op
 from panoptic_segformer.layers import multi_scale_deformable_attention as msda
 from panoptic_segformer.layers.ms_deform_attn_op import load_operator
 
@@ -55,7 +55,7 @@ def assert_relative_close(actual, expected, tol, name):
 
 
 def test_kernel_is_available():
-    extension, reason = _extension.load_extension()
+    extension, reason = ms_deform_attn_op.load_extension()
     assert extension is not None, reason
     op, reason = load_operator("cuda")
     assert op is not None, reason

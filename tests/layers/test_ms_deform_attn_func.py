@@ -8,10 +8,10 @@ import pytest
 import torch
 from msda_reference import make_inputs, reference_msda
 
-from panoptic_segformer.layers import _extension, ms_deform_attn_func
+from panoptic_segformer.layers import ms_deform_attn_func, ms_deform_attn_op
 from panoptic_segformer.layers import multi_scale_deformable_attention as msda
 
-CPU_KERNEL, WHY_NOT = _extension.load_cpu_extension()
+CPU_KERNEL, WHY_NOT = ms_deform_attn_op.load_cpu_extension()
 # the two CPU implementations, each tested against the same reference
 IMPLEMENTATIONS = [
     "pytorch",
@@ -330,7 +330,7 @@ def test_without_the_cpu_kernel_the_pytorch_path_runs(monkeypatch, caplog):
     monkeypatch.delenv("PANOPTIC_SEGFORMER_MSDA_IMPL", raising=False)
     monkeypatch.setattr(ms_deform_attn_func, "_logged_paths", set())
     monkeypatch.setitem(
-        _extension._loaded, "panoptic_segformer._cpu", (None, "no C++ compiler (test)")
+        ms_deform_attn_op._loaded, "panoptic_segformer._cpu", (None, "no C++ compiler (test)")
     )
     with caplog.at_level(logging.INFO, logger=ms_deform_attn_func.__name__):
         out = msda(value, ss, lsi, loc, attn)
