@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from coco_panoptic_sample import REAL_SAMPLE, write_coco_panoptic_sample
+from skips import require_detectron2
 
 from panoptic_segformer.modeling.frozen_bn import is_frozen_batchnorm
 
@@ -16,7 +17,7 @@ def coco_panoptic_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder of a small COCO-panoptic dataset the tests write (see
     ``tests/coco_panoptic_sample.py``): ``images/``, ``panoptic/``, ``panoptic.json`` and
     ``instances.json``. Needs detectron2 (its COCO categories) and pycocotools."""
-    pytest.importorskip("detectron2", reason="the generated COCO panoptic sample needs detectron2")
+    require_detectron2("the generated COCO panoptic sample needs detectron2")
     return write_coco_panoptic_sample(tmp_path_factory.mktemp("coco_panoptic_sample"))
 
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from skips import require, require_detectron2
 
-pytest.importorskip("detectron2", reason="the dataset mapper needs detectron2")
-rgb2id = pytest.importorskip("panopticapi.utils", reason="reference decoder").rgb2id
+require_detectron2("the dataset mapper needs detectron2")
+rgb2id = require("panopticapi.utils", "reference decoder").rgb2id
 
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from skips import require_detectron2
 
-pytest.importorskip("detectron2", reason="dataset registration needs detectron2")
+require_detectron2("dataset registration needs detectron2")
 
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 

@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from skips import require, require_detectron2
 
-pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
-pytest.importorskip("cv2", reason="the demo draws with OpenCV")
+require_detectron2()
+require("cv2", "the demo draws with OpenCV")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from deploy_helpers import TINY_DEPLOY
+from skips import require
 from tiny_core_model import build_tiny_core_model
 from torch import Tensor
 
@@ -92,8 +93,8 @@ def core_inputs(photos) -> List[Tuple[Tensor, Tensor]]:
 
 def _needs_onnx(fmt: str) -> None:
     if fmt == "onnx":
-        pytest.importorskip("onnxruntime", reason="ONNX needs the deploy extra (onnxruntime)")
-        pytest.importorskip("onnxscript", reason="ONNX needs the deploy extra (onnxscript)")
+        require("onnxruntime", "ONNX needs the deploy extra (onnxruntime)")
+        require("onnxscript", "ONNX needs the deploy extra (onnxscript)")
 
 
 def _exporter(folder: Path, model, inputs: Tuple[Tensor, Tensor], **kwargs) -> Callable:

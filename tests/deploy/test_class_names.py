@@ -2,9 +2,10 @@
 file let the demo draw a model of a dataset the drawing process never registered."""
 
 import pytest
+from skips import require, require_detectron2
 
-pytest.importorskip("detectron2", reason="class names live in detectron2's metadata")
-pytest.importorskip("cv2", reason="the demo draws with OpenCV")
+require_detectron2("class names live in detectron2's metadata")
+require("cv2", "the demo draws with OpenCV")
 
 import os  # noqa: E402
 import subprocess  # noqa: E402

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from deploy_helpers import FORMATS, TOLERANCE
+from skips import require
 
 from panoptic_segformer.deploy import OUTPUT_NAMES, max_abs_differences
 
@@ -63,7 +64,7 @@ def test_exported_files_carry_names_batch_and_size(core_network):
 
 
 def test_onnx_file_is_opset_18_with_grid_sample(core_exported):
-    onnx = pytest.importorskip("onnx", reason="ONNX needs the deploy extra (onnx)")
+    onnx = require("onnx", "ONNX needs the deploy extra (onnx)")
     model = onnx.load(str(core_exported("onnx")))
     opsets = {o.domain: o.version for o in model.opset_import}
     assert opsets[""] == 18

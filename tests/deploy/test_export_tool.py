@@ -2,8 +2,9 @@
 input (an unknown format, weights that do not fit the config)."""
 
 import pytest
+from skips import require_detectron2
 
-pytest.importorskip("detectron2", reason="the export tool builds the detectron2 model")
+require_detectron2("the export tool builds the detectron2 model")
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -3,8 +3,9 @@ results of the PyTorch predictor; its files carry the config and the class names
 format-level checks, with the core model, are in test_export_formats.py.)"""
 
 import pytest
+from skips import require_detectron2
 
-pytest.importorskip("detectron2", reason="ExportedPredictor runs detectron2's predictor")
+require_detectron2("ExportedPredictor runs detectron2's predictor")
 
 from deploy_helpers import FORMATS, TOLERANCE  # noqa: E402
 

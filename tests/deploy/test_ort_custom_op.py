@@ -12,9 +12,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from skips import require
 
-ort = pytest.importorskip("onnxruntime", reason="the deploy extra (onnxruntime) is not installed")
-onnx = pytest.importorskip("onnx", reason="the deploy extra (onnx) is not installed")
+ort = require("onnxruntime", "the deploy extra (onnxruntime) is not installed")
+onnx = require("onnx", "the deploy extra (onnx) is not installed")
 
 from onnx import TensorProto, helper  # noqa: E402
 

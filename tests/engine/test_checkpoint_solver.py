@@ -6,8 +6,9 @@ import re
 
 import numpy as np
 import pytest
+from skips import require_detectron2
 
-pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
+require_detectron2()
 
 import torch  # noqa: E402
 from d2_helpers import CONFIGS, TINY, make_cfg  # noqa: E402

@@ -8,8 +8,9 @@ the test.
 """
 
 import pytest
+from skips import require_detectron2
 
-pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
+require_detectron2()
 
 import sys  # noqa: E402
 

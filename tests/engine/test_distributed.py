@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from skips import require, require_detectron2
 
-pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
-pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panopticapi installed")
+require_detectron2()
+require("panopticapi", "COCOPanopticEvaluator needs panopticapi installed")
 
 import torch  # noqa: E402
 from d2_helpers import (  # noqa: E402

@@ -32,8 +32,9 @@ import sys
 import time
 
 import pytest
+from skips import require_detectron2
 
-pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
+require_detectron2()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -3,9 +3,10 @@ beside detectron2's COCOPanopticEvaluator."""
 
 import numpy as np
 import pytest
+from skips import require, require_detectron2
 
-pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
-pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panopticapi installed")
+require_detectron2()
+require("panopticapi", "COCOPanopticEvaluator needs panopticapi installed")
 
 import torch  # noqa: E402
 from d2_helpers import register_sample  # noqa: E402

@@ -17,9 +17,10 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from skips import require, require_detectron2
 
-pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
-pytest.importorskip("panopticapi", reason="the submission writer needs panopticapi installed")
+require_detectron2()
+require("panopticapi", "the submission writer needs panopticapi installed")
 
 from d2_helpers import CONFIGS, PERMISSIVE, ROOT, TINY, make_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402

@@ -2,8 +2,9 @@
 allows, and the real backbone otherwise)."""
 
 import pytest
+from skips import require, require_detectron2
 
-pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
+require_detectron2()
 
 import torch  # noqa: E402
 from d2_helpers import CONFIGS, TINY, make_cfg  # noqa: E402
@@ -25,7 +26,7 @@ def test_every_config_is_tested():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
 def test_config_builds_and_predicts(config):
     if config.name in TIMM_CONFIGS:
-        pytest.importorskip("timm", reason="Swin-L and PVTv2-B5 come from timm")
+        require("timm", "Swin-L and PVTv2-B5 come from timm")
         cfg = make_cfg(config, *TINY_HEAD)
     else:
         cfg = make_cfg(config, *TINY)

@@ -1,8 +1,10 @@
 """The meta-architecture: detectron2's input and output formats, class ids, errors."""
 
 import pytest
+from skips import require, require_detectron2
 
-pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
+require_detectron2()
+require("cv2", "detectron2's Visualizer needs OpenCV")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 import torch
+from skips import require, require_detectron2
 
-pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
-pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panopticapi installed")
+require_detectron2()
+require("panopticapi", "COCOPanopticEvaluator needs panopticapi installed")
 
 from d2_helpers import (  # noqa: E402
     ROOT,

@@ -4,8 +4,9 @@ the model as built."""
 
 import numpy as np
 import pytest
+from skips import require_detectron2
 
-pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
+require_detectron2()
 
 import torch  # noqa: E402
 from d2_helpers import CONFIGS, PIXEL_ARGMAX, TINY, make_cfg  # noqa: E402

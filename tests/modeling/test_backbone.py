@@ -4,6 +4,7 @@ import re
 import sys
 
 import pytest
+from skips import require
 import torch
 import torchvision
 from torch import nn
@@ -184,7 +185,7 @@ def test_timm_missing_raises_import_error(monkeypatch):
 
 
 def test_swin_large_matches_authors_backbone():
-    pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    require("timm", "the Swin and PVTv2 backbones need timm")
     # On the meta device: Swin-L is 195M parameters, too slow to initialise in a unit test.
     backbone = build_backbone("swin_large", device="meta")
     assert backbone.out_channels == [384, 768, 1536]
@@ -199,7 +200,7 @@ def test_swin_large_matches_authors_backbone():
 
 
 def test_swin_large_w12_feature_info():
-    pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    require("timm", "the Swin and PVTv2 backbones need timm")
     backbone = build_backbone("swin_large_w12", device="meta")
     assert backbone.out_channels == [384, 768, 1536]
     assert backbone.strides == [8, 16, 32]
@@ -207,7 +208,7 @@ def test_swin_large_w12_feature_info():
 
 
 def test_pvt_v2_b5_feature_info():
-    pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    require("timm", "the Swin and PVTv2 backbones need timm")
     backbone = build_backbone("pvt_v2_b5", device="meta")
     assert backbone.out_channels == [128, 320, 512]
     assert backbone.strides == [8, 16, 32]
@@ -217,7 +218,7 @@ def test_pvt_v2_b5_feature_info():
 
 
 def test_timm_pvt_forward_is_channels_first():
-    pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    require("timm", "the Swin and PVTv2 backbones need timm")
     torch.manual_seed(0)
     backbone = TimmBackbone("pvt_v2_b0").eval()  # same class as pvt_v2_b5, 3.4M parameters
     with torch.no_grad():
@@ -226,7 +227,7 @@ def test_timm_pvt_forward_is_channels_first():
 
 
 def test_timm_swin_forward_is_channels_first():
-    pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    require("timm", "the Swin and PVTv2 backbones need timm")
     torch.manual_seed(0)
     # Swin-T with build_backbone("swin_large")'s settings; 64x96 is not the 224-px img_size.
     backbone = TimmBackbone(
@@ -271,7 +272,7 @@ def _original_swin_layout(state_dict):
 
 @pytest.mark.parametrize("layout", ["timm", "original"])
 def test_timm_load_pretrained_round_trip(tmp_path, monkeypatch, layout):
-    timm = pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    timm = require("timm", "the Swin and PVTv2 backbones need timm")
     _forbid_downloads(monkeypatch)
     torch.manual_seed(0)
     # A 10-class head: the classifier is dropped, as for ImageNet-22k checkpoints.
@@ -302,7 +303,7 @@ def test_timm_load_pretrained_round_trip(tmp_path, monkeypatch, layout):
 
 
 def test_timm_load_pretrained_names_bad_keys(tmp_path, monkeypatch):
-    timm = pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    timm = require("timm", "the Swin and PVTv2 backbones need timm")
     _forbid_downloads(monkeypatch)
     state_dict = timm.create_model("pvt_v2_b0").state_dict()
     del state_dict["stages.2.blocks.0.attn.q.weight"]
@@ -316,7 +317,7 @@ def test_timm_load_pretrained_names_bad_keys(tmp_path, monkeypatch):
     "name, model", [("swin_large", "swin_large_patch4_window7_224"), ("pvt_v2_b5", "pvt_v2_b5")]
 )
 def test_timm_too_old_raises_naming_model_and_versions(monkeypatch, name, model):
-    timm = pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    timm = require("timm", "the Swin and PVTv2 backbones need timm")
     # timm 0.9.16 builds Swin without always_partition, silently (Swin ignores unknown arguments)
     monkeypatch.setattr(timm, "__version__", "0.9.16")
     message = rf"{model} needs timm >= 1\.0\.8 .*but timm 0\.9\.16 is installed"
@@ -326,7 +327,7 @@ def test_timm_too_old_raises_naming_model_and_versions(monkeypatch, name, model)
 
 @pytest.mark.parametrize("version, builds", [("1.0.7", False), ("1.0.8", True), ("1.0.10", True)])
 def test_timm_minimum_version_is_the_boundary(monkeypatch, version, builds):
-    timm = pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    timm = require("timm", "the Swin and PVTv2 backbones need timm")
     assert TIMM_MIN_VERSION == "1.0.8"
     monkeypatch.setattr(timm, "__version__", version)
     if builds:
@@ -337,7 +338,7 @@ def test_timm_minimum_version_is_the_boundary(monkeypatch, version, builds):
 
 
 def test_timm_device_argument_needs_newer_timm(monkeypatch):
-    timm = pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    timm = require("timm", "the Swin and PVTv2 backbones need timm")
     assert TIMM_FACTORY_KWARGS_MIN_VERSION == "1.0.21"
     # timm 1.0.20's PVTv2 rejects device=, its Swin builds on the CPU instead of the meta device
     monkeypatch.setattr(timm, "__version__", "1.0.20")
@@ -347,7 +348,7 @@ def test_timm_device_argument_needs_newer_timm(monkeypatch):
 
 
 def test_timm_missing_checkpoint_filter_raises_naming_model(tmp_path, monkeypatch):
-    timm = pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    timm = require("timm", "the Swin and PVTv2 backbones need timm")
     import timm.models.pvt_v2 as pvt_v2
 
     _forbid_downloads(monkeypatch)
@@ -364,7 +365,7 @@ def test_timm_converts_the_checkpoint_once(tmp_path, monkeypatch):
     """timm's loader applies the family's checkpoint_filter_fn itself, so it must get the
     checkpoint as saved: before timm 1.0.31, Swin's filter moves the downsampling layers of a
     converted checkpoint without a classifier once more."""
-    timm = pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    timm = require("timm", "the Swin and PVTv2 backbones need timm")
     import timm.models.swin_transformer as swin
 
     _forbid_downloads(monkeypatch)

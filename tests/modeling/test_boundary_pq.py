@@ -6,6 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
+from skips import require
 
 from panoptic_segformer.boundary_pq import (
     BoundaryPQStats,
@@ -227,7 +228,7 @@ def test_bands_match_the_reference(ratio):
 
 
 def test_bands_match_the_official_opencv_recipe():
-    cv2 = pytest.importorskip("cv2", reason="the official recipe uses OpenCV")
+    cv2 = require("cv2", "the official recipe uses OpenCV")
     rng = np.random.default_rng(1)
     for ratio in (0.02, 0.05):
         mask = (rng.random((90, 120)) < 0.6).astype(np.uint8)

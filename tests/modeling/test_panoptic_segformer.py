@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import pytest
+from skips import require
 import torch
 from torch import nn
 
@@ -274,7 +275,7 @@ def test_parameter_counts_match_table_1(backbone, count, published):
     from panoptic_segformer.modeling.backbone import build_backbone, count_parameters
 
     if backbone.startswith(("swin", "pvt")):
-        pytest.importorskip("timm", reason="timm is needed for the Swin-L and PVTv2-B5 backbones")
+        require("timm", "timm is needed for the Swin-L and PVTv2-B5 backbones")
     with torch.device("meta"):
         net = build_backbone(backbone)
         model = build_panoptic_segformer(net, net.out_channels, with_criterion=False)

@@ -1,11 +1,12 @@
 """The whole inference network traces as one graph (torch.compile, torch.export)."""
 
 import pytest
+from skips import require
 import torch
 
 from test_panoptic_segformer import synthetic_batch, tiny_model
 
-dynamo = pytest.importorskip("torch._dynamo", reason="torch.compile's tracer is missing")
+dynamo = require("torch._dynamo", "torch.compile's tracer is missing")
 
 
 def test_inference_is_one_graph_without_breaks():

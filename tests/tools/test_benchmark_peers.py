@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from skips import require, require_detectron2
 
-pytest.importorskip("detectron2", reason="both predictors are detectron2 predictors")
-cv2 = pytest.importorskip("cv2", reason="the benchmark reads its images with OpenCV")
+require_detectron2("both predictors are detectron2 predictors")
+cv2 = require("cv2", "the benchmark reads its images with OpenCV")
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "benchmark_peers.py"

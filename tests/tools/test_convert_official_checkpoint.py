@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import pytest
+from skips import require, require_detectron2
 
-pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
+require_detectron2()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -458,7 +459,7 @@ def test_full_size_configs_convert_completely(tool, config):
         "pvtv2_b5": (original_pvt_v2_b5, (128, 320, 512)),
     }
     if config in ("swin_l", "pvtv2_b5"):
-        pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+        require("timm", "the Swin and PVTv2 backbones need timm")
     backbone, in_channels = backbones[config]
     shapes = {**backbone(), **authors_head(in_channels, **FULL_HEAD)}
     official = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
@@ -472,7 +473,7 @@ def test_full_size_configs_convert_completely(tool, config):
 
 
 def test_a_timm_family_without_checkpoint_filter_is_refused_naming_it(tool, monkeypatch):
-    pytest.importorskip("timm", reason="the Swin and PVTv2 backbones need timm")
+    require("timm", "the Swin and PVTv2 backbones need timm")
     import timm.models.pvt_v2 as pvt_v2
 
     model = tool.build_model_for_conversion(make_cfg(ROOT / "configs" / "pvtv2_b5.yaml"))

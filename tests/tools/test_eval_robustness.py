@@ -8,10 +8,11 @@ import math
 import sys
 
 import pytest
+from skips import require, require_detectron2
 
-pytest.importorskip("detectron2", reason="the robustness tool needs detectron2 installed")
-pytest.importorskip("imagecorruptions", reason="the corruptions come from imagecorruptions")
-pytest.importorskip("panopticapi", reason="COCOPanopticEvaluator needs panopticapi installed")
+require_detectron2("the robustness tool needs detectron2 installed")
+require("imagecorruptions", "the corruptions come from imagecorruptions")
+require("panopticapi", "COCOPanopticEvaluator needs panopticapi installed")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

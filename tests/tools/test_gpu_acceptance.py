@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from skips import require_detectron2
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "gpu_acceptance.py"
@@ -120,7 +121,7 @@ def test_made_dataset_is_consistent_coco_panoptic(tmp_path, tool):
 
 
 def test_training_part_runs_train_net_on_the_made_images(tmp_path, tool, monkeypatch):
-    pytest.importorskip("detectron2", reason="the training part needs detectron2")
+    require_detectron2("the training part needs detectron2")
     missing = tool.detectron2_missing()
     if missing:
         pytest.skip(missing)

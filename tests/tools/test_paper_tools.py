@@ -3,9 +3,10 @@
 import json
 
 import pytest
+from skips import require, require_detectron2
 
-pytest.importorskip("detectron2", reason="the detectron2 layer needs detectron2 installed")
-pytest.importorskip("fvcore", reason="FLOPs are counted with fvcore")
+require_detectron2()
+require("fvcore", "FLOPs are counted with fvcore")
 
 import torch  # noqa: E402
 from d2_helpers import (  # noqa: E402
