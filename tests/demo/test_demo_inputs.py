@@ -81,10 +81,12 @@ def test_demo_survives_a_folder_of_odd_inputs(tmp_path):
         (["--input", "EMPTY"], "matches no image"),
         (["--config-file", "missing.yaml", "--input", "x.jpg"], "'missing.yaml': no such file"),
         ([], "give exactly one of --input, --video-input and --webcam"),
+        (["--exported", "model.pt2", "--input", "x.jpg"], "(demo.py: --trust-exported-code)"),
     ],
 )
 def test_demo_usage_errors_are_one_line(tmp_path, arguments, message):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "model.pt2").write_bytes(b"never read without --trust-exported-code")
     arguments = [str(tmp_path / "empty") if a == "EMPTY" else a for a in arguments]
     if "--config-file" not in arguments:
         arguments = ["--config-file", R50, *arguments]
