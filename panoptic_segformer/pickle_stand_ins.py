@@ -16,7 +16,20 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["DTYPE_CODES", "GLOBALS", "RefusedPickle", "check_key", "refuse"]
+__all__ = [
+    "DTYPE_CODES",
+    "GLOBALS",
+    "ArrayPlaceholder",
+    "DTypePlaceholder",
+    "OrderedDictBeingRead",
+    "Placeholder",
+    "RefusedPickle",
+    "ScalarPlaceholder",
+    "StandIn",
+    "check_key",
+    "describe",
+    "refuse",
+]
 
 # numpy's dtype.__reduce__ spells a numeric dtype by kind and item size
 DTYPE_CODES = frozenset(

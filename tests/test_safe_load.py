@@ -112,6 +112,23 @@ def test_legitimate_files_load_as_pickle_load_gives_them(tmp_path, protocol, nam
     assert_same(load_pickle(str(tmp_path / "w.pkl")), pickle.loads(data, encoding="latin1"))
 
 
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_a_state_dicts_metadata_is_kept_and_nothing_else_is_set(tmp_path, protocol):
+    """torch's state dicts are OrderedDicts with a ``_metadata`` attribute (BUILD on the
+    OrderedDict); no other attribute may be set that way (it would shadow a method)."""
+    state = OrderedDict(w=np.zeros(2, np.float32))
+    state._metadata = OrderedDict([("", {"version": 1})])
+    (tmp_path / "w.pkl").write_bytes(pickle.dumps(state, protocol=protocol))
+    loaded = load_pickle(str(tmp_path / "w.pkl"))
+    assert_same(loaded, state)
+    assert loaded._metadata == state._metadata
+    state = OrderedDict(w=1)
+    state.keys = "shadowed"
+    (tmp_path / "bad.pkl").write_bytes(pickle.dumps(state, protocol=protocol))
+    with pytest.raises(pickle.UnpicklingError, match="BUILD on an OrderedDict with .*_metadata"):
+        load_pickle(str(tmp_path / "bad.pkl"))
+
+
 def py2_string(value: bytes) -> bytes:
     """A Python 2 8-bit ``str``."""
     return pickle.BINSTRING + struct.pack("<i", len(value)) + value
