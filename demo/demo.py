@@ -10,6 +10,7 @@ Examples:
         --opts MODEL.WEIGHTS model.pth
     python demo/demo.py --config-file configs/r50.yaml --webcam --opts MODEL.WEIGHTS model.pth
     python demo/demo.py --exported exported/r50.onnx --input img.jpg --output out.jpg
+    python demo/demo.py --exported exported/r50.pt2 --trust-exported-code --input img.jpg
 
 Runs on the GPU when one is visible, else on the CPU (or as MODEL.DEVICE says).
 """
@@ -48,6 +49,12 @@ def get_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="run this exported model (.onnx, .ts, .pt2 of tools/deploy/export_model.py); the "
         "config, when given, still sets the test size and thresholds",
+    )
+    parser.add_argument(
+        "--trust-exported-code",
+        action="store_true",
+        help="allow an --exported .ts or .pt2 file: loading one runs code it holds, so only for "
+        "files from a source you trust (.onnx files are data and need no such flag)",
     )
     parser.add_argument("--input", nargs="+", help="images: files, globs ('*.jpg') or directories")
     parser.add_argument("--video-input", help="a video file")
@@ -187,7 +194,12 @@ def main(argv=None) -> int:
     logger = setup_logger()
     logger.info(f"Arguments: {args}")
     try:
-        demo = VisualizationDemo(setup_cfg(args), args.confidence_threshold, exported=args.exported)
+        demo = VisualizationDemo(
+            setup_cfg(args),
+            args.confidence_threshold,
+            exported=args.exported,
+            trust_exported_code=args.trust_exported_code,
+        )
         if not args.input:
             run_video(demo, args)
             return 0

@@ -45,6 +45,8 @@ class VisualizationDemo:
     Args:
         cfg: the config; with ``exported`` it may be None (the file's own config is used).
         exported: an exported model file (``.onnx``, ``.ts``, ``.pt2``), or None.
+        trust_exported_code: consent to load a ``.ts`` or ``.pt2`` file, which runs code it
+            holds (``ExportedPredictor``'s ``trust_code``).
 
     Raises:
         ValueError: no class names to draw with (the dataset is not registered and the model
@@ -57,11 +59,12 @@ class VisualizationDemo:
         confidence_threshold: float = 0.5,
         instance_mode=ColorMode.IMAGE,
         exported: Optional[str] = None,
+        trust_exported_code: bool = False,
     ):
         if exported:
             from panoptic_segformer.deploy import ExportedPredictor
 
-            self.predictor = ExportedPredictor(exported, cfg)
+            self.predictor = ExportedPredictor(exported, cfg, trust_code=trust_exported_code)
         else:
             self.predictor = Predictor(cfg)
         self.metadata = self.predictor.metadata

@@ -8,6 +8,7 @@ Eq. = equation, Table = ablation table of Li et al., CVPR 2022.
 from typing import Sequence
 
 import torch
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -15,19 +16,39 @@ from detectron2.config import get_cfg
 from panoptic_segformer import d2_backbone, meta_arch  # noqa: F401
 from panoptic_segformer.data import register_builtin_datasets
 
-__all__ = ["add_panoptic_segformer_config", "get_config"]
+__all__ = ["add_panoptic_segformer_config", "get_config", "merge_config_file"]
+
+
+def merge_config_file(cfg: CN, config_file: str) -> None:
+    """``cfg.merge_from_file(config_file)`` with the file (and its ``_BASE_`` files) read as
+    data: detectron2's default retries a file that ``yaml.safe_load`` refuses with
+    ``yaml.unsafe_load``, which runs the code of a ``!!python/object/apply`` tag.
+
+    Raises:
+        ValueError: naming the file, when it is not plain YAML data (a Python tag, a syntax
+            error; the YAML message says where).
+    """
+    try:
+        cfg.merge_from_file(config_file, allow_unsafe=False)
+    except yaml.constructor.ConstructorError as e:
+        raise ValueError(
+            f"{config_file}: refusing a config that is not plain YAML data; Python tags "
+            f"(!!python/...) would run code ({e})"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{config_file}: not a YAML config ({e})") from None
 
 
 def get_config(config_file: str, opts: Sequence[str] = (), cpu_fallback: bool = False) -> CN:
-    """detectron2's default config with Panoptic SegFormer's keys, ``config_file`` merged in,
-    then the ``KEY VALUE`` overrides ``opts``; not frozen.
+    """detectron2's default config with Panoptic SegFormer's keys, ``config_file`` merged in as
+    data (:func:`merge_config_file`), then the ``KEY VALUE`` overrides ``opts``; not frozen.
 
     Args:
         cpu_fallback: run on the CPU when MODEL.DEVICE asks for CUDA and none is available.
     """
     cfg = get_cfg()
     add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(config_file)
+    merge_config_file(cfg, config_file)
     cfg.merge_from_list(list(opts))
     if cpu_fallback and cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"

@@ -30,8 +30,9 @@ def load_image(path: str) -> np.ndarray:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the file is not an image PIL can decode, or it is truncated or corrupt;
-            the message names the file.
+        ValueError: the file is not an image PIL can decode, it is truncated or corrupt, or
+            its header claims more pixels than PIL decodes safely (a decompression bomb:
+            ``Image.MAX_IMAGE_PIXELS`` and twice that); the message names the file.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -53,6 +54,8 @@ def load_image(path: str) -> np.ndarray:
                 rgb = np.asarray(image.convert("RGB"))
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image file (or a format PIL cannot read)") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: refused, a possible decompression bomb ({e})") from None
     except (OSError, SyntaxError) as e:
         raise ValueError(f"{path}: cannot decode the image ({e})") from None
     return np.ascontiguousarray(rgb[:, :, ::-1])

@@ -49,11 +49,12 @@ def our_predictor(config_file: str, opts: List[str]):
     from detectron2.config import get_cfg
 
     from panoptic_segformer import add_panoptic_segformer_config
+    from panoptic_segformer.config import merge_config_file
     from panoptic_segformer.predictor import Predictor
 
     cfg = get_cfg()
     add_panoptic_segformer_config(cfg)
-    cfg.merge_from_file(config_file)
+    merge_config_file(cfg, config_file)
     ps = cfg.MODEL.PANOPTIC_SEGFORMER
     ps.TEST.PANOPTIC_ON, ps.TEST.INSTANCE_ON, ps.TEST.SEMANTIC_ON = True, False, False
     cfg.MODEL.WEIGHTS, cfg.MODEL.DEVICE = "", "cpu"
@@ -76,7 +77,7 @@ def mask2former_predictor(folder: Path):
     cfg = get_cfg()
     add_deeplab_config(cfg)
     add_maskformer2_config(cfg)
-    cfg.merge_from_file(str(folder / MASK2FORMER_CONFIG))
+    cfg.merge_from_file(str(folder / MASK2FORMER_CONFIG), allow_unsafe=False)  # data only
     test = cfg.MODEL.MASK_FORMER.TEST
     test.PANOPTIC_ON, test.INSTANCE_ON, test.SEMANTIC_ON = True, False, False
     cfg.MODEL.WEIGHTS, cfg.MODEL.DEVICE = "", "cpu"

@@ -14,12 +14,20 @@ from panoptic_segformer.deploy.export import (
     export_network,
     network_of,
 )
-from panoptic_segformer.deploy.runtime import ExportedNetwork, format_of, max_abs_differences
+from panoptic_segformer.deploy.runtime import (
+    CODE_FORMATS,
+    ExportedNetwork,
+    UntrustedCode,
+    format_of,
+    max_abs_differences,
+)
 
 __all__ = [
+    "CODE_FORMATS",
     "EXPORTERS",
     "INPUT_NAMES",
     "OUTPUT_NAMES",
+    "UntrustedCode",
     "ExportableNetwork",
     "ExportedNetwork",
     "ExportedPredictor",

@@ -50,14 +50,18 @@ class ExportedPredictor(Predictor):
         cfg: the config for pre- and post-processing (test size, thresholds); None takes the
             one saved in the file. Its ``MODEL.WEIGHTS`` is not read: the weights are in the
             file.
-        threads: as in :class:`ExportedNetwork`.
+        threads, trust_code: as in :class:`ExportedNetwork` (TorchScript and torch.export
+            files run code they hold, and load only with ``trust_code=True``).
 
     Raises:
-        ValueError: as :class:`ExportedNetwork`, or no ``cfg`` for a file without one.
+        ValueError: as :class:`ExportedNetwork` (:class:`UntrustedCode` included), or no ``cfg``
+            for a file without one.
     """
 
-    def __init__(self, path: str, cfg=None, threads: Optional[int] = None) -> None:
-        network = ExportedNetwork(path, threads)
+    def __init__(
+        self, path: str, cfg=None, threads: Optional[int] = None, *, trust_code: bool = False
+    ) -> None:
+        network = ExportedNetwork(path, threads, trust_code=trust_code)
         if cfg is None and not network.metadata["config"]:
             raise ValueError(
                 f"{path} holds no config (exported from the core model, not the "

@@ -1,14 +1,15 @@
 """Running an exported network (ONNX Runtime, TorchScript, torch.export); no detectron2 needed.
 
 :class:`ExportedNetwork` loads a file of :func:`panoptic_segformer.deploy.export_network` and
-maps (N, 3, Hp, Wp) images and their padding mask to the network's output dict.
+maps (N, 3, Hp, Wp) images and their padding mask to the network's output dict. ONNX files are
+data; TorchScript and torch.export files are programs and load only with ``trust_code=True``.
 :class:`panoptic_segformer.deploy.predictor.ExportedPredictor` runs it with the PyTorch model's
 own pre- and post-processing.
 """
 
 import json
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,7 +18,17 @@ from torch import Tensor
 from panoptic_segformer.deploy import ort_ops
 from panoptic_segformer.deploy.export import EXPORTERS, METADATA_KEY
 
-__all__ = ["ExportedNetwork", "format_of", "max_abs_differences"]
+__all__ = ["CODE_FORMATS", "ExportedNetwork", "UntrustedCode", "format_of", "max_abs_differences"]
+
+# Formats whose files are programs: torch.jit.load runs the file's TorchScript (a scripted
+# __setstate__ runs while loading, and may create and write files), torch.export.load unpickles
+# weights the archive says are pickled. ONNX files are data: ONNX Runtime runs only its own
+# operators (and ours, from the package's library).
+CODE_FORMATS = ("torchscript", "torch_export")
+
+
+class UntrustedCode(ValueError):
+    """A TorchScript or torch.export file given without the caller's consent to run its code."""
 
 
 def format_of(path: str) -> str:
@@ -33,6 +44,50 @@ def format_of(path: str) -> str:
     raise ValueError(f"{path}: unknown exported model format; the known suffixes are {known}")
 
 
+def _check_consent(fmt: str, path: str, trust_code: bool) -> None:
+    """Raises :class:`UntrustedCode` for a file of a code format without ``trust_code``."""
+    if fmt in CODE_FORMATS and not trust_code:
+        raise UntrustedCode(
+            f"{path}: a {fmt} file is a program, and loading it runs code it holds (TorchScript, "
+            "or pickled weights of torch.export); load it only from a source you trust, with "
+            "trust_code=True (demo.py: --trust-exported-code). ONNX files are data and need no "
+            "such consent."
+        )
+
+
+def _tensors(initializers, nodes) -> Iterator:
+    """The tensors of a graph: its initializers and its nodes' attributes, subgraphs' included."""
+    yield from initializers
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            graphs = [*attribute.graphs, *([attribute.g] if attribute.HasField("g") else [])]
+            for graph in graphs:
+                yield from _tensors(graph.initializer, graph.node)
+
+
+def _check_onnx_data(model) -> None:
+    """Refuses what would make ONNX Runtime read other files or take settings from the file:
+    tensors stored outside it (our exporter keeps the weights inside) and the ``ort_config``
+    metadata (session options ONNX Runtime reads when ORT_LOAD_CONFIG_FROM_MODEL=1)."""
+    from onnx.external_data_helper import uses_external_data
+
+    if any(entry.key == "ort_config" for entry in model.metadata_props):
+        raise ValueError(
+            "refused: it holds ONNX Runtime session settings ('ort_config'), which exported "
+            "files never hold"
+        )
+    nodes = [*model.graph.node, *(node for function in model.functions for node in function.node)]
+    for tensor in _tensors(model.graph.initializer, nodes):
+        if uses_external_data(tensor):
+            raise ValueError(
+                f"refused: its tensor {tensor.name!r} is stored in another file, and exported "
+                "files keep their weights inside"
+            )
+
+
 def _load_onnx(path: str, threads: Optional[int]) -> Tuple[Callable, Optional[str]]:
     import onnx
     import onnxruntime as ort
@@ -41,10 +96,13 @@ def _load_onnx(path: str, threads: Optional[int]) -> Tuple[Callable, Optional[st
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    # a file exported with the custom operator needs its library (built on first use)
-    domains = {entry.domain for entry in onnx.load(path, load_external_data=False).opset_import}
-    if ort_ops.DOMAIN in domains:
+    model = onnx.load(path, load_external_data=False)
+    _check_onnx_data(model)
+    # a file exported with the custom operator needs our library, built from the package's own
+    # source (nothing in the file names a library)
+    if ort_ops.DOMAIN in {entry.domain for entry in model.opset_import}:
         ort_ops.register(options)
+    del model
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     metadata = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     names = [o.name for o in session.get_outputs()]
@@ -96,6 +154,8 @@ class ExportedNetwork:
         path: a file written by :func:`~panoptic_segformer.deploy.export_network`; its format
             is read from its suffix.
         threads: CPU threads of ONNX Runtime (None: its default); the torch formats use torch's.
+        trust_code: consent to load a TorchScript or torch.export file, which runs code the file
+            holds (:data:`CODE_FORMATS`); ONNX files need none.
 
     Attributes:
         format: "onnx", "torchscript" or "torch_export".
@@ -103,6 +163,7 @@ class ExportedNetwork:
             class info).
 
     Raises:
+        UntrustedCode: a TorchScript or torch.export file without ``trust_code``.
         FileNotFoundError: no such file.
         LibraryUnavailable: an ONNX file with the custom operator, whose library cannot be
             built here (:mod:`panoptic_segformer.deploy.ort_ops`).
@@ -110,10 +171,13 @@ class ExportedNetwork:
             names the file and the cause).
     """
 
-    def __init__(self, path: str, threads: Optional[int] = None) -> None:
+    def __init__(
+        self, path: str, threads: Optional[int] = None, *, trust_code: bool = False
+    ) -> None:
         self.format = format_of(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such exported model file")
+        _check_consent(self.format, path, trust_code)
         try:
             run, metadata = _LOADERS[self.format](path, threads)
         except ImportError as e:

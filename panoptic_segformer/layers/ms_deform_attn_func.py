@@ -68,6 +68,30 @@ def _level_shapes(spatial_shapes: Tensor) -> List[Tuple[int, int]]:
     return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
 
 
+def _check_levels(shapes: List[Tuple[int, int]], starts: Optional[List[int]], s: int) -> None:
+    """Raises a ValueError unless the levels are non-empty, each within the S tokens value has
+    left after the levels before it, start where those end (``starts``; None: not given) and
+    cover S exactly; the kernels check the same (``csrc/ms_deform_attn_shapes.h``)."""
+    tokens = 0
+    for level, (h, w) in enumerate(shapes):
+        if h < 1 or w < 1:
+            raise ValueError(f"spatial_shapes[{level}] = ({h}, {w}) must be positive")
+        if starts is not None and starts[level] != tokens:
+            raise ValueError(
+                f"level_start_index[{level}] = {starts[level]} is inconsistent with "
+                f"spatial_shapes: the levels before it hold {tokens} tokens (level_start_index "
+                f"= {starts})"
+            )
+        if h * w > s - tokens:
+            raise ValueError(
+                f"spatial_shapes[{level}] = ({h}, {w}) holds more tokens than the {s - tokens} "
+                f"value has left after the levels before it (S = {s})"
+            )
+        tokens += h * w
+    if tokens != s:
+        raise ValueError(f"spatial_shapes {shapes} cover {tokens} tokens but value has S = {s}")
+
+
 def _check_inputs(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -147,22 +171,7 @@ def _check_inputs(
 
     # Host copies (a GPU synchronisation when the caller keeps these on the GPU).
     shapes = _level_shapes(spatial_shapes)
-    starts = [int(i) for i in level_start_index.tolist()]
-    tokens = 0
-    for level, ((h, w), start) in enumerate(zip(shapes, starts)):
-        if h < 1 or w < 1:
-            raise ValueError(f"spatial_shapes[{level}] = ({h}, {w}) must be positive")
-        if start != tokens:
-            raise ValueError(
-                f"level_start_index[{level}] = {start} is inconsistent with spatial_shapes: the "
-                f"levels before it hold {tokens} tokens (level_start_index = {starts})"
-            )
-        tokens += h * w
-    if tokens != s:
-        raise ValueError(
-            f"spatial_shapes {shapes} cover {tokens} tokens but value has S = {s} "
-            f"(value {tuple(value.shape)})"
-        )
+    _check_levels(shapes, [int(i) for i in level_start_index.tolist()], s)
     return shapes
 
 
@@ -307,6 +316,7 @@ def _dispatch(
     if not _use_operator(implementation, value, sampling_locations.shape[3], tracing):
         if shapes is None:  # traced: the PyTorch path needs the level shapes as integers
             shapes = _level_shapes(spatial_shapes)
+            _check_levels(shapes, None, value.shape[1])
         return ms_deform_attn_pytorch(value, shapes, sampling_locations, attention_weights)
     if shapes is not None and spatial_shapes.device.type != "cpu":
         # host copies of the validated shapes: the kernel then never reads a GPU tensor back

@@ -3,8 +3,10 @@
 
 import io
 import os
+import struct
 import subprocess
 import sys
+import zlib
 
 import pytest
 from skips import require, require_detectron2
@@ -25,6 +27,17 @@ R50 = str(CONFIGS[0].parent / "r50.yaml")
 
 def photo(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def png_claiming(height, width):
+    """A 1x1 PNG whose header claims ``height`` x ``width`` pixels (its IHDR rewritten)."""
+    buffer = io.BytesIO()
+    Image.fromarray(photo(1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    # signature (8), IHDR length (4), "IHDR" (4), width and height (4 each), 5 more bytes, CRC
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
 
 
 def write_inputs(folder):
@@ -52,7 +65,8 @@ def write_inputs(folder):
     (folder / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     (folder / "corrupt.jpg").write_bytes(os.urandom(500))
     (folder / "notes.png").write_text("not an image")
-    bad = ["corrupt.jpg", "notes.png", "truncated.jpg"]
+    (folder / "bomb.png").write_bytes(png_claiming(20000, 20000))
+    bad = ["bomb.png", "corrupt.jpg", "notes.png", "truncated.jpg"]
     return good, bad
 
 
@@ -68,7 +82,8 @@ def test_demo_survives_a_folder_of_odd_inputs(tmp_path):
     assert "Traceback" not in done.stderr
     skipped = [line for line in done.stdout.splitlines() if line.startswith("skipped ")]
     assert sorted(os.path.basename(line.split(":")[0]) for line in skipped) == bad
-    assert "3 input(s) failed:" in done.stderr
+    assert "4 input(s) failed:" in done.stderr
+    assert "bomb.png: refused, a possible decompression bomb" in done.stdout
     for name, (h, w) in good.items():
         drawn = cv2.imread(str(out / name), cv2.IMREAD_UNCHANGED)
         assert drawn is not None and drawn.shape[:2] == (h, w), name
@@ -82,10 +97,12 @@ def test_demo_survives_a_folder_of_odd_inputs(tmp_path):
         (["--input", "EMPTY"], "matches no image"),
         (["--config-file", "missing.yaml", "--input", "x.jpg"], "'missing.yaml': no such file"),
         ([], "give exactly one of --input, --video-input and --webcam"),
+        (["--exported", "model.pt2", "--input", "x.jpg"], "(demo.py: --trust-exported-code)"),
     ],
 )
 def test_demo_usage_errors_are_one_line(tmp_path, arguments, message):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "model.pt2").write_bytes(b"never read without --trust-exported-code")
     arguments = [str(tmp_path / "empty") if a == "EMPTY" else a for a in arguments]
     if "--config-file" not in arguments:
         arguments = ["--config-file", R50, *arguments]
@@ -105,6 +122,9 @@ def test_load_image_conversions(tmp_path):
     assert np.array_equal(load_image(str(tmp_path / "a.png")), rgb[:, :, ::-1])  # BGR
     with pytest.raises(FileNotFoundError, match="nothing.jpg: no such file"):
         load_image(str(tmp_path / "nothing.jpg"))
+    (tmp_path / "bomb.png").write_bytes(png_claiming(20000, 20000))
+    with pytest.raises(ValueError, match=r"bomb.png: refused, a possible decompression bomb"):
+        load_image(str(tmp_path / "bomb.png"))
 
 
 def test_predictor_on_a_very_large_image():

@@ -145,7 +145,7 @@ def core_network(core_exported) -> Callable:
 
     def get(fmt: str):
         if fmt not in networks:
-            networks[fmt] = ExportedNetwork(str(core_exported(fmt)))
+            networks[fmt] = ExportedNetwork(str(core_exported(fmt)), trust_code=True)
         return networks[fmt]
 
     return get

@@ -129,8 +129,8 @@ def test_demo_draws_from_an_exported_model(exported, tmp_path, photos):
     cv2.imwrite(str(photo), photos[0])
     out = tmp_path / "drawn.png"
     done = run_demo(
-        tmp_path, "--exported", str(exported("torchscript")), "--input", str(photo),
-        "--output", str(out), "--confidence-threshold", "0.0",
+        tmp_path, "--exported", str(exported("torchscript")), "--trust-exported-code",
+        "--input", str(photo), "--output", str(out), "--confidence-threshold", "0.0",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     drawn = cv2.imread(str(out))

@@ -37,7 +37,7 @@ def test_missing_corrupt_and_unknown_files(tmp_path):
         path = tmp_path / name
         path.write_bytes(b"not a model at all")
         with pytest.raises(ValueError, match=f"{name}: cannot load it as a"):
-            ExportedNetwork(str(path))
+            ExportedNetwork(str(path), trust_code=True)
 
 
 def test_export_network_refuses_bad_formats_and_sample_sizes(tmp_path, core_model, core_inputs):
@@ -61,3 +61,53 @@ def test_export_network_refuses_bad_formats_and_sample_sizes(tmp_path, core_mode
     with pytest.raises(ValueError, match="has no size_divisibility: pass size_divisibility"):
         export(images, padding_mask, size_divisibility=None)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("name", ["model.pt2", "model.ts"])
+def test_a_program_loads_only_with_consent(tmp_path, name):
+    from panoptic_segformer.deploy import UntrustedCode
+
+    path = tmp_path / name
+    path.write_bytes(b"never read without trust_code")
+    with pytest.raises(UntrustedCode, match=f"{name}: a \\w+ file is a program.*trust_code=True"):
+        ExportedNetwork(str(path))
+
+
+def _identity_model():
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_onnx_files_read_no_other_file_and_no_runtime_settings(tmp_path):
+    """ONNX files need no consent, as long as they stay data: a tensor stored in another file
+    (ONNX Runtime would read it) or ONNX Runtime session settings in the metadata are refused."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    model = _identity_model()
+    model.metadata_props.add(key="ort_config", value='{"session_options": {}}')
+    onnx.save(model, str(tmp_path / "settings.onnx"))
+    with pytest.raises(
+        ValueError, match=r"settings.onnx: .*refused: it holds ONNX Runtime session settings"
+    ):
+        ExportedNetwork(str(tmp_path / "settings.onnx"))
+    model = _identity_model()
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+    weight.data_location = TensorProto.EXTERNAL
+    weight.ClearField("float_data")
+    weight.external_data.add(key="location", value="/etc/hostname")
+    model.graph.initializer.append(weight)
+    onnx.save(model, str(tmp_path / "external.onnx"))
+    with pytest.raises(
+        ValueError, match=r"external.onnx: .*its tensor 'w' is stored in another file"
+    ):
+        ExportedNetwork(str(tmp_path / "external.onnx"))
+    # a plain file of data loads (it then lacks our metadata, which says so)
+    onnx.save(_identity_model(), str(tmp_path / "plain.onnx"))
+    with pytest.raises(ValueError, match="without Panoptic SegFormer's metadata"):
+        ExportedNetwork(str(tmp_path / "plain.onnx"))

@@ -26,7 +26,8 @@ def same_panoptic(expected, actual):
 def test_exported_predictor_gives_the_panoptic_results_of_pytorch(fmt, exported, predictor, photos):
     from panoptic_segformer.deploy import ExportedPredictor
 
-    exported_predictor = ExportedPredictor(str(exported(fmt)))  # the config from the file
+    # the config from the file; the test's own files, so their code is trusted
+    exported_predictor = ExportedPredictor(str(exported(fmt)), trust_code=True)
     shown = photos[:1] if fmt == "torchscript" else photos
     for photo in shown:
         expected, actual = predictor(photo), exported_predictor(photo)
@@ -38,7 +39,7 @@ def test_exported_predictor_gives_the_panoptic_results_of_pytorch(fmt, exported,
 def test_exported_files_carry_config_and_classes(exported, tiny_cfg):
     from panoptic_segformer.deploy import ExportedNetwork
 
-    metadata = ExportedNetwork(str(exported("torchscript"))).metadata
+    metadata = ExportedNetwork(str(exported("torchscript")), trust_code=True).metadata
     assert metadata["size_divisibility"] == 32
     info = metadata["class_info"]
     assert info["dataset"] == tiny_cfg.DATASETS.TRAIN[0]
@@ -53,4 +54,4 @@ def test_a_core_model_file_needs_a_config(core_exported):
 
     path = str(core_exported("torchscript"))
     with pytest.raises(ValueError, match=r"tiny.ts holds no config .* pass the model's cfg"):
-        ExportedPredictor(path)
+        ExportedPredictor(path, trust_code=True)

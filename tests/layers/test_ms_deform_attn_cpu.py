@@ -228,8 +228,26 @@ def test_operator_checks_its_arguments():
         op(value, ss, torch.tensor([0, 23]), loc, attn)
     with pytest.raises(RuntimeError, match=r"spatial_shapes\[0\] = \(0, 6\) must be positive"):
         op(value, torch.tensor([[0, 6], [2, 3]]), lsi, loc, attn)
-    with pytest.raises(RuntimeError, match="spatial_shapes cover 36 tokens but value has S = 30"):
+    with pytest.raises(
+        RuntimeError, match=r"spatial_shapes\[1\] = \(3, 4\) holds more tokens than"
+    ):
         op(value, torch.tensor([[4, 6], [3, 4]]), lsi, loc, attn)
+    with pytest.raises(RuntimeError, match="spatial_shapes cover 28 tokens but value has S = 30"):
+        op(value, torch.tensor([[4, 6], [2, 2]]), lsi, loc, attn)
+    # a level of 2^32 x 2^32 wraps H * W to 0 in int64: the sum of the levels would match S = 30
+    # while the kernel indexed a 2^64-token map
+    with pytest.raises(RuntimeError, match=r"\(4294967296, 4294967296\) holds more tokens than"):
+        op(value, torch.tensor([[2**32, 2**32], [5, 6]]), torch.tensor([0, 0]), loc, attn)
+    # a zero batch hides nothing: N * S * M * D of the other sizes must still fit in int64
+    huge = torch.zeros(1, 1, 1, 1).expand(0, 2**20, 2**22, 2**22)
+    with pytest.raises(RuntimeError, match=r"N \* S \* M \* D overflows int64"):
+        op(
+            huge,
+            torch.tensor([[2**10, 2**10]]),
+            torch.tensor([0]),
+            torch.zeros(1, 1, 1, 1, 1, 2).expand(0, 1, 2**22, 1, 1, 2),
+            torch.zeros(1, 1, 1, 1, 1).expand(0, 1, 2**22, 1, 1),
+        )
     with pytest.raises(RuntimeError, match="spatial_shapes must be an integer tensor"):
         op(value, ss.float(), lsi, loc, attn)
     with pytest.raises(RuntimeError, match=r"attention_weights must be \(N, Q, M, L, P\)"):

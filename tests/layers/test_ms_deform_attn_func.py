@@ -216,10 +216,23 @@ def _bad_inputs():
             ValueError,
             r"level_start_index\[2\] = 31 is inconsistent",
         ),
-        "tokens mismatch": (
+        "level past the tokens": (
             dict(spatial_shapes=torch.tensor([[6, 4], [3, 2], [2, 2]])),
             ValueError,
-            r"cover 34 tokens but value has S = 32",
+            r"spatial_shapes\[2\] = \(2, 2\) holds more tokens than the 2 value has left",
+        ),
+        "tokens mismatch": (
+            dict(spatial_shapes=torch.tensor([[6, 4], [3, 2], [1, 1]])),
+            ValueError,
+            r"cover 31 tokens but value has S = 32",
+        ),
+        "level sizes wrapping int64": (
+            dict(
+                spatial_shapes=torch.tensor([[2**32, 2**32], [6, 4], [2, 4]]),
+                level_start_index=torch.tensor([0, 0, 24]),
+            ),
+            ValueError,
+            r"spatial_shapes\[0\] = \(4294967296, 4294967296\) holds more tokens",
         ),
         "zero size level": (
             dict(spatial_shapes=torch.tensor([[6, 4], [0, 2], [8, 1]])),

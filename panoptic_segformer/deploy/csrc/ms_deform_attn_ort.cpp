@@ -22,6 +22,7 @@
 
 #include "cpu_features.h"
 #include "ms_deform_attn_cpu_forward.h"
+#include "ms_deform_attn_shapes.h"
 
 namespace {
 
@@ -114,23 +115,13 @@ OrtStatus* check_shapes(const OrtApi* api, const std::vector<int64_t> (&shapes)[
                             shape_string(shapes[2]) + " must be (L, 2) and (L,) with L = " +
                             std::to_string(sz->L) + " levels");
   }
-  int64_t tokens = 0;
-  for (int64_t l = 0; l < sz->L; ++l) {
-    const int64_t height = spatial_shapes[2 * l], width = spatial_shapes[2 * l + 1];
-    if (height <= 0 || width <= 0 || level_start_index[l] != tokens) {
-      return invalid(api, "level " + std::to_string(l) + " of " + std::to_string(height) + " x " +
-                              std::to_string(width) + " starting at token " +
-                              std::to_string(level_start_index[l]) +
-                              ": levels must be non-empty and start where the previous ends (" +
-                              std::to_string(tokens) + ")");
-    }
-    tokens += height * width;
+  // the same checks as the PyTorch operator's (ms_deform_attn_shapes.h)
+  std::string error = panoptic_segformer::msda::index_overflow(sz->N, sz->S, sz->M, sz->D, sz->Q,
+                                                               sz->L, sz->P);
+  if (error.empty()) {
+    error = panoptic_segformer::msda::level_error(spatial_shapes, level_start_index, sz->L, sz->S);
   }
-  if (tokens != sz->S) {
-    return invalid(api, "the levels hold " + std::to_string(tokens) +
-                            " tokens but value of shape " + shape_string(value) + " has " +
-                            std::to_string(sz->S));
-  }
+  if (!error.empty()) return invalid(api, error + " (value " + shape_string(value) + ")");
   return nullptr;
 }
 

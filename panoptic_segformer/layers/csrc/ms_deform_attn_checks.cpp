@@ -3,8 +3,11 @@
 
 #include "ms_deform_attn.h"
 
+#include <string>
 #include <utility>
 #include <vector>
+
+#include "ms_deform_attn_shapes.h"
 
 namespace panoptic_segformer {
 
@@ -51,25 +54,23 @@ Levels check_inputs(const char* kernel, c10::DeviceType device_type, const at::T
   TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == l, kernel,
               ": level_start_index must be (L,) = (", l, ",), got ", level_start_index.sizes());
 
+  const std::string overflow = msda::index_overflow(n, value.size(1), m, d, q, l, p);
+  TORCH_CHECK(overflow.empty(), kernel, ": ", overflow, " (value ", value.sizes(),
+              ", sampling_locations ", sampling_locations.sizes(), ")");
+
   // Read on the host (a synchronisation if the caller keeps them on a GPU).
   const auto shapes = spatial_shapes.to(at::kCPU, at::kLong).contiguous();
   const auto starts = level_start_index.to(at::kCPU, at::kLong).contiguous();
-  const auto hw = shapes.accessor<int64_t, 2>();
-  const auto start = starts.accessor<int64_t, 1>();
+  const int64_t* hw = shapes.data_ptr<int64_t>();
+  const int64_t* start = starts.data_ptr<int64_t>();
+  const std::string error = msda::level_error(hw, start, l, value.size(1));
+  TORCH_CHECK(error.empty(), kernel, ": ", error);
   Levels levels;
-  int64_t tokens = 0;
   for (int64_t i = 0; i < l; ++i) {
-    TORCH_CHECK(hw[i][0] >= 1 && hw[i][1] >= 1, kernel, ": spatial_shapes[", i, "] = (",
-                hw[i][0], ", ", hw[i][1], ") must be positive");
-    TORCH_CHECK(start[i] == tokens, kernel, ": level_start_index[", i, "] = ", start[i],
-                " but the levels before it hold ", tokens, " tokens");
-    levels.height.push_back(hw[i][0]);
-    levels.width.push_back(hw[i][1]);
+    levels.height.push_back(hw[2 * i]);
+    levels.width.push_back(hw[2 * i + 1]);
     levels.start.push_back(start[i]);
-    tokens += hw[i][0] * hw[i][1];
   }
-  TORCH_CHECK(tokens == value.size(1), kernel, ": spatial_shapes cover ", tokens,
-              " tokens but value has S = ", value.size(1));
   return levels;
 }
 
