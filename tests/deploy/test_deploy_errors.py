@@ -4,6 +4,7 @@ core model: no detectron2 needed)."""
 import importlib.util
 
 import pytest
+from skips import require
 
 from panoptic_segformer.deploy import ExportedNetwork, export_network
 
@@ -85,8 +86,8 @@ def _identity_model():
 def test_onnx_files_read_no_other_file_and_no_runtime_settings(tmp_path):
     """ONNX files need no consent, as long as they stay data: a tensor stored in another file
     (ONNX Runtime would read it) or ONNX Runtime session settings in the metadata are refused."""
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
+    onnx = require("onnx", "ONNX needs the deploy extra (onnx)")
+    require("onnxruntime", "ONNX needs the deploy extra (onnxruntime)")
     from onnx import TensorProto, helper
 
     model = _identity_model()
