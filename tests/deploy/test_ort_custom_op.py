@@ -118,8 +118,11 @@ def test_follows_the_kernels_nan_rule(library, kernel):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda x: x[2].add_(1), "level 0 of 10 x 12 starting at token 1"),
-        (lambda x: x.__setitem__(0, x[0][:, :100]), "the levels hold 159 tokens but value"),
+        (lambda x: x[2].add_(1), "level_start_index[0] = 1 but the levels before it hold 0"),
+        (
+            lambda x: x.__setitem__(0, x[0][:, :100]),
+            "spatial_shapes[0] = (10, 12) holds more tokens than the 100 value has left",
+        ),
         (lambda x: x.__setitem__(4, x[4][:, :, :1]), "attention_weights of shape (2, 37, 1, 3, 3)"),
         (lambda x: x.__setitem__(3, x[3][0]), "sampling_locations of shape (37, 2, 3, 3, 2)"),
     ],
