@@ -117,7 +117,8 @@ setup(
     },
     install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "scipy", "ninja"],
     extras_require={
-        "test": ["pytest>=7", f"timm>={TIMM_TEST_MIN_VERSION}", "fvcore"],
+        # OpenCV: the demo's and the Boundary PQ reference's tests
+        "test": ["pytest>=7", f"timm>={TIMM_TEST_MIN_VERSION}", "fvcore", "opencv-python-headless"],
         # training, evaluation and the demo; neither is on PyPI, so both come from their
         # repositories (detectron2 builds against the installed torch: --no-build-isolation)
         "detectron2": [

@@ -1,5 +1,6 @@
-"""Fixtures shared by the test folders."""
+"""Fixtures shared by the test folders, and the summary of skips by reason."""
 
+import collections
 import pickle
 from pathlib import Path
 
@@ -93,3 +94,17 @@ def randomise_norms():
     """``randomise_norms(module, seed=0)``: gives every frozen batch norm of ``module`` random
     statistics (folding identity norms would test nothing)."""
     return _randomise_norms
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per skip reason with its count (a module skipped at collection counts once), so
+    a run says what it did not test and why: no GPU, no detectron2, ..."""
+    reasons: collections.Counter = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.section("skips by reason")
+        for reason, count in reasons.most_common():
+            terminalreporter.line(f"{count:4d}  {reason}")
