@@ -14,8 +14,8 @@ import textwrap
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-# the optional libraries the package or its tests import (setup.py's extras, detectron2's own
-# dependencies, panopticapi)
+# the optional libraries the package or its tests import (setup.py's extras, detectron2 and fvcore,
+# which detectron2 needs too, panopticapi)
 OPTIONAL = (
     "cv2",
     "detectron2",
@@ -25,7 +25,6 @@ OPTIONAL = (
     "onnxruntime",
     "onnxscript",
     "panopticapi",
-    "pycocotools",
     "timm",
 )
 
