@@ -67,6 +67,7 @@ ONE_SGD_STEP = [
     "SOLVER.CLIP_GRADIENTS.ENABLED", "False",
 ]  # fmt: skip
 TIMEOUT = 600
+ONE_AND_TWO = (("one", "1"), ("two", "2"))  # output folder, processes
 
 
 def lay_out_coco(root, sample, ground_truth):
@@ -125,10 +126,16 @@ def finish(process):
     return output
 
 
-def train_net(datasets_root, output_dir, flags, opts, threads=None):
-    """Runs train_net.py to completion; returns its output."""
+def train_net(datasets_root, runs, opts, threads=None):
+    """Runs train_net.py once per ``{output folder: flags}`` of ``runs``, all at the same time
+    (each run sets its own number of threads, so running them together changes no result, and
+    their start-ups overlap); returns their outputs."""
     script = ROOT / "train_net.py"
-    return finish(start(script, datasets_root, output_dir, *flags, opts, threads=threads))
+    started = [
+        start(script, datasets_root, output_dir, *flags, opts, threads=threads)
+        for output_dir, flags in runs.items()
+    ]
+    return [finish(process) for process in started]
 
 
 def load_weights(path):
@@ -154,8 +161,8 @@ def test_two_processes_train_like_one_process_with_both_images(
 ):
     # 1 process x 2 images, and 2 processes x 1 image (DDP on gloo): one SGD step each
     opts = [*ONE_SGD_STEP, "MODEL.WEIGHTS", str(initial_weights)]
-    train_net(datasets_root, tmp_path / "one", ["--num-gpus", "1"], opts)
-    train_net(datasets_root, tmp_path / "two", ["--num-gpus", "2"], opts)
+    runs = {tmp_path / "one": ["--num-gpus", "1"], tmp_path / "two": ["--num-gpus", "2"]}
+    train_net(datasets_root, runs, opts)
     start_ = load_weights(initial_weights)
     one = load_weights(tmp_path / "one" / "model_final.pth")
     two = load_weights(tmp_path / "two" / "model_final.pth")
@@ -183,11 +190,11 @@ def test_two_processes_train_like_one_process_with_both_images(
 
 @pytest.fixture(scope="module")
 def two_machines(tmp_path_factory, datasets_root):
-    """20 iterations on two "machines" of one process each, meeting on loopback (the README's
+    """10 iterations on two "machines" of one process each, meeting on loopback (the README's
     multi-machine command); returns the output folder and the two processes' outputs."""
     output_dir = tmp_path_factory.mktemp("two_machines")
     url = f"tcp://127.0.0.1:{free_port()}"
-    opts = ["SOLVER.MAX_ITER", "20", "SOLVER.BASE_LR", "0.0004"]
+    opts = ["SOLVER.MAX_ITER", "10", "SOLVER.BASE_LR", "0.0004"]
     script = ROOT / "tests" / "engine" / "train_net_reporting.py"
     flags = ["--num-gpus", "1", "--num-machines", "2", "--dist-url", url]
     # two "machines" on this one: a thread each (a real machine would use all its cores)
@@ -202,11 +209,11 @@ def two_machines(tmp_path_factory, datasets_root):
 def test_two_machines_train_in_step(two_machines):
     output_dir, _ = two_machines
     reports = [json.loads((output_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["iterations"] for r in reports] == [20, 20]
+    assert [r["iterations"] for r in reports] == [10, 10]
     # both ranks hold the same loss at every iteration and end with identical weights
     assert reports[0]["losses"] == reports[1]["losses"]
     assert reports[0]["weights_sha256"] == reports[1]["weights_sha256"]
-    # the loss the main process logged (the median of the 20 iterations) is that averaged loss
+    # the loss the main process logged (the median of the 10 iterations) is that averaged loss
     (logged,) = [
         json.loads(line)["total_loss"]
         for line in (output_dir / "metrics.json").read_text().splitlines()
@@ -243,12 +250,11 @@ def test_two_processes_evaluate_exactly_like_one(tmp_path, two_machines, coco_pa
         "DATASETS.TEST",
         str(tuple(test_sets)),
     ]
-    for run, gpus in (("one", "1"), ("two", "2")):
-        flags = ["--eval-only", "--num-gpus", gpus]
-        # one thread per process in both runs: on some CPUs (seen on an AVX-512 Xeon) oneDNN's
-        # convolutions round differently with 1 and 2 threads, and what is tested here is the
-        # split of the images between processes and the gathering of their results
-        train_net(datasets, tmp_path / run, flags, opts, threads=1)
+    runs = {tmp_path / run: ["--eval-only", "--num-gpus", gpus] for run, gpus in ONE_AND_TWO}
+    # one thread per process in both runs: on some CPUs (seen on an AVX-512 Xeon) oneDNN's
+    # convolutions round differently with 1 and 2 threads, and what is tested here is the split
+    # of the images between processes and the gathering of their results
+    train_net(datasets, runs, opts, threads=1)
     results = [
         json.loads((tmp_path / run / "inference" / "results.json").read_text())
         for run in ("one", "two")
