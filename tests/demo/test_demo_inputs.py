@@ -1,6 +1,7 @@
 """Whatever is on a user's disk: every image kind the demo and predictor may meet either works
 (drawn at its size and orientation) or is skipped with a one-line message, and the run goes on."""
 
+import importlib.util
 import io
 import os
 import struct
@@ -90,23 +91,40 @@ def test_demo_survives_a_folder_of_odd_inputs(tmp_path):
     assert sorted(os.listdir(out)) == sorted(good)
 
 
-@pytest.mark.parametrize(
-    "arguments,message",
-    [
-        (["--input", "/no/such/dir/*.jpg"], "--input '/no/such/dir/*.jpg' matches no image"),
-        (["--input", "EMPTY"], "matches no image"),
-        (["--config-file", "missing.yaml", "--input", "x.jpg"], "'missing.yaml': no such file"),
-        ([], "give exactly one of --input, --video-input and --webcam"),
-        (["--exported", "model.pt2", "--input", "x.jpg"], "(demo.py: --trust-exported-code)"),
-    ],
-)
-def test_demo_usage_errors_are_one_line(tmp_path, arguments, message):
+USAGE_ERRORS = {
+    "no match": (["--input", "/no/such/dir/*.jpg"], "--input '/no/such/dir/*.jpg' matches no image"),
+    "empty folder": (["--input", "EMPTY"], "matches no image"),
+    "no config": (["--config-file", "missing.yaml", "--input", "x.jpg"], "'missing.yaml': no such file"),
+    "no input": ([], "give exactly one of --input, --video-input and --webcam"),
+    "untrusted program": (["--exported", "model.pt2", "--input", "x.jpg"], "(demo.py: --trust-exported-code)"),
+}  # fmt: skip
+
+
+def usage_error_arguments(tmp_path, arguments):
     (tmp_path / "empty").mkdir()
     (tmp_path / "model.pt2").write_bytes(b"never read without --trust-exported-code")
     arguments = [str(tmp_path / "empty") if a == "EMPTY" else a for a in arguments]
     if "--config-file" not in arguments:
         arguments = ["--config-file", R50, *arguments]
-    command = [sys.executable, str(ROOT / "demo" / "demo.py"), *arguments, "--opts", *TINY]
+    return [*arguments, "--opts", *TINY]
+
+
+@pytest.mark.parametrize("case", USAGE_ERRORS)
+def test_demo_usage_errors_are_one_line(tmp_path, monkeypatch, capsys, case):
+    # demo.main as the script calls it (the process itself: the test below)
+    arguments, message = USAGE_ERRORS[case]
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location("psf_demo", ROOT / "demo" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.main(usage_error_arguments(tmp_path, arguments)) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_usage_error_exits_with_status_2_and_no_traceback(tmp_path):
+    arguments, message = USAGE_ERRORS["untrusted program"]
+    command = [sys.executable, str(ROOT / "demo" / "demo.py")]
+    command += usage_error_arguments(tmp_path, arguments)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
