@@ -190,11 +190,11 @@ def test_two_processes_train_like_one_process_with_both_images(
 
 @pytest.fixture(scope="module")
 def two_machines(tmp_path_factory, datasets_root):
-    """10 iterations on two "machines" of one process each, meeting on loopback (the README's
+    """20 iterations on two "machines" of one process each, meeting on loopback (the README's
     multi-machine command); returns the output folder and the two processes' outputs."""
     output_dir = tmp_path_factory.mktemp("two_machines")
     url = f"tcp://127.0.0.1:{free_port()}"
-    opts = ["SOLVER.MAX_ITER", "10", "SOLVER.BASE_LR", "0.0004"]
+    opts = ["SOLVER.MAX_ITER", "20", "SOLVER.BASE_LR", "0.0004"]
     script = ROOT / "tests" / "engine" / "train_net_reporting.py"
     flags = ["--num-gpus", "1", "--num-machines", "2", "--dist-url", url]
     # two "machines" on this one: a thread each (a real machine would use all its cores)
@@ -209,11 +209,11 @@ def two_machines(tmp_path_factory, datasets_root):
 def test_two_machines_train_in_step(two_machines):
     output_dir, _ = two_machines
     reports = [json.loads((output_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["iterations"] for r in reports] == [10, 10]
+    assert [r["iterations"] for r in reports] == [20, 20]
     # both ranks hold the same loss at every iteration and end with identical weights
     assert reports[0]["losses"] == reports[1]["losses"]
     assert reports[0]["weights_sha256"] == reports[1]["weights_sha256"]
-    # the loss the main process logged (the median of the 10 iterations) is that averaged loss
+    # the loss the main process logged (the median of the 20 iterations) is that averaged loss
     (logged,) = [
         json.loads(line)["total_loss"]
         for line in (output_dir / "metrics.json").read_text().splitlines()
