@@ -17,7 +17,7 @@
 // read on the host (a synchronisation when they are on a GPU).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 #include <vector>

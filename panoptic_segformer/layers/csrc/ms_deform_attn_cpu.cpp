@@ -19,6 +19,8 @@
 // and the AVX2 build of the loops (picked at run time) gives the same bits as the baseline one.
 
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

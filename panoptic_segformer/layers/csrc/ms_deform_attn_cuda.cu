@@ -24,7 +24,9 @@
 // torch.use_deterministic_algorithms(True) it raises (or warns with warn_only=True), as CUDA
 // grid_sample's backward does.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAStream.h>
