@@ -33,7 +33,12 @@ OPTIONAL = (
 # <hidden: found by find_spec>" per library and the children's output after it.
 COLLECT_WITHOUT_EACH = """
 import importlib.util, os, sys, tempfile
-import numpy, PIL.Image, pytest, scipy, torch, torchvision
+import numpy, PIL.Image, pytest, scipy.optimize, torch, torchvision
+for name in ("ml_dtypes", "matplotlib.pyplot", "pycocotools.mask", "iopath", "omegaconf", "tabulate"):
+    try:  # what the optional libraries import, never one of them
+        __import__(name)
+    except ImportError:
+        pass
 sys.path.insert(0, {tests!r})
 from hidden_modules import hide
 
