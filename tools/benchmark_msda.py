@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark multi-scale deformable attention implementations on the R50 shapes at 800x1333.
 
-Levels 100x167, 50x84, 25x42, 13x21 (22,223 tokens); 8 heads x 32 channels; 4 points. Two
+Levels 100x167, 50x84, 25x42, 13x21 (22,223 tokens; the levels of another input with
+``--size HxW``); 8 heads x 32 channels; 4 points. Two
 workloads: the encoder (every token is a query) and the decoder (300 queries). For each
 available implementation it reports forward and forward+backward time, peak memory and the
 ratio against the plain per-level grid_sample formulation (Deformable DETR's debugging
@@ -27,7 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from panoptic_segformer.layers import multi_scale_deformable_attention  # noqa: E402
 from panoptic_segformer.layers.ms_deform_attn_op import load_operator  # noqa: E402
 
-LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
+SIZE = (800, 1333)  # the input image, COCO's test size
+LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]  # levels_of(SIZE)
+
+
+def levels_of(size: Tuple[int, int]) -> List[Tuple[int, int]]:
+    """The (H, W) of the four levels (strides 8 to 64) of an (H, W) input; each stride-2 step
+    rounds up, as the backbone's convolutions do."""
+    return [(-(-size[0] // stride), -(-size[1] // stride)) for stride in (8, 16, 32, 64)]
+
+
 HEADS, CHANNELS, POINTS = 8, 32, 4
 DECODER_QUERIES = 300
 DTYPES = {
@@ -90,8 +100,7 @@ def original_op() -> Optional[Callable]:
     return _Original.apply
 
 
-def implementations(device: str) -> Dict[str, Callable]:
-    shapes = LEVELS
+def implementations(device: str, shapes: List[Tuple[int, int]] = LEVELS) -> Dict[str, Callable]:
 
     def ours(name):
         return lambda v, ss, lsi, loc, a: multi_scale_deformable_attention(
@@ -114,9 +123,16 @@ def implementations(device: str) -> Dict[str, Callable]:
     return impls
 
 
-def make_inputs(batch: int, queries: int, dtype: torch.dtype, device: str, seed: int = 0):
+def make_inputs(
+    batch: int,
+    queries: int,
+    dtype: torch.dtype,
+    device: str,
+    seed: int = 0,
+    levels: List[Tuple[int, int]] = LEVELS,
+):
     g = torch.Generator().manual_seed(seed)
-    n_levels, tokens = len(LEVELS), sum(h * w for h, w in LEVELS)
+    n_levels, tokens = len(levels), sum(h * w for h, w in levels)
     value = torch.randn(batch, tokens, HEADS, CHANNELS, generator=g)
     # Reference points anywhere on the map plus offsets of a few pixels, as in the encoder.
     ref = torch.rand(batch, queries, 1, 1, 1, 2, generator=g)
@@ -124,27 +140,29 @@ def make_inputs(batch: int, queries: int, dtype: torch.dtype, device: str, seed:
     loc = ref + offsets
     attn = torch.randn(batch, queries, HEADS, n_levels * POINTS, generator=g).softmax(-1)
     attn = attn.view(batch, queries, HEADS, n_levels, POINTS)
-    ss = torch.tensor(LEVELS, dtype=torch.int64)
+    ss = torch.tensor(levels, dtype=torch.int64)
     lsi = torch.cat([ss.new_zeros(1), ss.prod(1).cumsum(0)[:-1]])
     tensors = [t.to(device=device, dtype=dtype) for t in (value, loc, attn)]
     return tensors[0], ss, lsi, tensors[1], tensors[2]
 
 
-def bytes_moved(batch: int, queries: int, dtype: torch.dtype) -> Dict[str, int]:
+def bytes_moved(
+    batch: int, queries: int, dtype: torch.dtype, levels: List[Tuple[int, int]] = LEVELS
+) -> Dict[str, int]:
     """Lower bound on memory traffic: every input read once, every output written once."""
     size = torch.tensor([], dtype=dtype).element_size()
-    value = batch * sum(h * w for h, w in LEVELS) * HEADS * CHANNELS * size
-    points = batch * queries * HEADS * len(LEVELS) * POINTS
+    value = batch * sum(h * w for h, w in levels) * HEADS * CHANNELS * size
+    points = batch * queries * HEADS * len(levels) * POINTS
     coords = points * 3 * size  # two coordinates and one weight per point
     out = batch * queries * HEADS * CHANNELS * size
     forward = value + coords + out
     return {"forward": forward, "backward": forward + out + value + coords}
 
 
-def _workload(workload: str, batch: int, dtype_name: str, device: str):
-    queries = sum(h * w for h, w in LEVELS) if workload == "encoder" else DECODER_QUERIES
+def _workload(workload: str, batch: int, dtype_name: str, device: str, levels):
+    queries = sum(h * w for h, w in levels) if workload == "encoder" else DECODER_QUERIES
     dtype = DTYPES[dtype_name]
-    value, ss, lsi, loc, attn = make_inputs(batch, queries, dtype, device)
+    value, ss, lsi, loc, attn = make_inputs(batch, queries, dtype, device, levels=levels)
     grad = torch.randn(batch, queries, HEADS * CHANNELS, device=device).to(dtype)
     leaves = [t.requires_grad_() for t in (value, loc, attn)]
     return queries, (value, ss, lsi, loc, attn), leaves, grad
@@ -184,11 +202,12 @@ def time_workload(
     device: str,
     warmup: int,
     reps: int,
+    levels: List[Tuple[int, int]] = LEVELS,
 ) -> List[Dict]:
     """Median times of every implementation, measured round-robin in this process, in an order
     reversed every round, so that no implementation is favoured by running first or last."""
-    impls = implementations(device)
-    queries, inputs, leaves, grad = _workload(workload, batch, dtype_name, device)
+    impls = implementations(device, levels)
+    queries, inputs, leaves, grad = _workload(workload, batch, dtype_name, device, levels)
     runners = {name: _runners(impls[name], inputs, leaves, grad) for name in names}
     samples = {name: ([], []) for name in names}
     for rep in range(warmup + reps):
@@ -210,19 +229,26 @@ def time_workload(
             fwd_bwd_ms=fwd_bwd_ms,
         )
         if device == "cuda":
-            moved = bytes_moved(batch, queries, DTYPES[dtype_name])
+            moved = bytes_moved(batch, queries, DTYPES[dtype_name], levels)
             row["fwd_gbps"] = moved["forward"] / fwd_ms / 1e6
             row["fwd_bwd_gbps"] = moved["backward"] / fwd_bwd_ms / 1e6
         rows.append(row)
     return rows
 
 
-def peak_memory_mib(name: str, workload: str, batch: int, dtype_name: str, device: str) -> float:
+def peak_memory_mib(
+    name: str,
+    workload: str,
+    batch: int,
+    dtype_name: str,
+    device: str,
+    levels: List[Tuple[int, int]] = LEVELS,
+) -> float:
     """Peak memory of one forward+backward beyond its inputs: the CUDA allocator's peak, or on
     the CPU the peak resident set beyond the current one (Linux; call it in a fresh process so
     that memory freed by earlier runs and kept by the C allocator does not hide the peak)."""
-    _, inputs, leaves, grad = _workload(workload, batch, dtype_name, device)
-    _, forward_backward = _runners(implementations(device)[name], inputs, leaves, grad)
+    _, inputs, leaves, grad = _workload(workload, batch, dtype_name, device, levels)
+    _, forward_backward = _runners(implementations(device, levels)[name], inputs, leaves, grad)
     if device == "cuda":
         forward_backward()
         torch.cuda.synchronize()
@@ -265,10 +291,22 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         default=None,
         help="subset of: grid_sample pytorch cpu cuda original (default: available)",
     )
+    parser.add_argument(
+        "--size",
+        default="x".join(map(str, SIZE)),
+        help="the input image HxW whose levels are sampled (default: %(default)s)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
+    try:
+        size = tuple(int(side) for side in args.size.lower().split("x"))
+    except ValueError:
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        parser.error(f"--size takes HxW in pixels, e.g. 800x1333, got {args.size!r}")
+    levels = levels_of(size)
 
     device = args.device
     if device == "auto":
@@ -297,27 +335,30 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         for batch in args.batch:
             for dtype in args.dtypes:
                 print(f"{workload} batch {batch} {dtype}: {', '.join(names)}", file=sys.stderr)
-                group = time_workload(names, workload, batch, dtype, device, args.warmup, args.reps)
+                group = time_workload(
+                    names, workload, batch, dtype, device, args.warmup, args.reps, levels
+                )
                 for row in group:
-                    job = (row["impl"], workload, batch, dtype, device)
+                    row["size"] = args.size
+                    job = (row["impl"], workload, batch, dtype, device, levels)
                     row["peak_mib"] = (
                         peak_memory_mib(*job) if device == "cuda" else _fresh_process_peak(job)
                     )
                 rows.extend(group)
-    print_table(rows, device)
+    print_table(rows, device, args.size)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return rows
 
 
-def print_table(rows: List[Dict], device: str) -> None:
+def print_table(rows: List[Dict], device: str, size: str = "x".join(map(str, SIZE))) -> None:
     name = (
         torch.cuda.get_device_name()
         if device == "cuda"
         else f"CPU ({torch.get_num_threads()} threads)"
     )
     print(
-        f"\nmulti-scale deformable attention, R50 800x1333 shapes, {name}, "
+        f"\nmulti-scale deformable attention, R50 {size} shapes, {name}, "
         f"torch {torch.__version__}"
     )
     baseline = {
