@@ -72,13 +72,12 @@ def package_modules():
     return names
 
 
-# third-party libraries slow to import, imported once before the children (none imports the
-# package, so none can hide a cycle in it)
+# third-party libraries slow to import, imported once before the children
 THIRD_PARTY = ["numpy", "scipy.optimize", "torch", "torchvision", "onnx", "onnxscript", "timm"]
 
-# Imports the third-party libraries once (they cannot close a cycle in the package), then each
-# module of the package in a forked child in which no module of the package is imported yet.
-# Prints "<module> <exit status>" per module; a child prints its traceback.
+# Imports the third-party libraries once (none imports the package, so none can hide a cycle in
+# it), then each module of the package in a forked child in which no module of the package is
+# imported yet. Prints "<module> <exit status>" per module; a child prints its traceback.
 IMPORT_EACH_FIRST = """
 import importlib, os, sys, traceback
 preload, modules = sys.argv[1].split(","), sys.argv[2:]
@@ -123,8 +122,8 @@ def test_package_modules_are_found():
 
 @needs_detectron2
 def test_every_module_imports_first_in_a_fresh_interpreter(tmp_path):
-    # the data <-> evaluation and layers/_extension <-> layers/ms_deform_attn_op cycles failed
-    # here, e.g. "cannot import name 'SUBMISSION_EVALUATOR_TYPE' from partially initialized module"
+    # the data <-> evaluation cycle failed here: "cannot import name 'SUBMISSION_EVALUATOR_TYPE'
+    # from partially initialized module 'panoptic_segformer.evaluation'"
     modules = package_modules()
     detectron2 = ["config", "data", "engine", "evaluation", "modeling", "utils.visualizer"]
     preload = THIRD_PARTY + [f"detectron2.{name}" for name in detectron2]
