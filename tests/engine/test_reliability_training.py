@@ -102,19 +102,29 @@ def train_command(output_dir, resume=False):
     return command + (["--resume"] if resume else []) + TRAIN + ["OUTPUT_DIR", str(output_dir)]
 
 
-def train(output_dir, env, resume=False):
-    """Runs train_net.py to the end; returns its log."""
-    done = subprocess.run(
+def start_training(output_dir, env, resume=False):
+    """Starts train_net.py; :func:`finish_training` waits for it."""
+    return subprocess.Popen(
         train_command(output_dir, resume),
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        timeout=300,
     )
-    assert done.returncode == 0, done.stdout[-3000:]
-    return done.stdout
+
+
+def finish_training(process):
+    """Waits for a run of :func:`start_training` to end, which it must do cleanly; returns its
+    log."""
+    try:
+        log, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, log[-3000:]
+    return log
 
 
 def kill_while_saving(output_dir, env, name):
@@ -177,8 +187,12 @@ def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, coco_panopti
     )
     reference, run = tmp_path / "uninterrupted", tmp_path / "interrupted"
     try:
-        train(reference, env)
-        mid_save = kill_while_saving(run, env, "model_0000005")
+        # the uninterrupted run beside the one to kill (a thread each: neither changes the other)
+        uninterrupted = start_training(reference, env)
+        try:
+            mid_save = kill_while_saving(run, env, "model_0000005")
+        finally:
+            finish_training(uninterrupted)
 
         # whatever the kill interrupted, every checkpoint file is complete and last_checkpoint
         # names one; when the kill caught the save of model_0000005 unfinished (nearly always:
@@ -198,7 +212,7 @@ def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, coco_panopti
         # the killed run matched the uninterrupted one up to there
         assert_identical(resumed_from, load(reference / last), last)
 
-        log = train(run, env, resume=True)
+        log = finish_training(start_training(run, env, resume=True))
         assert f"Loading trainer from {run / last}" in log
         assert "Loading scheduler from state_dict" in log
         assert f"Starting training from iteration {start}" in log
