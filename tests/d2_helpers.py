@@ -1,8 +1,11 @@
 """Shared helpers of the detectron2-layer tests (each test module skips without detectron2)."""
 
+import importlib.util
 import json
 import os
+import subprocess
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -72,6 +75,27 @@ def train_net_args(output_dir, dataset, *extra, eval_only=False, resume=False):
     argv = ["--config-file", str(CONFIGS[0].parent / "r50.yaml")]
     flags = (["--eval-only"] if eval_only else []) + (["--resume"] if resume else [])
     return default_argument_parser().parse_args(argv + flags + opts)
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> str:
+    """Waits for ``process`` (started with its output piped as text) and returns its output; fails
+    the test with the end of it when the process fails or outlasts ``timeout`` seconds (then it
+    is killed)."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    assert process.returncode == 0, output[-6000:]
+    return output
+
+
+def load_demo() -> ModuleType:
+    """demo/demo.py as a fresh module (its ``main`` is what the script runs)."""
+    spec = importlib.util.spec_from_file_location("psf_demo", ROOT / "demo" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_cfg(config_file, *opts):

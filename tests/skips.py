@@ -1,11 +1,11 @@
 """Skipping a test module whose optional dependency is missing, with the reason.
 
 ``pytest.importorskip("detectron2")`` is not enough: detectron2's own top-level package imports
-nothing, while the submodules the project uses import fvcore, iopath, pycocotools and (the
-Visualizer) OpenCV, which an installation can lack. :func:`require_detectron2` imports those
-submodules, so a test module skips with the missing library named instead of failing at
-collection. (detectron2's Visualizer needs OpenCV too, which the rest of detectron2 does not:
-modules that draw also ``require("cv2", ...)``.)
+nothing, while the submodules the project uses import fvcore, iopath and pycocotools, which an
+installation can lack. :func:`require_detectron2` imports those submodules, so a test module
+skips with the missing library named instead of failing at collection. detectron2's Visualizer
+also needs OpenCV, which the rest of detectron2 does not: modules that draw also
+``require("cv2", ...)``.
 """
 
 import importlib

@@ -110,11 +110,6 @@ def find_cuda_toolkit() -> Tuple[Optional[str], str]:
     return None, f"no CUDA toolkit found ({where}); set CUDA_HOME to the toolkit's folder"
 
 
-def cuda_toolkit_home() -> Optional[str]:
-    """The CUDA toolkit's folder (see :func:`find_cuda_toolkit`), or None."""
-    return find_cuda_toolkit()[0]
-
-
 def use_cuda_toolkit(home: str) -> None:
     """Makes PyTorch's extension builder compile and link with the toolkit at ``home`` (it reads
     the folder it derived at import from ``torch.utils.cpp_extension.CUDA_HOME``)."""

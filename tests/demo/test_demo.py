@@ -1,7 +1,6 @@
 """demo/demo.py draws a prediction on an image of the generated COCO panoptic sample, on the
 CPU."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,14 +13,7 @@ require("cv2", "the demo draws with OpenCV")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from d2_helpers import CONFIGS, ROOT, TINY  # noqa: E402
-
-
-def load_demo():
-    spec = importlib.util.spec_from_file_location("psf_demo", ROOT / "demo" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from d2_helpers import CONFIGS, ROOT, TINY, load_demo  # noqa: E402
 
 
 def run_demo(workdir, *arguments):

@@ -1,7 +1,6 @@
 """Whatever is on a user's disk: every image kind the demo and predictor may meet either works
 (drawn at its size and orientation) or is skipped with a one-line message, and the run goes on."""
 
-import importlib.util
 import io
 import os
 import struct
@@ -18,7 +17,7 @@ require("cv2", "the demo draws with OpenCV")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from d2_helpers import CONFIGS, ROOT, TINY, make_cfg  # noqa: E402
+from d2_helpers import CONFIGS, ROOT, TINY, load_demo, make_cfg  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from panoptic_segformer.predictor import Predictor, load_image  # noqa: E402
@@ -114,10 +113,7 @@ def test_demo_usage_errors_are_one_line(tmp_path, monkeypatch, capsys, case):
     # demo.main as the script calls it (the process itself: the test below)
     arguments, message = USAGE_ERRORS[case]
     monkeypatch.chdir(tmp_path)
-    spec = importlib.util.spec_from_file_location("psf_demo", ROOT / "demo" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    assert demo.main(usage_error_arguments(tmp_path, arguments)) == 2
+    assert load_demo().main(usage_error_arguments(tmp_path, arguments)) == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 

@@ -26,6 +26,7 @@ from d2_helpers import (  # noqa: E402
     CONFIGS,
     PERMISSIVE_SCORES,
     ROOT,
+    finish,
     make_cfg,
     register_sample,
     write_own_predictions_as_ground_truth,
@@ -116,16 +117,6 @@ def start(script, datasets_root, output_dir, *args, threads=None):
     )
 
 
-def finish(process):
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-    assert process.returncode == 0, output[-6000:]
-    return output
-
-
 def train_net(datasets_root, runs, opts, threads=None):
     """Runs train_net.py once per ``{output folder: flags}`` of ``runs``, all at the same time
     (each run sets its own number of threads, so running them together changes no result, and
@@ -135,7 +126,7 @@ def train_net(datasets_root, runs, opts, threads=None):
         start(script, datasets_root, output_dir, *flags, opts, threads=threads)
         for output_dir, flags in runs.items()
     ]
-    return [finish(process) for process in started]
+    return [finish(process, TIMEOUT) for process in started]
 
 
 def load_weights(path):
@@ -202,7 +193,7 @@ def two_machines(tmp_path_factory, datasets_root):
         start(script, datasets_root, output_dir, *flags, "--machine-rank", str(r), opts, threads=1)
         for r in (0, 1)
     ]
-    outputs = [finish(process) for process in ranks]
+    outputs = [finish(process, TIMEOUT) for process in ranks]
     return output_dir, outputs
 
 

@@ -44,6 +44,7 @@ from d2_helpers import (  # noqa: E402
     PIXEL_ARGMAX,
     ROOT,
     TINY,
+    finish,
     make_cfg,
     register_sample,
 )
@@ -103,7 +104,7 @@ def train_command(output_dir, resume=False):
 
 
 def start_training(output_dir, env, resume=False):
-    """Starts train_net.py; :func:`finish_training` waits for it."""
+    """Starts train_net.py; ``finish`` (tests/d2_helpers.py) waits for it."""
     return subprocess.Popen(
         train_command(output_dir, resume),
         cwd=ROOT,
@@ -112,19 +113,6 @@ def start_training(output_dir, env, resume=False):
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def finish_training(process):
-    """Waits for a run of :func:`start_training` to end, which it must do cleanly; returns its
-    log."""
-    try:
-        log, _ = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, log[-3000:]
-    return log
 
 
 def kill_while_saving(output_dir, env, name):
@@ -192,7 +180,7 @@ def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, coco_panopti
         try:
             mid_save = kill_while_saving(run, env, "model_0000005")
         finally:
-            finish_training(uninterrupted)
+            finish(uninterrupted, timeout=300)
 
         # whatever the kill interrupted, every checkpoint file is complete and last_checkpoint
         # names one; when the kill caught the save of model_0000005 unfinished (nearly always:
@@ -212,7 +200,7 @@ def test_killed_training_resumes_exactly_where_it_stopped(tmp_path, coco_panopti
         # the killed run matched the uninterrupted one up to there
         assert_identical(resumed_from, load(reference / last), last)
 
-        log = finish_training(start_training(run, env, resume=True))
+        log = finish(start_training(run, env, resume=True), timeout=300)
         assert f"Loading trainer from {run / last}" in log
         assert "Loading scheduler from state_dict" in log
         assert f"Starting training from iteration {start}" in log
