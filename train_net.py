@@ -258,17 +258,7 @@ def share_cpu_threads(cfg) -> None:
 
 def main(args):
     """Trains (or evaluates with ``--eval-only``); returns the evaluation results, which the
-    main process also writes to ``OUTPUT_DIR/inference/results.json``. A process of several
-    leaves the process group on the way out: a gloo group left to the interpreter's exit
-    aborted a process now and then ("terminate called without an active exception")."""
-    try:
-        return _run(args)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _run(args):
+    main process also writes to ``OUTPUT_DIR/inference/results.json``."""
     cfg = setup(args)
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS:
