@@ -9,10 +9,12 @@ L = lambda_things * L_things + lambda_stuff * L_stuff, where
   one-logit presence focal loss on every layer (weighted x2 again, as the authors do).
 
 Matching (see :mod:`panoptic_segformer.modeling.matcher`): location decoder layers 1..D-1 are
-matched one to one; the last layer's costs feed the repeated "filter" match, whose first round
-is that layer's one-to-one match and whose rounds together select up to 3 queries per thing for
-the thing mask decoder; those queries are then matched one to one with a Dice cost, and only
-these matches get mask targets. Stuff query k always predicts stuff class k: its target is that
+matched one to one; the last layer's costs feed the "filter", whose first round is that layer's
+one-to-one match: by default (``max_per_target=1``, the authors' released behaviour) exactly
+these T queries reach the thing mask decoder; with more rounds, up to ``max_per_target`` per
+thing. Those queries are then matched one to one with the Dice cost of the thing mask
+decoder's last masks at their own resolution (stride 8), and only these matches get mask
+targets; the mask losses are taken at stride 4. Stuff query k always predicts stuff class k: its target is that
 class's mask, or nothing (weight 0) when the class is absent.
 
 Switches of the paper's ablations: without deep supervision (Fig. 5, "w/o ds") the mask decoder
@@ -90,7 +92,9 @@ class PanopticSegFormerCriterion(nn.Module):
         thing_class_weight: weight of the thing mask decoder's class loss; the authors' code
             multiplies it by 0 (thing classes come from the location decoder).
         focal_alpha, focal_gamma: of every focal loss.
-        max_per_target: most queries the filter selects per thing (the authors' max_pos, 3).
+        max_per_target: most queries the filter selects per thing: 1 (default) passes exactly
+            the location decoder's one-to-one matches, as the authors' released assigner does;
+            more is the rounds their ``max_pos = 3`` was configured for.
         max_selected: most queries the filter selects per image: the rounds of matching
             are at most ``max_selected // T`` (the authors' released assigner: 300).
         lambda_things, lambda_stuff: fixed Eq. (3) weights; both None (default) recomputes
@@ -113,7 +117,7 @@ class PanopticSegFormerCriterion(nn.Module):
         thing_class_weight: float = 0.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
-        max_per_target: int = 3,
+        max_per_target: int = 1,
         max_selected: int = 300,
         lambda_things: Optional[float] = None,
         lambda_stuff: Optional[float] = None,
@@ -150,7 +154,8 @@ class PanopticSegFormerCriterion(nn.Module):
     def select_thing_queries(
         self, pred_logits: Tensor, pred_boxes: Tensor, targets: Targets
     ) -> List[MatchIndices]:
-        """The filter: up to ``max_per_target`` queries per thing for the thing mask decoder.
+        """The filter: the queries of each thing for the thing mask decoder, ``max_per_target``
+        rounds of matching (1: the one-to-one match).
 
         Args:
             pred_logits (Tensor): (N, Q, K) the location decoder's last-layer class logits.
@@ -279,20 +284,23 @@ class PanopticSegFormerCriterion(nn.Module):
         else:  # no location decoder layers: the mask decoder's own classes, no boxes
             match_logits = [logits[-1][i, : len(q)] for i, q in enumerate(rows)]
             match_boxes = None
-        final = [_upsample_x2(masks[-1][i, : len(q)]) for i, q in enumerate(rows)]
-        size = (2 * masks[-1].shape[-2], 2 * masks[-1].shape[-1])
-        resized = [_resize_targets(t["thing_masks"], size) for t in targets]
+        # Matched on the last masks at their own resolution (stride 8), the targets resized to
+        # it (the authors' DiceCost); the losses below are taken at stride 4.
+        mask_size = tuple(masks[-1].shape[-2:])
         matches = self.mask_matcher(
             match_logits,
             match_boxes,
-            final,
+            [masks[-1][i, : len(q)] for i, q in enumerate(rows)],
             [t["thing_labels"] for t in targets],
             [t["thing_boxes"] for t in targets],
-            resized,
+            [_resize_targets(t["thing_masks"], mask_size) for t in targets],
         )
         batch_idx = torch.cat([torch.full_like(r, i) for i, (r, _) in enumerate(matches)])
         row_idx = torch.cat([r for r, _ in matches])
-        target_masks = torch.cat([m[t] for m, (_, t) in zip(resized, matches)])
+        size = (2 * mask_size[0], 2 * mask_size[1])
+        target_masks = torch.cat(
+            [_resize_targets(t["thing_masks"][i], size) for t, (_, i) in zip(targets, matches)]
+        )
         labels = torch.cat([t["thing_labels"][i] for t, (_, i) in zip(targets, matches)])
 
         losses = {}

@@ -5,12 +5,16 @@ the implementation notes):
 
 * :class:`HungarianMatcher` for the location decoder: one-to-one Hungarian matching on
   2 * focal class cost + 5 * L1 box cost + 2 * (-GIoU), Deformable DETR's matcher.
-* :func:`repeated_hungarian_match` on the location decoder's last-layer costs selects up to 3
-  queries per object for the thing mask decoder (the authors' "filter" assigner,
-  ``max_pos = 3``); its first round is the one-to-one match of that layer.
+* :func:`repeated_hungarian_match` on the location decoder's last-layer costs selects the
+  queries of each object for the thing mask decoder (the authors' "filter" assigner). Its first
+  round is the one-to-one match of that layer, and by default it is the only one: the authors'
+  released ``HungarianAssigner_filter`` is configured for ``max_pos = 3`` rounds but tests for
+  its early exit after setting the matched rows to INF, so it always stops after one round.
+  More rounds (up to 3 per object) are a switch.
 * :class:`MaskDecoderMatcher` for the selected queries: one-to-one Hungarian matching on the
-  same costs with class weight 4, plus 2 * Dice cost on the thing mask decoder's masks (the
-  authors' ``HungarianAssigner_multi_info``). Only its matches get mask targets.
+  same costs with class weight 4, plus 2 * Dice cost on the thing mask decoder's last masks at
+  their stride 8 (the authors' ``HungarianAssigner_multi_info``). Only its matches get mask
+  targets.
 
 The costs are those of :mod:`panoptic_segformer.modeling.matching_costs`.
 
@@ -81,11 +85,12 @@ def hungarian_match(cost: Tensor) -> MatchIndices:
 
 
 def repeated_hungarian_match(
-    cost: Tensor, max_per_target: int = 3, max_total: Optional[int] = None
+    cost: Tensor, max_per_target: int = 1, max_total: Optional[int] = None
 ) -> MatchIndices:
     """Hungarian matching repeated on the unmatched queries: up to ``max_per_target`` each.
 
-    The authors' "filter" assigner (``max_pos = 3``). Round r runs Hungarian on the queries no
+    The authors' "filter" assigner as configured (``max_pos = 3``; their released code runs
+    one round, ``max_per_target=1``). Round r runs Hungarian on the queries no
     earlier round took, so every round gives each target one more, distinct query. Only
     complete rounds run, so every target gets the same number of queries: there are
     ``min(max_per_target, Q // T, max_total // T)`` rounds, and always at least one (the
@@ -272,8 +277,9 @@ class MaskDecoderMatcher(nn.Module):
             pred_masks (Sequence[Tensor]): N tensors (Q_i, H, W) masks.
             target_labels (Sequence[Tensor]): N tensors (T_i,) int64.
             target_boxes (Sequence[Tensor]): N tensors (T_i, B) in the same form.
-            target_masks (Sequence[Tensor]): N tensors (T_i, H, W) binary, at the predictions'
-                resolution.
+            target_masks (Sequence[Tensor]): N tensors (T_i, H, W), binary masks at the
+                predictions' resolution (the criterion resizes them bilinearly to the mask
+                decoder's stride 8, as the authors' ``DiceCost`` does).
 
         Returns:
             List[Tuple[Tensor, Tensor]]: per image, (query_idx, target_idx) of length T_i.

@@ -34,7 +34,7 @@ __all__ = [
 
 @computed_in_float32
 def focal_class_cost(
-    logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0, eps: float = 1e-8
+    logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0, eps: float = 1e-12
 ) -> Tensor:
     """Classification cost: focal loss of the target class as positive minus as negative.
 
@@ -47,7 +47,8 @@ def focal_class_cost(
         labels (Tensor): (T,) int64 target classes in [0, K).
         alpha: focal alpha.
         gamma: focal gamma.
-        eps: keeps the logarithms finite for saturated probabilities.
+        eps: keeps the logarithms finite for saturated probabilities: 1e-12, mmdet's
+            ``FocalLossCost`` (the authors' matchers); Deformable DETR's matcher uses 1e-8.
 
     Returns:
         Tensor: (Q, T) costs.

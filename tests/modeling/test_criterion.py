@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion
+from panoptic_segformer.modeling.matcher import hungarian_match
+from panoptic_segformer.modeling.matching_costs import dice_cost
 from panoptic_segformer.modeling.targets import split_targets
 
 ALPHA, GAMMA = 0.25, 2.0
@@ -85,13 +87,16 @@ def make_outputs(criterion, targets, box_dim=4):
     }
 
 
-def test_every_loss_matches_a_hand_computation():
-    criterion = PanopticSegFormerCriterion(num_thing_classes=2, num_stuff_classes=2)
+@pytest.mark.parametrize("max_per_target,selected", [(None, [0]), (3, [0, 1, 2])])
+def test_every_loss_matches_a_hand_computation(max_per_target, selected):
+    rounds = {} if max_per_target is None else {"max_per_target": max_per_target}
+    criterion = PanopticSegFormerCriterion(num_thing_classes=2, num_stuff_classes=2, **rounds)
     targets = make_targets()
     outputs = make_outputs(criterion, targets)
-    # the filter selects all three queries (3 rounds for one thing), the match first
+    # By default the filter passes the one-to-one match only (the authors' released code);
+    # with 3 rounds, all three queries for the one thing, the match first.
     assert outputs["selection"][0][0].tolist()[0] == 0
-    assert sorted(outputs["selection"][0][0].tolist()) == [0, 1, 2]
+    assert sorted(outputs["selection"][0][0].tolist()) == selected
     losses = criterion(outputs, targets)
 
     lam = 0.5  # one thing and one stuff segment: lambda_things = lambda_stuff = 1 / 2
@@ -135,9 +140,12 @@ def test_fixed_lambdas_and_thing_class_weight():
         PanopticSegFormerCriterion(2, 2, lambda_things=1.0, lambda_stuff=-0.5)
     # with a class weight the thing mask decoder's class loss counts: logits 0 everywhere,
     # the matched row positive for class 1, normalised by one thing
-    weighted = PanopticSegFormerCriterion(2, 2, thing_class_weight=2.0)(outputs, targets)
-    cls = focal(0.0, 1) + 5 * focal(0.0, 0)
-    assert float(weighted["t0.loss_cls_things"]) == pytest.approx(0.5 * 2 * cls)
+    for rounds in (1, 3):
+        weighted = PanopticSegFormerCriterion(2, 2, thing_class_weight=2.0, max_per_target=rounds)
+        selected = make_outputs(weighted, targets)
+        cls = focal(0.0, 1) + (2 * rounds - 1) * focal(0.0, 0)
+        loss = weighted(selected, targets)["t0.loss_cls_things"]
+        assert float(loss) == pytest.approx(0.5 * 2 * cls)
 
 
 def test_absent_stuff_masks_have_weight_zero():
@@ -273,9 +281,10 @@ def test_counts_average_across_two_processes(tmp_path):
     assert torch.load(f"{out}.0") == torch.load(f"{out}.1") == [2.0, 2.0]
 
 
-def test_filter_bounds_its_rounds_by_300_over_the_things_as_released():
-    # the authors' HungarianAssigner_filter runs min(max_pos, 300 // num_gts) rounds: 40 things
-    # among 300 queries get 3 queries each (a bound of 100 // 40 would give them 2)
+def test_filter_passes_the_one_to_one_match_as_released_and_more_rounds_on_request():
+    # The authors' released HungarianAssigner_filter stops after one round: the 40 things among
+    # 300 queries reach the mask decoder with exactly the location decoder's one-to-one match.
+    # Its configured intent (max_pos = 3, at most 300 // num_gts rounds) is the switch: 3 each.
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 300, 5, generator=g)
     boxes = torch.rand(1, 300, 4, generator=g) * 0.5 + 0.25
@@ -283,8 +292,52 @@ def test_filter_bounds_its_rounds_by_300_over_the_things_as_released():
         "thing_labels": torch.randint(0, 5, (40,), generator=g),
         "thing_boxes": torch.rand(40, 4, generator=g) * 0.5 + 0.25,
     }
-    ((query_idx, target_idx),) = PanopticSegFormerCriterion(5, 2).select_thing_queries(
-        logits, boxes, [target]
+    criterion = PanopticSegFormerCriterion(5, 2)
+    ((query_idx, target_idx),) = criterion.select_thing_queries(logits, boxes, [target])
+    cost = criterion.matcher.cost_matrix(
+        logits[0], boxes[0], target["thing_labels"], target["thing_boxes"]
     )
+    one_to_one = hungarian_match(cost)
+    assert torch.equal(query_idx, one_to_one[0]) and torch.equal(target_idx, one_to_one[1])
+
+    three = PanopticSegFormerCriterion(5, 2, max_per_target=3)
+    ((query_idx, target_idx),) = three.select_thing_queries(logits, boxes, [target])
     assert len(query_idx) == 120 and len(set(query_idx.tolist())) == 120
     assert torch.bincount(target_idx).tolist() == [3] * 40
+    assert torch.equal(query_idx[:40], one_to_one[0])
+
+
+def test_mask_matching_takes_the_dice_cost_at_stride_8_with_bilinearly_resized_targets():
+    # The authors' DiceCost: the thing mask decoder's last masks at their own 2 x 2 (stride 8),
+    # the 16 x 16 target resized bilinearly to 2 x 2; the Dice loss stays at 4 x 4.
+    targets = make_targets()
+    targets[0]["thing_masks"] = torch.zeros(1, 16, 16, dtype=torch.bool)
+    targets[0]["thing_masks"][0, :4, :12] = True
+    criterion = PanopticSegFormerCriterion(2, 2, max_per_target=3)
+    outputs = make_outputs(criterion, targets)
+    rows = len(outputs["selection"][0][0])
+    last = torch.tensor([[0.9, 0.2], [0.4, 0.0]], dtype=torch.float64)
+    outputs["thing_masks"][-1] = (
+        last.expand(1, rows, 2, 2) * torch.arange(1, rows + 1)[None, :, None, None].double()
+    )
+    seen = {}
+    matcher = criterion.mask_matcher.forward
+
+    def spy(logits, boxes, masks, labels, gt_boxes, gt_masks):
+        seen.update(masks=masks[0], targets=gt_masks[0])
+        return matcher(logits, boxes, masks, labels, gt_boxes, gt_masks)
+
+    criterion.mask_matcher.forward = spy
+    criterion(outputs, targets)
+    # bilinear, half-pixel centres: output pixel (0, 0) reads rows 3 and 4 (1, 0) and columns 3
+    # and 4 (1, 1) -> 0.5; (0, 1) reads columns 11 and 12 (1, 0) -> 0.25; row 1 reads rows 11, 12
+    resized = torch.tensor([[[0.5, 0.25], [0.0, 0.0]]])
+    torch.testing.assert_close(seen["targets"].float(), resized)
+    assert torch.equal(seen["masks"], outputs["thing_masks"][-1][0])
+    # the Dice cost of query r (mask r * last) written out, eps 1e-3 on each sum of squares
+    for r in range(rows):
+        p = (r + 1) * last
+        t = resized[0].double()
+        dice = 1 - 2 * (p * t).sum() / ((p * p).sum() + 1e-3 + (t * t).sum() + 1e-3)
+        got = dice_cost(seen["masks"][r : r + 1], seen["targets"])
+        assert float(got) == pytest.approx(float(dice), abs=1e-6)

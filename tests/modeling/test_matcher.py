@@ -55,6 +55,14 @@ def test_focal_class_cost_hand_computed():
     torch.testing.assert_close(cost, expected)
 
 
+def test_focal_class_cost_keeps_mmdets_epsilon_for_saturated_probabilities():
+    # logit 40: p = 1 in float32, so the negative term is -log(0 + eps), with mmdet's
+    # FocalLossCost eps 1e-12 (the authors' matchers): cost = 0 - 0.75 * -log(1e-12)
+    cost = focal_class_cost(torch.tensor([[40.0, -40.0]]), torch.tensor([0, 1]))
+    expected = [[-0.75 * -math.log(1e-12), 0.25 * -math.log(1e-12)]]
+    torch.testing.assert_close(cost, torch.tensor(expected), rtol=1e-6, atol=0.0)
+
+
 def test_box_costs_hand_computed():
     pred = torch.tensor([[0.1, 0.1, 0.2, 0.2], [0.5, 0.1, 0.2, 0.2]])
     target = torch.tensor([[0.5, 0.1, 0.2, 0.2]])
