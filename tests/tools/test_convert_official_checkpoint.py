@@ -509,7 +509,13 @@ def test_cli_writes_a_checkpoint_the_checkpointer_loads(tool, tmp_path, capsys):
     summary = json.loads(Path(f"{output}.json").read_text())
     assert summary["converted_tensors"] == len(tiny_model().state_dict())
     assert summary["parts"]["mask decoder"]["tensors"] > 0
-    assert "mask decoder" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mask decoder" in printed
+    # a ResNet-18 model: no released checkpoint to compare settings with
+    assert summary["use_with"] == {
+        "backbone": "resnet18", "config_file": None, "settings": {}, "differences": []
+    }  # fmt: skip
+    assert "the authors released no resnet18 checkpoint" in printed
     assert torch.load(output, weights_only=True)["__author__"].startswith("Panoptic-SegFormer")
     model = tiny_model(seed=3)
     PanopticSegFormerCheckpointer(model).load(str(output))
@@ -524,6 +530,45 @@ def test_cli_writes_a_checkpoint_the_checkpointer_loads(tool, tmp_path, capsys):
     assert tool.main([*args, "--output", str(tmp_path / "refused.pth"), "--opts", *TINY]) == 1
     assert "model.mask_decoder.stuff_query.weight" in capsys.readouterr().err
     assert not (tmp_path / "refused.pth").exists()
+
+
+@pytest.mark.parametrize(
+    "config,backbone,threshold",
+    [("r50", "R50", 0.25), ("r101", "R101", 0.25), ("swin_l", "Swin-L", 0.3),
+     ("pvtv2_b5", "PVTv2-B5", 0.3)],
+)  # fmt: skip
+def test_the_report_names_the_config_that_evaluates_the_authors_checkpoint_as_released(
+    tool, config, backbone, threshold
+):
+    config_file = f"configs/{config}.yaml"
+    # the config as train_net.py --eval-only reads it, with the converted weights only
+    cfg = make_cfg(ROOT / config_file, "MODEL.WEIGHTS", "converted.pth")
+    use = tool.use_with(cfg, "converted.pth")
+    assert (use["backbone"], use["config_file"]) == (backbone, config_file)
+    assert use["differences"] == []  # no other override needed
+    test = "MODEL.PANOPTIC_SEGFORMER.TEST."
+    assert use["settings"] == {
+        "INPUT.SIZE_DIVISIBILITY": 1,
+        "INPUT.MIN_SIZE_TEST": 800,
+        "INPUT.MAX_SIZE_TEST": 1333,
+        test + "THING_SCORE_THRESHOLD": threshold,
+        test + "STUFF_SCORE_THRESHOLD": threshold,
+    }
+    assert use["evaluate"] == (
+        f"python train_net.py --config-file {config_file} --eval-only MODEL.WEIGHTS converted.pth"
+    )
+    # a setting that departs from the authors' is named with both values
+    other = 0.5 if threshold != 0.5 else 0.4
+    cfg = make_cfg(ROOT / config_file, test + "THING_SCORE_THRESHOLD", str(other))
+    (line,) = tool.use_with(cfg, "converted.pth")["differences"]
+    assert line == (
+        f"{test}THING_SCORE_THRESHOLD is {other} here, {threshold} in the authors' {backbone} "
+        "config"
+    )
+    summary = {"parts": {}, "converted_tensors": 0, "ignored": [], "use_with": use}
+    printed = tool.format_summary(summary)
+    assert f"use with {config_file} (the authors' {backbone} settings: score thresholds " in printed
+    assert use["evaluate"] in printed
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_naming_it(tool, tmp_path, crafted_weights):
