@@ -101,8 +101,11 @@ def merge_options_from_config(cfg) -> MergeOptions:
 
 
 def inference_options_from_config(cfg) -> InferenceOptions:
-    """The inference settings of ``MODEL.PANOPTIC_SEGFORMER.TEST``."""
-    test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
+    """The inference settings of ``MODEL.PANOPTIC_SEGFORMER.TEST``. With joint matching the
+    thing queries also find the stuff segments, so they keep ``MAX_DETECTIONS`` +
+    ``NUM_STUFF_CLASSES`` detections (153 on COCO: room for 100 things and every stuff class)."""
+    ps = cfg.MODEL.PANOPTIC_SEGFORMER
+    test = ps.TEST
     result_types = [
         name
         for name, on in (
@@ -113,7 +116,7 @@ def inference_options_from_config(cfg) -> InferenceOptions:
         if on
     ]
     return InferenceOptions(
-        max_detections=test.MAX_DETECTIONS,
+        max_detections=test.MAX_DETECTIONS + (ps.NUM_STUFF_CLASSES if ps.JOINT_MATCHING else 0),
         mask_decoder_layers=test.MASK_DECODER_LAYERS or None,
         merge=merge_options_from_config(cfg),
         result_types=result_types,
@@ -193,12 +196,14 @@ def _check_thing_classes(ps) -> None:
         raise ValueError(
             f"{key}TEST.THING_CLASSES_FROM is 'mask_decoder' but {key}THING_CLASS_WEIGHT is "
             f"{ps.THING_CLASS_WEIGHT}: the mask decoder's class heads are then never trained; "
-            "set it > 0 (e.g. 2.0, the class loss weight)"
+            "set it > 0 (e.g. 4.0, the weight the stuff class loss runs at: CLASS_WEIGHT x "
+            "STUFF_CLASS_FACTOR)"
         )
 
 
 def build_criterion(cfg) -> PanopticSegFormerCriterion:
-    """The losses and matchers of ``MODEL.PANOPTIC_SEGFORMER``."""
+    """The losses and matchers of ``MODEL.PANOPTIC_SEGFORMER``. With joint matching the filter's
+    cap grows by the stuff queries too (``MAX_SELECTED`` + ``NUM_STUFF_CLASSES``, 353 on COCO)."""
     ps = cfg.MODEL.PANOPTIC_SEGFORMER
     fixed = _fixed_lambdas(ps)
     focal = dict(focal_alpha=ps.FOCAL_ALPHA, focal_gamma=ps.FOCAL_GAMMA)
@@ -227,7 +232,7 @@ def build_criterion(cfg) -> PanopticSegFormerCriterion:
         stuff_class_factor=ps.STUFF_CLASS_FACTOR,
         thing_class_weight=ps.THING_CLASS_WEIGHT,
         max_per_target=ps.MAX_PER_TARGET,
-        max_selected=ps.MAX_SELECTED,
+        max_selected=ps.MAX_SELECTED + (ps.NUM_STUFF_CLASSES if joint else 0),
         lambda_things=ps.LAMBDA_THINGS if fixed else None,
         lambda_stuff=ps.LAMBDA_STUFF if fixed else None,
         deep_supervision=ps.DEEP_SUPERVISION,

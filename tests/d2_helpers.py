@@ -44,10 +44,12 @@ PERMISSIVE_SCORES = [
     "MODEL.PANOPTIC_SEGFORMER.TEST.THING_OVERLAP_THRESHOLD", "1.0",
     "MODEL.PANOPTIC_SEGFORMER.TEST.STUFF_OVERLAP_THRESHOLD", "1.0",
 ]  # fmt: skip
-# the pixel-wise argmax merging (Table 7) without a score threshold: each pixel goes to its
-# best query, so even an untrained model paints thing and stuff segments side by side
+# the class-weighted pixel-wise argmax merging (Table 7's "(p*)") without a score threshold:
+# each pixel goes to its best query, so even an untrained model paints thing and stuff segments
+# side by side
 PIXEL_ARGMAX = [
     "MODEL.PANOPTIC_SEGFORMER.TEST.MERGE", "pixel_argmax",
+    "MODEL.PANOPTIC_SEGFORMER.TEST.PIXEL_ARGMAX_CLASS_WEIGHTED", "True",
     "MODEL.PANOPTIC_SEGFORMER.TEST.PIXEL_SCORE_THRESHOLD", "0.0",
 ]  # fmt: skip
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Inference ablations of one checkpoint on one dataset: mask-wise merging vs pixel-wise argmax,
-class-weighted "(p*)" and plain "(p)" (paper Table 7), early exit after the first 1, 2, 3 or all
+"""Inference ablations of one checkpoint on one dataset: mask-wise merging "(m)" vs pixel-wise
+argmax, plain (variant ``pixel_argmax``: Table 7's Panoptic SegFormer "(p)" row) and
+class-weighted (``pixel_argmax_class_weighted``: Table 7's "(p*)", as MaskFormer), early exit after the first 1, 2, 3 or all
 mask-decoder layers (Table 10), and thing classes from the mask decoder (Sec. 3.3.3).
 
 Every variant runs the same weights on the same images through detectron2's
@@ -51,9 +52,15 @@ def _switches(merge: str = "mask_wise", layers: int = 0, **more: object) -> Dict
 # variant name -> the inference switches it sets
 VARIANTS = OrderedDict(
     [
+        # Table 7: "(m)", Panoptic SegFormer's own merging
         ("mask_wise", _switches()),
-        ("pixel_argmax", _switches("pixel_argmax", PIXEL_ARGMAX_CLASS_WEIGHTED=True)),  # (p*)
-        ("pixel_argmax_plain", _switches("pixel_argmax", PIXEL_ARGMAX_CLASS_WEIGHTED=False)),
+        # Table 7's Panoptic SegFormer "(p)" row: plain pixel-wise argmax of the mask values
+        ("pixel_argmax", _switches("pixel_argmax", PIXEL_ARGMAX_CLASS_WEIGHTED=False)),
+        # Table 7's "(p*)" (MaskFormer's rows): argmax of class probability x mask value
+        (
+            "pixel_argmax_class_weighted",
+            _switches("pixel_argmax", PIXEL_ARGMAX_CLASS_WEIGHTED=True),
+        ),
         ("exit_1", _switches(layers=1)),
         ("exit_2", _switches(layers=2)),
         ("exit_3", _switches(layers=3)),

@@ -26,7 +26,6 @@ from detectron2.modeling import build_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 import train_net  # noqa: E402
-
 from panoptic_segformer import PanopticSegFormerCheckpointer  # noqa: E402
 from panoptic_segformer.data import PanopticSegFormerDatasetMapper  # noqa: E402
 
@@ -44,9 +43,7 @@ SWITCHES = {
     "Table 8, joint matching": [PS + "JOINT_MATCHING", "True"],
     "Fig. 5, without deep supervision": [PS + "DEEP_SUPERVISION", "False"],
     "Sec. 3.3.3, thing classes from the mask decoder": MASK_DECODER_CLASSES,
-    "Table 7, plain pixel-wise argmax (p)": [
-        PS + "TEST.MERGE", "pixel_argmax", PS + "TEST.PIXEL_ARGMAX_CLASS_WEIGHTED", "False",
-    ],
+    "Table 7, plain pixel-wise argmax (p)": [PS + "TEST.MERGE", "pixel_argmax"],
 }  # fmt: skip
 # (Table 6's 2 layers is TINY's DEC_LAYERS, trained by tests/engine/test_train_net.py)
 

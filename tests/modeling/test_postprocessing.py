@@ -10,10 +10,10 @@ from panoptic_segformer.modeling.postprocessing import (
     MaskWiseOptions,
     PixelArgmaxOptions,
     instance_results,
+    mask_statistics,
     mask_wise_candidates,
     mask_wise_merging,
     mask_wise_merging_resized,
-    mask_statistics,
     pixel_wise_argmax,
     semantic_map,
 )
@@ -278,9 +278,10 @@ def test_pixel_wise_argmax_hand_built():
     scores = torch.tensor([0.9, 0.5, 0.8, 0.6, 0.1])
     labels = torch.tensor([1, 2, 5, 5, 7])
     is_thing = torch.tensor([True, True, False, False, True])
-    seg, infos = pixel_wise_argmax(masks, scores, labels, is_thing)
-    # (0,1): 0.5 * 1.0 beats 0.9 * 0.5; (1,0): query 0 wins with 0.36 > 0.30 but its own mask
+    # Table 7's "(p*)", class-weighted: (0,1): 0.5 * 1.0 beats 0.9 * 0.5; (1,0): query 0 wins with 0.36 > 0.30 but its own mask
     # value 0.4 is below 0.5, so the pixel is void although query 1 covers it.
+    weighted = PixelArgmaxOptions(class_weighted=True)
+    seg, infos = pixel_wise_argmax(masks, scores, labels, is_thing, weighted)
     expected = torch.tensor([[1, 2, 3, 0], [0, 0, 3, 0]], dtype=torch.int32)
     assert torch.equal(seg, expected)
     assert [(i["id"], i["category_id"], i["isthing"]) for i in infos] == [
@@ -289,20 +290,19 @@ def test_pixel_wise_argmax_hand_built():
         (3, 5, False),
     ]
     assert [i["score"] for i in infos] == pytest.approx([0.9, 0.5, 0.8])
-    strict = PixelArgmaxOptions(score_threshold=0.95)
+    strict = PixelArgmaxOptions(score_threshold=0.95, class_weighted=True)
     seg, infos = pixel_wise_argmax(masks, scores, labels, is_thing, strict)
     assert infos == [] and not seg.any()
-    # Table 7's plain "(p)": the argmax of the mask values alone. (0,0): query 0's 1.0 beats
-    # 0.6; (0,1): query 1's 1.0 beats 0.5; (1,0): query 1's 0.6 now beats 0.4 and covers the
-    # pixel, which the class-weighted argmax left void.
-    plain = PixelArgmaxOptions(class_weighted=False)
-    seg, infos = pixel_wise_argmax(masks, scores, labels, is_thing, plain)
+    # Table 7's plain "(p)", the default: the argmax of the mask values alone. (0,0): query
+    # 0's 1.0 beats 0.6; (0,1): query 1's 1.0 beats 0.5; (1,0): query 1's 0.6 now beats 0.4 and
+    # covers the pixel, which the class-weighted argmax left void.
+    seg, infos = pixel_wise_argmax(masks, scores, labels, is_thing)
     assert torch.equal(seg, torch.tensor([[1, 2, 3, 0], [2, 0, 3, 0]], dtype=torch.int32))
     # where the class weighting decides: p 0.9 x 0.6 beats p 0.3 x 0.9, the mask values do not
     masks = torch.tensor([[[0.6]], [[0.9]]])
     two = (torch.tensor([0.9, 0.3]), torch.tensor([1, 2]), torch.tensor([True, True]))
-    assert pixel_wise_argmax(masks, *two)[1][0]["category_id"] == 1
-    assert pixel_wise_argmax(masks, *two, plain)[1][0]["category_id"] == 2
+    assert pixel_wise_argmax(masks, *two, weighted)[1][0]["category_id"] == 1
+    assert pixel_wise_argmax(masks, *two)[1][0]["category_id"] == 2
 
 
 def test_instance_results_hand_built():

@@ -83,13 +83,13 @@ def test_ablate_inference_table(load_tool, tmp_path, sample_dataset, capsys):
             "MODEL.PANOPTIC_SEGFORMER.STUFF_MASK_LAYERS", "2"]  # fmt: skip
     result = tool.main(
         ["--config-file", R50, "--dataset", sample_dataset, "--num-images", "1",
-         "--variants", "mask_wise,pixel_argmax,pixel_argmax_plain,exit_1,exit_3,"
+         "--variants", "mask_wise,pixel_argmax,pixel_argmax_class_weighted,exit_1,exit_3,"
                        "mask_decoder_classes",
          "--output", str(tmp_path), *opts]
     )  # fmt: skip
     rows = result["variants"]
     # exit_3 > 2 layers, and mask-decoder classes with an untrained class head: skipped
-    assert list(rows) == ["mask_wise", "pixel_argmax", "pixel_argmax_plain", "exit_1"]
+    assert list(rows) == ["mask_wise", "pixel_argmax", "pixel_argmax_class_weighted", "exit_1"]
     assert tool.METRICS[-3:] == ("BPQ", "BPQ_th", "BPQ_st")  # Boundary PQ: Table 7's right half
     for row in rows.values():
         assert set(row) == {*tool.METRICS, "images_per_second"} and row["images_per_second"] > 0
@@ -111,8 +111,11 @@ def test_ablate_inference_variants_switch_a_built_model_as_the_config_would(load
     test = "MODEL.PANOPTIC_SEGFORMER.TEST."
     opts = [*TINY, *PERMISSIVE_SCORES, test + "MASK_DECODER_LAYERS", "1"]
     cfg = make_cfg(R50, *opts, test + "PIXEL_SCORE_THRESHOLD", "0.0")
-    plain = tool.variant_options(cfg, tool.VARIANTS["pixel_argmax_plain"])
+    # Table 7's "(p)" row is the variant named pixel_argmax; "(p*)" says so in its name
+    plain = tool.variant_options(cfg, tool.VARIANTS["pixel_argmax"])
     assert plain.merge == PixelArgmaxOptions(score_threshold=0.0, class_weighted=False)
+    weighted = tool.variant_options(cfg, tool.VARIANTS["pixel_argmax_class_weighted"])
+    assert weighted.merge == PixelArgmaxOptions(score_threshold=0.0, class_weighted=True)
     assert plain.mask_decoder_layers is None  # every variant but exit_k runs all layers
     mask_wise = tool.variant_options(cfg, tool.VARIANTS["exit_1"])
     assert mask_wise.mask_decoder_layers == 1
@@ -124,7 +127,7 @@ def test_ablate_inference_variants_switch_a_built_model_as_the_config_would(load
     )
     # a model switched to a variant predicts exactly as one built with the variant's config
     image = torch.randint(0, 256, (3, 64, 96), generator=torch.Generator().manual_seed(0))
-    switches = [item for pair in tool.VARIANTS["pixel_argmax_plain"].items() for item in pair]
+    switches = [item for pair in tool.VARIANTS["pixel_argmax"].items() for item in pair]
 
     def predict(config, options=None):
         torch.manual_seed(0)

@@ -30,7 +30,8 @@ class PixelArgmaxOptions(MergeOptions):
         score_threshold: minimum class probability of a query, in [0, 1].
         mask_threshold: binarisation threshold of the mask values, in [0, 1].
         class_weighted: weight the mask values by the class probability in the argmax
-            (Table 7's "(p*)"); False is its plain "(p)".
+            (Table 7's "(p*)", its MaskFormer row); False (default) is its plain "(p)", the
+            paper's Panoptic SegFormer row.
 
     Raises:
         ValueError: naming a threshold outside [0, 1].
@@ -38,7 +39,7 @@ class PixelArgmaxOptions(MergeOptions):
 
     score_threshold: float = 0.25
     mask_threshold: float = 0.5
-    class_weighted: bool = True
+    class_weighted: bool = False
 
     def __post_init__(self) -> None:
         check_unit_interval(
