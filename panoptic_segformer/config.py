@@ -83,7 +83,10 @@ def add_panoptic_segformer_config(cfg: CN) -> None:
     ps.MASK_MLP_RATIO = 4.0  # MLP ratio of the mask decoder layers
     ps.BOX_FREE = False  # location decoder predicts mass centres, not boxes (Table 6)
     # Table 8's "joint matching": one set of NUM_QUERIES + NUM_STUFF_CLASSES queries (353 on
-    # COCO) classified into things and stuff, no stuff queries, instead of query decoupling
+    # COCO) classified into things and stuff, no stuff queries, instead of query decoupling.
+    # Assumptions the paper does not state: all of them go through the location decoder and the
+    # thing stack of the mask decoder; TEST.MAX_DETECTIONS and MAX_SELECTED grow by
+    # NUM_STUFF_CLASSES (153 detections, a filter cap of 353).
     ps.JOINT_MATCHING = False
     ps.DEEP_SUPERVISION = True  # losses on every mask decoder layer; False = Fig. 5's "w/o ds"
 
@@ -96,7 +99,12 @@ def add_panoptic_segformer_config(cfg: CN) -> None:
     ps.THING_CLASS_WEIGHT = 0.0  # thing mask decoder's class loss (0 in the authors' code)
     ps.FOCAL_ALPHA = 0.25
     ps.FOCAL_GAMMA = 2.0
-    ps.MAX_PER_TARGET = 3  # "filter" matching: queries per thing reaching the mask decoder
+    # The "filter": queries per thing that reach the thing mask decoder, in rounds of Hungarian
+    # matching on the location decoder's last-layer costs. 1 as the authors' released code runs
+    # (its assigner is configured for 3 rounds but always stops after the first) and as the
+    # paper says: exactly the one-to-one matched queries. >1 is the configured intent, a switch
+    # (about that many times the thing mask decoder's cost in training).
+    ps.MAX_PER_TARGET = 1
     ps.MAX_SELECTED = 300  # and at most this many per image (rounds <= 300 // things)
     # lambda_things / lambda_stuff of Eq. 5: -1 = per batch from the thing and stuff counts
     # (authors' code); set both >= 0 for fixed weights (one alone is an error)
@@ -122,9 +130,9 @@ def add_panoptic_segformer_config(cfg: CN) -> None:
     ps.TEST.MAX_DETECTIONS = 100  # thing queries kept: top scores over queries x classes
     ps.TEST.MASK_DECODER_LAYERS = 0  # early exit after this many layers, 0 = all (Table 10)
     ps.TEST.MERGE = "mask_wise"  # or "pixel_argmax" (Table 7)
-    # Table 7: pixel_argmax by class-weighted mask values p * m, "(p*)"; False: plain argmax of
-    # the mask values m, "(p)"
-    ps.TEST.PIXEL_ARGMAX_CLASS_WEIGHTED = True
+    # Table 7: pixel_argmax of the mask values m, "(p)", the paper's Panoptic SegFormer row;
+    # True: of the class-weighted mask values p * m, "(p*)" (the paper's MaskFormer row)
+    ps.TEST.PIXEL_ARGMAX_CLASS_WEIGHTED = False
     # Sec. 3.3.3: thing classes from "location_decoder" (authors' code) or "mask_decoder" (its
     # class heads; they need THING_CLASS_WEIGHT > 0)
     ps.TEST.THING_CLASSES_FROM = "location_decoder"
@@ -158,7 +166,10 @@ def add_panoptic_segformer_config(cfg: CN) -> None:
     cfg.INPUT.IMAGE_SIZE = 1024
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
-    cfg.INPUT.SIZE_DIVISIBILITY = 32  # pad the batch to a multiple of this
+    # Pad a batch's sides to a multiple of this. 1, as the authors (size_divisor=1 in training
+    # and test): a single image is never padded, so it goes through their function; a batch of
+    # several pads to its largest image, and the padding is masked in every attention.
+    cfg.INPUT.SIZE_DIVISIBILITY = 1
 
     # Optimisation (AdamW; lr x BACKBONE_MULTIPLIER for the backbone, the sampling offsets and
     # the reference points; clip the gradient norm of the full model)

@@ -65,4 +65,5 @@ class D2TimmBackbone(Backbone):
 
     @property
     def size_divisibility(self) -> int:
-        return 32
+        # any size: Swin pads the image to its patch size itself, PVTv2 needs nothing
+        return 1

@@ -91,7 +91,8 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         model: the model core, built without a backbone (``build_panoptic_segformer(None, ...)``;
             from a config, :func:`~panoptic_segformer.build.build_model_from_config`).
         pixel_mean, pixel_std: per-channel normalisation in ``INPUT.FORMAT`` order.
-        size_divisibility: pad batches to a multiple of this.
+        size_divisibility: pad batches to a multiple of this (at least the backbone's own
+            ``size_divisibility``); 1 pads a batch only to its largest image.
         thing_ids, stuff_ids: the dataset's contiguous ids of the model's thing and stuff
             classes (:func:`~panoptic_segformer.build.class_id_maps`).
     """
@@ -105,7 +106,7 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         model: PanopticSegFormerModel,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
-        size_divisibility: int = 32,
+        size_divisibility: int = 1,
         thing_ids: Sequence[int],
         stuff_ids: Sequence[int],
     ) -> None:
@@ -192,7 +193,8 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         network: Optional[Callable[[Tensor, Tensor], Dict[str, Tensor]]] = None,
     ) -> List[Dict[str, object]]:
         """Inference as :meth:`forward` in eval mode: pre-processing, the network, then the
-        post-processing.
+        post-processing. Images of one size run as one batch; images of different sizes run one
+        at a time, so each image's result is the one it gets alone.
 
         Args:
             batched_inputs: as in :meth:`forward`.
@@ -200,6 +202,11 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
                 mask -> the raw outputs of :meth:`network`; an exported copy of the network
                 runs here (:mod:`panoptic_segformer.deploy`). None runs this model's own.
         """
+        if len({tuple(x["image"].shape[-2:]) for x in batched_inputs}) > 1:
+            # Images of different sizes run one at a time, each as it would alone: in a padded
+            # batch the padding is masked in every attention, but the backbone's convolutions
+            # and the neck's GroupNorm would still see it near the image's border.
+            return [r for x in batched_inputs for r in self.inference([x], network)]
         images, padding_mask = self.preprocess_images([x["image"] for x in batched_inputs])
         padded = tuple(images.tensor.shape[-2:])
         run = self.network if network is None else network

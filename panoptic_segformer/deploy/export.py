@@ -63,11 +63,11 @@ METADATA_KEY = "panoptic_segformer"
 # GridSample needs >= 16 (onnx_ops.py)
 ONNX_OPSET = 18
 METADATA_VERSION = 1
-# padded sides an exported model accepts, in units of the size divisibility: at least 3, so
-# that the stride-64 level (from a divisibility of 32) has 2 rows and columns; torch.export
-# would fix a size of 1 as a constant
-MIN_SIDE_UNITS = 3
-MAX_SIDE_UNITS = 512
+# padded sides an exported model accepts, in pixels (and multiples of its size divisibility):
+# from 96, so that the stride-64 level has 2 rows and columns (torch.export would fix a size of
+# 1 as a constant) and every level is smaller than the one before, to 16384
+MIN_SIDE = 96
+MAX_SIDE = 16384
 
 
 def network_of(model: nn.Module) -> Callable[[Tensor, Tensor], Dict[str, Tensor]]:
@@ -120,13 +120,15 @@ def output_names_of(outputs: Dict[str, Tensor]) -> Tuple[str, ...]:
 
 
 def _dynamic_shapes(size_divisibility: int, dynamic_batch: bool) -> Dict[str, Dict[int, object]]:
-    """torch.export's dynamic dimensions: height and width as multiples of the divisibility,
-    and the batch when asked."""
+    """torch.export's dynamic dimensions: height and width from :data:`MIN_SIDE` to
+    :data:`MAX_SIDE` px (multiples of the divisibility when it is over 1), and the batch when
+    asked."""
     Dim = torch.export.Dim
-    h = Dim("h", min=MIN_SIDE_UNITS, max=MAX_SIDE_UNITS)
-    w = Dim("w", min=MIN_SIDE_UNITS, max=MAX_SIDE_UNITS)
-    image_dims = {2: size_divisibility * h, 3: size_divisibility * w}
-    mask_dims = {1: size_divisibility * h, 2: size_divisibility * w}
+    units = dict(min=-(-MIN_SIDE // size_divisibility), max=MAX_SIDE // size_divisibility)
+    h, w = Dim("h", **units), Dim("w", **units)
+    if size_divisibility > 1:
+        h, w = size_divisibility * h, size_divisibility * w
+    image_dims, mask_dims = {2: h, 3: w}, {1: h, 2: w}
     if dynamic_batch:
         batch = Dim("batch", min=1, max=64)
         image_dims[0] = mask_dims[0] = batch
@@ -236,7 +238,7 @@ def export_network(
 
     Raises:
         ValueError: an unknown format, no size divisibility, or a sample whose size is not a
-            multiple of the size divisibility or is under ``MIN_SIDE_UNITS`` times it.
+            multiple of the size divisibility or is under :data:`MIN_SIDE` px.
     """
     if fmt not in EXPORTERS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {sorted(EXPORTERS)}")
@@ -250,7 +252,7 @@ def export_network(
             f"{type(model).__name__} has no size_divisibility: pass size_divisibility (the "
             "backbone's largest stride, or a multiple of it)"
         )
-    smallest = MIN_SIDE_UNITS * divisibility
+    smallest = -(-MIN_SIDE // divisibility) * divisibility
     if images.shape[-2] % divisibility or images.shape[-1] % divisibility:
         raise ValueError(
             f"sample images of {tuple(images.shape[-2:])} px: height and width must be "

@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -291,6 +292,8 @@ class TimmBackbone(nn.Module):
             strictly except for the classifier; nothing is ever downloaded.
         output_norm: add a LayerNorm to every output, as Swin-Transformer-Object-Detection
             (the authors' Swin backbone) does.
+        pad_to: pad the images with zeros on the right and bottom to a multiple of this first
+            (Swin: its patch size 4, as the authors' ``PatchEmbed`` does), so any size runs.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``, ``img_size``,
             ``device="meta"`` to inspect a model without allocating it, from timm 1.0.21).
 
@@ -304,9 +307,13 @@ class TimmBackbone(nn.Module):
         out_indices: Sequence[int] = (1, 2, 3),
         pretrained_path: Optional[str] = None,
         output_norm: bool = False,
+        pad_to: int = 1,
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
+        if pad_to < 1:
+            raise ValueError(f"pad_to must be at least 1, got {pad_to}")
+        self.pad_to = pad_to
         timm = import_timm()
         _check_timm_version(timm, model_name, timm_kwargs)
         out_indices = tuple(out_indices)
@@ -339,6 +346,8 @@ class TimmBackbone(nn.Module):
         """
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W), got {tuple(x.shape)}")
+        if self.pad_to > 1:
+            x = F.pad(x, (0, -x.shape[-1] % self.pad_to, 0, -x.shape[-2] % self.pad_to))
         outs = []
         for i, f in enumerate(self.model(x)):
             if not self.channels_last:
@@ -355,8 +364,8 @@ class TimmBackbone(nn.Module):
 # authors' exactly when H and W are multiples of 32 * window (224 for window 7); otherwise timm pads
 # a stage *after* the cyclic shift and its mask no longer separates the wrapped-around border (timm
 # issue #2438), where the authors pad before shifting. timm also requires H and W divisible by the
-# patch size 4, where the authors pad the image (a size_divisibility that is a multiple of 4 works).
-_SWIN_DETECTION = dict(strict_img_size=False, always_partition=True, output_norm=True)
+# patch size 4: the image is padded to it first, as the authors' PatchEmbed does.
+_SWIN_DETECTION = dict(strict_img_size=False, always_partition=True, output_norm=True, pad_to=4)
 
 _BACKBONES: Dict[str, Callable[..., nn.Module]] = {
     "resnet50": partial(ResNetBackbone, depth=50),

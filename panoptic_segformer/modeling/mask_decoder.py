@@ -59,16 +59,17 @@ class AttentionToMask(nn.Module):
         levels = keys.split([h * w for h, w in shapes], dim=2)
         fuse_weights = self.fuse.weight.view(len(shapes), 1, m)  # one (1, M) map per level
         mask = None
-        for level_map, fuse_weight, level, (h, w) in zip(
-            self.level_maps, fuse_weights, levels, shapes
+        for index, (level_map, fuse_weight, level, (h, w)) in enumerate(
+            zip(self.level_maps, fuse_weights, levels, shapes)
         ):
             # (N, M, Q, H*W) logits of the level -> (N, M, Q*H*W)
             logits = (queries @ level.transpose(-2, -1)).view(n, m, q * h * w)
             # Linear(M, M) over the heads + ReLU, then fused to one channel: (N, Q, H*W)
             x = torch.baddbmm(level_map.bias[:, None], level_map.weight.expand(n, m, m), logits)
             x = torch.matmul(fuse_weight, x.relu_()).view(n, q, h * w)
-            if (h, w) != (h1, w1):
-                # one channel, bilinear to stride 8 (Eq. (2))
+            if index:
+                # one channel, bilinear to stride 8 (Eq. (2)); decided by the level, not by
+                # comparing sizes, so that a tracer needs no guard on them
                 x = F.interpolate(
                     x.view(n * q, 1, h, w), size=(h1, w1), mode="bilinear", align_corners=False
                 ).view(n, q, h1 * w1)

@@ -75,6 +75,38 @@ def test_inference_outputs_detectron2_formats():
     Visualizer(rgb, metadata).draw_sem_seg(outputs[0]["sem_seg"].argmax(0))
 
 
+def test_an_image_in_a_batch_of_other_sizes_gets_the_result_it_gets_alone():
+    # Size divisibility 1 (the authors'): a single image is never padded. Images of different
+    # sizes are run one at a time: padding, though masked in every attention, would reach the
+    # backbone's convolutions and the neck's GroupNorm near the image border.
+    model, cfg = tiny_model(*PERMISSIVE)
+    assert cfg.INPUT.SIZE_DIVISIBILITY == 1 and model.size_divisibility == 1
+    model.eval()
+    inputs = [{"image": image(61, 83)}, {"image": image(77, 99, 1)}, {"image": image(61, 83, 2)}]
+    with torch.no_grad():
+        together = model(inputs)
+        alone = [model([x])[0] for x in inputs]
+        # the same-size images run as one batch of two, unpadded: equal within float rounding
+        pair = model([inputs[0], inputs[2]])
+    for a, b in zip(together, alone):
+        assert torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
+        assert a["panoptic_seg"][1] == b["panoptic_seg"][1]
+        assert torch.equal(a["instances"].pred_masks, b["instances"].pred_masks)
+    assert together[0]["panoptic_seg"][0].shape == (61, 83)
+    for a, b in zip(pair, [alone[0], alone[2]]):
+        assert torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
+        scores = [[s["score"] for s in r["panoptic_seg"][1]] for r in (a, b)]
+        assert scores[0] == pytest.approx(scores[1], rel=1e-5)
+    # what the network would compute for the smaller image inside a padded batch differs
+    images, padding_mask = model.preprocess_images([x["image"] for x in inputs[:2]])
+    assert images.tensor.shape[-2:] == (77, 99) and int((~padding_mask[0]).sum()) == 61 * 83
+    single_images, single_mask = model.preprocess_images([inputs[0]["image"]])
+    with torch.no_grad():
+        padded = model.network(images.tensor, padding_mask)["thing_scores"][0]
+        single = model.network(single_images.tensor, single_mask)["thing_scores"][0]
+    assert not torch.allclose(padded, single)
+
+
 def test_class_ids_are_converted_both_ways(interleaved_dataset):
     opts = [
         "DATASETS.TRAIN", f"('{interleaved_dataset}',)",
@@ -214,15 +246,19 @@ def test_paper_switches_build_what_they_name():
     assert model.model.joint_matching and model.model.criterion.num_stuff_classes == 0
     assert model.model.location_decoder.query_embed.num_embeddings == 20 + 53
     assert model.model.location_decoder.class_heads[0].out_features == 133
+    # its caps have room for the stuff too: MAX_DETECTIONS + 53 kept, MAX_SELECTED + 53 filtered
+    assert model.model.inference.max_detections == 100 + 53
+    assert model.model.criterion.max_selected == 300 + 53
     assert model.model.mask_decoder.thing_class_heads[0].out_features == 133
-    # Fig. 5: without deep supervision; Table 7: the plain pixel-wise argmax "(p)"
-    model, _ = tiny_model(
-        ps + "DEEP_SUPERVISION", "False",
-        ps + "TEST.MERGE", "pixel_argmax",
-        ps + "TEST.PIXEL_ARGMAX_CLASS_WEIGHTED", "False",
-    )  # fmt: skip
+    # Fig. 5: without deep supervision; Table 7: MERGE pixel_argmax alone is the paper's
+    # Panoptic SegFormer "(p)" row, the plain argmax; "(p*)" is the class-weighted switch
+    model, _ = tiny_model(ps + "DEEP_SUPERVISION", "False", ps + "TEST.MERGE", "pixel_argmax")
     assert not model.model.criterion.deep_supervision
     assert model.model.inference.merge == PixelArgmaxOptions(class_weighted=False)
+    model, _ = tiny_model(
+        ps + "TEST.MERGE", "pixel_argmax", ps + "TEST.PIXEL_ARGMAX_CLASS_WEIGHTED", "True"
+    )
+    assert model.model.inference.merge == PixelArgmaxOptions(class_weighted=True)
     # what nothing would classify or train is refused, naming the keys
     with pytest.raises(
         ValueError, match="DEC_LAYERS is 0: .*TEST.THING_CLASSES_FROM to 'mask_decoder'"

@@ -4,9 +4,10 @@ import re
 import sys
 
 import pytest
-from skips import require
 import torch
+import torch.nn.functional as F
 import torchvision
+from skips import require
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -247,6 +248,26 @@ def test_timm_swin_forward_is_channels_first():
     for out, r, norm in zip(outs, raw, backbone.norms):
         assert r.shape[-1] == out.shape[1]  # timm's Swin features are (N, H, W, C)
         torch.testing.assert_close(out, norm(r).permute(0, 3, 1, 2), rtol=0, atol=0)
+
+
+def test_timm_backbones_take_any_image_size():
+    require("timm", "the Swin and PVTv2 backbones need timm")
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 61, 93)  # neither side a multiple of 4
+    # Swin pads the image with zeros to its patch size 4 first, as the authors' PatchEmbed
+    swin = TimmBackbone(
+        "swin_tiny_patch4_window7_224", strict_img_size=False, always_partition=True, pad_to=4
+    ).eval()
+    pvt = TimmBackbone("pvt_v2_b0").eval()  # overlapping patch embedding: any size as it is
+    with torch.no_grad():
+        outs = swin(x)
+        padded = swin.model(F.pad(x, (0, 3, 0, 3)))
+        pvt_outs = pvt(x)
+    assert [tuple(o.shape[-2:]) for o in outs] == [(8, 12), (4, 6), (2, 3)]
+    assert all(torch.equal(o, p.permute(0, 3, 1, 2)) for o, p in zip(outs, padded))
+    assert [tuple(o.shape[-2:]) for o in pvt_outs] == [(8, 12), (4, 6), (2, 3)]
+    with pytest.raises(ValueError, match="pad_to must be at least 1, got 0"):
+        TimmBackbone("pvt_v2_b0", pad_to=0)
 
 
 def _forbid_downloads(monkeypatch):

@@ -117,6 +117,25 @@ def test_query_pos_is_added_before_every_layer():
     torch.testing.assert_close(decoder.tail(q + pos, memory, SHAPES)[1], out["masks"][-1])
 
 
+@pytest.mark.parametrize("self_attn", [False, True])
+def test_an_unpadded_image_gives_identical_outputs_with_and_without_the_padding_mask(self_attn):
+    # The authors' mask decoder never reads its key padding mask; ours masks padded keys. With
+    # nothing padded (a single image, size divisibility 1) the two must be the same function.
+    decoder = make_decoder(self_attn)
+    memory, query = torch.randn(1, TOKENS, 16), torch.randn(1, 4, 16)
+    without = decoder(query, memory, SHAPES)
+    nothing_padded = decoder(
+        query, memory, SHAPES, memory_padding_mask=torch.zeros(1, TOKENS, dtype=torch.bool)
+    )
+    for key in ("masks", "queries"):
+        assert all(torch.equal(a, b) for a, b in zip(without[key], nothing_padded[key]))
+    # ... while a padded key does change them (the mask is read)
+    pad = torch.zeros(1, TOKENS, dtype=torch.bool)
+    pad[0, -2:] = True
+    padded = decoder(query, memory, SHAPES, memory_padding_mask=pad)
+    assert not torch.equal(padded["queries"][-1], without["queries"][-1])
+
+
 def test_padding_does_not_reach_the_queries():
     decoder = make_decoder(self_attn=True)
     memory, query = torch.randn(2, TOKENS, 16), torch.randn(2, 4, 16)
