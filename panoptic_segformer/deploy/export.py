@@ -230,8 +230,9 @@ def export_network(
         ort_custom_op: (onnx) write deformable attention as the ONNX Runtime custom operator
             ``panoptic_segformer::MSDeformAttn`` instead of ``GridSample`` ops.
         size_divisibility: the exported file takes padded sides that are multiples of this;
-            None takes the model's ``size_divisibility`` (the meta-architecture's; the core
-            model has none: give the backbone's largest stride, or a multiple of it).
+            None takes the model's ``size_divisibility`` (the meta-architecture's,
+            ``INPUT.SIZE_DIVISIBILITY``, 1 by default: any size; the core model has none: give
+            1, or a multiple of the backbone's largest stride to take only padded sizes).
 
     Returns:
         the metadata saved with the file.
@@ -249,8 +250,8 @@ def export_network(
     divisibility = size_divisibility or getattr(model, "size_divisibility", None)
     if not divisibility:
         raise ValueError(
-            f"{type(model).__name__} has no size_divisibility: pass size_divisibility (the "
-            "backbone's largest stride, or a multiple of it)"
+            f"{type(model).__name__} has no size_divisibility: pass size_divisibility (1 for any "
+            "size, as the meta-architecture's default, or a multiple of the backbone's stride)"
         )
     smallest = -(-MIN_SIDE // divisibility) * divisibility
     if images.shape[-2] % divisibility or images.shape[-1] % divisibility:
