@@ -66,6 +66,10 @@ ONE_SGD_STEP = [
     "SOLVER.BASE_LR", "0.01",
     "SOLVER.WEIGHT_DECAY", "0.0",
     "SOLVER.CLIP_GRADIENTS.ENABLED", "False",
+    # Both images padded to one size, in one process or in two, so that only DDP differs: at
+    # the default divisibility 1 one process would pad the smaller image to the larger and two
+    # would pad neither, and the backbone sees padding near a padded image's border.
+    "INPUT.SIZE_DIVISIBILITY", "32",
 ]  # fmt: skip
 TIMEOUT = 600
 ONE_AND_TWO = (("one", "1"), ("two", "2"))  # output folder, processes
