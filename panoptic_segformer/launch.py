@@ -209,8 +209,9 @@ def launch(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, 
             f"{', '.join(given)}: this process was started by a launcher (RANK={ranks.rank}, "
             f"WORLD_SIZE={ranks.world_size}), which chose the processes; leave these out"
         )
-    if join_process_group(ranks, device) and not args.resume:
-        # torch elastic restarted the group (a process died): go on from the last checkpoint
+    # torch elastic restarted the group (a process died): a training goes on from the last
+    # checkpoint (arguments without --resume, an evaluation's, are left as they are)
+    if join_process_group(ranks, device) and getattr(args, "resume", None) is False:
         if comm.is_main_process():
             print("the group was restarted: resuming from the last checkpoint", file=sys.stderr)
         args = argparse.Namespace(**{**vars(args), "resume": True})

@@ -3,6 +3,7 @@ environment (panoptic_segformer.launch), the backend MODEL.DEVICE picks, the che
 the checkpoint-and-stop at SLURM's warning signal (panoptic_segformer.preemption). The launches
 themselves (torchrun, its restarts, submitit) run in test_distributed.py."""
 
+import argparse
 import os
 import signal
 from datetime import timedelta
@@ -122,6 +123,9 @@ def test_a_restarted_group_resumes(no_launcher, restarted):
     assert joined == [LauncherRanks(3, 4, 1, 2)]
     assert result == ("ran", restarted)
     assert args.resume is False  # the caller's arguments are left as they were
+    # an evaluation's arguments (tools/eval_robustness.py: no --resume) stay as they are
+    evaluation = argparse.Namespace(num_gpus=1, num_machines=1, machine_rank=0)
+    assert launch.launch(lambda run: vars(run), evaluation, "cpu") == vars(evaluation)
 
 
 def test_each_group_of_an_agents_store_gets_keys_of_its_own(no_launcher):
