@@ -7,8 +7,8 @@ There are two ways to get one process per GPU (or several on the CPU):
 * A launcher starts the processes itself and tells each its place in the environment, as
   ``torchrun`` does (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
   ``MASTER_ADDR``, ``MASTER_PORT``; also torch elastic, Kubernetes' PyTorchJob, and SLURM through
-  ``tools/submit.py``). Each process then joins the group they describe (``env://``) and spawns
-  nothing. After torch elastic restarted the group (``torchrun --max-restarts``), it resumes from
+  ``tools/submit.py``). Each process then joins the group they describe (``env://``, or the
+  store of torch elastic's agent) and spawns nothing. After torch elastic restarted the group (``torchrun --max-restarts``), it resumes from
   the last checkpoint.
 
 Either way the backend follows ``MODEL.DEVICE``: NCCL for CUDA, gloo for the CPU. detectron2's
@@ -152,7 +152,7 @@ def join_process_group(ranks: LauncherRanks, device: str) -> bool:
     store, generation = _agent_store(ranks)
     dist.init_process_group(
         backend,
-        init_method=None if store else "env://",
+        init_method="env://" if store is None else None,
         store=store,
         rank=ranks.rank,
         world_size=ranks.world_size,

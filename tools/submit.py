@@ -42,8 +42,12 @@ from panoptic_segformer.launch import distributed_backend  # noqa: E402
 from panoptic_segformer.preemption import StopOnSignal, TrainingStopped  # noqa: E402
 
 # train_net.py's ways of choosing processes, which are the job's here
-LAUNCH_FLAGS = {"num_gpus": "--num-gpus", "num_machines": "--num-machines"}
-LAUNCH_FLAGS.update(machine_rank="--machine-rank", dist_url="--dist-url")
+LAUNCH_FLAGS = {
+    "num_gpus": "--num-gpus",
+    "num_machines": "--num-machines",
+    "machine_rank": "--machine-rank",
+    "dist_url": "--dist-url",
+}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -105,18 +109,24 @@ def tasks_per_node(args: argparse.Namespace, cfg) -> int:
     Raises:
         ValueError: naming the flag (or config key) and its bad value.
     """
-    given = [f"{flag} {getattr(args, name)}" for name, flag in LAUNCH_FLAGS.items()]
-    given = [flag for name, flag in zip(LAUNCH_FLAGS, given) if getattr(args, name) is not None]
+    given = [
+        f"{flag} {getattr(args, name)}"
+        for name, flag in LAUNCH_FLAGS.items()
+        if getattr(args, name) is not None
+    ]
     if given:
         raise ValueError(
             f"{', '.join(given)}: the job's processes are --nodes x --tasks-per-node; leave "
             "these out"
         )
     tasks = args.gpus_per_node if args.tasks_per_node is None else args.tasks_per_node
+    tasks_flag = "--tasks-per-node" + (
+        " (default: --gpus-per-node)" * (args.tasks_per_node is None)
+    )
     for flag, value, least in (
         ("--nodes", args.nodes, 1),
         ("--gpus-per-node", args.gpus_per_node, 0),
-        ("--tasks-per-node", tasks, 1),
+        (tasks_flag, tasks, 1),
         ("--signal-delay", args.signal_delay, 1),
         ("--max-timeouts", args.max_timeouts, 0),
     ):
@@ -212,6 +222,8 @@ class TrainingJob:
         except TrainingStopped:
             if environment.global_rank == 0:
                 requeue(signum, None)  # exits
+            # the other tasks end here; the requeued job (SLURM's scontrol requeue, or the
+            # local executor) starts them all again
             return None
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:

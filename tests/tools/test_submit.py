@@ -80,6 +80,8 @@ def test_time_limits_are_read_in_slurms_formats(submit, timeout, minutes):
         (["--timeout", "0:00:00"], "--timeout '0:00:00': the job needs at least a minute"),
         (["--num-gpus", "2"], "--num-gpus 2: the job's processes are --nodes x --tasks-per-node"),
         (["--nodes", "0"], "--nodes must be at least 1, got 0"),
+        (["--gpus-per-node", "0"], r"--tasks-per-node \(default: --gpus-per-node\) must be at "
+         "least 1, got 0"),
         (["--tasks-per-node", "4"], "MODEL.DEVICE 'cuda' runs one task per GPU, but "
          "--tasks-per-node is 4 and --gpus-per-node 8"),
         (["--nodes", "3"], "SOLVER.IMS_PER_BATCH 8 does not split over the job's 24 processes "
