@@ -13,32 +13,32 @@ Examples:
         --machine-rank 0 --dist-url tcp://<address of machine 0>:29500
     # the same without GPUs: processes on the CPU talk over gloo
     python train_net.py --config-file configs/r50.yaml --num-gpus 2 MODEL.DEVICE cpu
+    # processes started by torchrun (or SLURM through tools/submit.py) join their group
+    torchrun --nproc-per-node 8 train_net.py --config-file configs/r50.yaml
 
 detectron2's trainer does the rest (logging, ETA, checkpoints every SOLVER.CHECKPOINT_PERIOD,
 evaluation at the end or every TEST.EVAL_PERIOD iterations, AMP with SOLVER.AMP.ENABLED).
 """
 
+import argparse
 import inspect
 import json
 import logging
 import math
 import os
 import weakref
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-from detectron2.data import (
-    MetadataCatalog,
-    build_detection_test_loader,
-    build_detection_train_loader,
-)
+from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
+    HookBase,
     SimpleTrainer,
     TrainerBase,
     default_argument_parser,
     default_setup,
-    launch,
 )
 from detectron2.evaluation import (
     COCOPanopticEvaluator,
@@ -56,13 +56,15 @@ from panoptic_segformer import PanopticSegFormerCheckpointer
 from panoptic_segformer.class_info import class_info_of_config
 from panoptic_segformer.config import get_config
 from panoptic_segformer.data import PanopticSegFormerDatasetMapper
+from panoptic_segformer.data.train_loader import ResumableTrainLoader
 from panoptic_segformer.evaluation import (
+    SUBMISSION_EVALUATOR_TYPE,
     BoundaryPanopticEvaluator,
     COCOPanopticSubmissionWriter,
-    SUBMISSION_EVALUATOR_TYPE,
     PanopticInstanceEvaluator,
     check_panoptic_dataset,
 )
+from panoptic_segformer.launch import launch
 from panoptic_segformer.solver import build_optimizer
 
 
@@ -107,10 +109,14 @@ class Trainer(DefaultTrainer):
             if message:
                 logging.getLogger("detectron2").warning(message)
         super().resume_or_load(resume=resume)
+        # a resumed run goes on with the images after those the checkpoint's iterations used
+        self._trainer.data_loader.start_at(self.start_iter)
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=PanopticSegFormerDatasetMapper(cfg, True))
+        """detectron2's training loader, whose stream a resumed run continues
+        (:class:`ResumableTrainLoader`)."""
+        return ResumableTrainLoader(cfg, PanopticSegFormerDatasetMapper(cfg, True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -179,14 +185,16 @@ def create_ddp_model(model: nn.Module) -> nn.Module:
     """``model`` in DistributedDataParallel when there are several processes, else as it is.
 
     Every trainable parameter gets a gradient in every iteration, whatever the config and the
-    batch (tested), so DDP needs no ``find_unused_parameters`` search. A CUDA model is given its
-    process's device (detectron2's ``create_ddp_model``); a CPU model, trained on gloo with
-    ``MODEL.DEVICE cpu``, must be given none, which DDP requires of CPU modules.
+    batch (tested), so DDP needs no ``find_unused_parameters`` search. A CUDA model is given the
+    GPU it is on (detectron2's ``create_ddp_model`` gives the local rank, which is not that GPU's
+    index where each process sees only its own, as under SLURM's GPU binding); a CPU model,
+    trained on gloo with ``MODEL.DEVICE cpu``, must be given none, which DDP requires of CPU
+    modules.
     """
     if comm.get_world_size() == 1:
         return model
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    device_ids = [comm.get_local_rank()] if on_cuda else None
+    device = next(model.parameters()).device
+    device_ids = [device.index] if device.type == "cuda" else None
     # the buffers (frozen batch-norm statistics, class maps) never change: no broadcast before
     # every forward (torch >= 2.13 names the switch forward_sync_buffers)
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
@@ -256,9 +264,10 @@ def share_cpu_threads(cfg) -> None:
     )
 
 
-def main(args):
+def main(args: argparse.Namespace, hooks: Sequence[HookBase] = ()) -> Any:
     """Trains (or evaluates with ``--eval-only``); returns the evaluation results, which the
-    main process also writes to ``OUTPUT_DIR/inference/results.json``."""
+    main process also writes to ``OUTPUT_DIR/inference/results.json``. ``hooks`` are added to
+    the trainer's own (``tools/submit.py``: checkpoint and stop at SLURM's warning signal)."""
     cfg = setup(args)
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS:
@@ -272,6 +281,7 @@ def main(args):
             verify_results(cfg, results)
     else:
         trainer = Trainer(cfg)
+        trainer.register_hooks(hooks)
         trainer.resume_or_load(resume=args.resume)
         trainer.train()
         # detectron2's evaluation hook keeps the results of the evaluation after the last
@@ -296,14 +306,17 @@ def write_results(results, path: str) -> None:
         json.dump(clean(results), f, indent=2, default=float)
 
 
+def launch_main(
+    args: argparse.Namespace, main_func: Optional[Callable[[argparse.Namespace], Any]] = None
+) -> Any:
+    """``main_func`` (default :func:`main`) in every process of the run: spawned here for
+    ``--num-gpus`` / ``--num-machines``, or this process in the group torchrun (or another
+    launcher) started; the backend follows ``MODEL.DEVICE`` (:mod:`panoptic_segformer.launch`)."""
+    device = get_config(args.config_file, args.opts).MODEL.DEVICE
+    return launch(main_func or main, args, device)
+
+
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_main(args)

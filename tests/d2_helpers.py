@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 from types import ModuleType
@@ -90,6 +91,53 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> str:
         output, _ = process.communicate()
     assert process.returncode == 0, output[-6000:]
     return output
+
+
+def load_checkpoint(path):
+    """A checkpoint file's content, tensors on the CPU."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_identical(ours, theirs, where=""):
+    """Nested dicts, lists and tensors are equal, tensors bit for bit."""
+    import torch
+
+    if isinstance(ours, dict):
+        assert isinstance(theirs, dict) and ours.keys() == theirs.keys(), where
+        for key in ours:
+            assert_identical(ours[key], theirs[key], f"{where}/{key}")
+    elif isinstance(ours, (list, tuple)):
+        assert type(ours) is type(theirs) and len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_identical(a, b, f"{where}[{i}]")
+    elif isinstance(ours, torch.Tensor):
+        assert isinstance(theirs, torch.Tensor) and ours.dtype == theirs.dtype, where
+        assert torch.equal(ours, theirs), where
+    else:
+        assert type(ours) is type(theirs) and ours == theirs, where
+
+
+def lay_out_test_dev(root, sample):
+    """Makes ``root`` (a DETECTRON2_DATASETS folder, new or not) one whose COCO test-dev is the
+    images of the COCO panoptic sample in folder ``sample``; its image-info json has, as the
+    real one, ``images`` and the 80 detection ``categories``. Returns ``root``."""
+    coco = root / "coco"
+    (coco / "annotations").mkdir(parents=True, exist_ok=True)
+    (coco / "test2017").symlink_to(sample / "images")
+    panoptic = json.loads((sample / "panoptic.json").read_text())
+    things = [c for c in panoptic["categories"] if c["isthing"]]
+    info = {"images": panoptic["images"], "categories": things}
+    (coco / "annotations" / "image_info_test-dev2017.json").write_text(json.dumps(info))
+    return root
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def load_demo() -> ModuleType:

@@ -25,6 +25,7 @@ OPTIONAL = (
     "onnxruntime",
     "onnxscript",
     "panopticapi",
+    "submitit",
     "timm",
 )
 

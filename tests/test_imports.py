@@ -54,10 +54,13 @@ NEEDS_DETECTRON2 = {
     "panoptic_segformer.data.coco_panoptic",
     "panoptic_segformer.data.dataset_mapper",
     "panoptic_segformer.data.subset",
+    "panoptic_segformer.data.train_loader",
     "panoptic_segformer.deploy.predictor",
     "panoptic_segformer.evaluation",
+    "panoptic_segformer.launch",
     "panoptic_segformer.meta_arch",
     "panoptic_segformer.predictor",
+    "panoptic_segformer.preemption",
     "panoptic_segformer.solver",
 }
 

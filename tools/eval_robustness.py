@@ -46,7 +46,7 @@ import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.data import transforms as T
-from detectron2.engine import default_setup, launch
+from detectron2.engine import default_setup
 from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils import comm
@@ -62,6 +62,7 @@ from panoptic_segformer.data import (  # noqa: E402
     register_subset,
 )
 from panoptic_segformer.evaluation import check_panoptic_dataset  # noqa: E402
+from panoptic_segformer.launch import launch  # noqa: E402
 
 logger = logging.getLogger("detectron2.eval_robustness")
 
@@ -395,11 +396,5 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 if __name__ == "__main__":
     args = parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    # spawned for --num-gpus, or the processes torchrun started; the backend of MODEL.DEVICE
+    launch(main, args, get_config(args.config_file, args.opts).MODEL.DEVICE)

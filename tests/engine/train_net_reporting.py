@@ -8,16 +8,22 @@ processes:
 
     python tests/engine/train_net_reporting.py --config-file configs/r50.yaml --num-machines 2 \\
         --machine-rank 0 --dist-url tcp://127.0.0.1:<port> MODEL.DEVICE cpu ...
+
+With ``PSF_TEST_SIGNAL=<signal>:<rank>:<iteration>`` (e.g. ``SIGKILL:1:4``), the process of that
+rank sends itself the signal at the end of that iteration, in a run that started at iteration 0
+(not in the run that resumes after it): a worker dying, or SLURM's warning before preemption, at
+a known point rather than after a sleep.
 """
 
 import hashlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
-from detectron2.engine import HookBase, default_argument_parser, launch
+from detectron2.engine import HookBase, default_argument_parser
 from detectron2.utils import comm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -58,23 +64,40 @@ class ReportEveryRank(HookBase):
             json.dump(report, f)
 
 
+class SignalAt(HookBase):
+    """Sends ``signum`` to this process after ``iteration`` on ``rank``, when training started
+    at iteration 0."""
+
+    def __init__(self, signum, rank, iteration):
+        self.signum, self.rank, self.iteration = signum, rank, iteration
+
+    def after_step(self):
+        if (self.trainer.start_iter, comm.get_rank(), self.trainer.iter) == (
+            0,
+            self.rank,
+            self.iteration,
+        ):
+            os.kill(os.getpid(), self.signum)
+
+
+def signal_at(value):
+    """The SignalAt hook of ``PSF_TEST_SIGNAL``'s value ``<signal>:<rank>:<iteration>``."""
+    name, rank, iteration = value.split(":")
+    return SignalAt(signal.Signals[name], int(rank), int(iteration))
+
+
 class ReportingTrainer(train_net.Trainer):
     def build_hooks(self):
-        return super().build_hooks() + [ReportEveryRank()]
+        hooks = super().build_hooks() + [ReportEveryRank()]
+        if os.environ.get("PSF_TEST_SIGNAL"):
+            hooks.append(signal_at(os.environ["PSF_TEST_SIGNAL"]))
+        return hooks
 
 
-def main(args):
+def main(args, hooks=()):
     train_net.Trainer = ReportingTrainer
-    return train_net.main(args)
+    return train_net.main(args, hooks)
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    train_net.launch_main(default_argument_parser().parse_args(), main)

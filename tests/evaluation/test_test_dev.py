@@ -22,7 +22,7 @@ from skips import require, require_detectron2
 require_detectron2()
 require("panopticapi", "the submission writer needs panopticapi installed")
 
-from d2_helpers import CONFIGS, PERMISSIVE, ROOT, TINY, make_cfg  # noqa: E402
+from d2_helpers import CONFIGS, PERMISSIVE, ROOT, TINY, lay_out_test_dev, make_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from panopticapi.evaluation import pq_compute  # noqa: E402
@@ -45,20 +45,6 @@ import train_net  # noqa: E402
 NAME = "coco_2017_test-dev_panoptic"
 CONFIG = CONFIGS[0].parent / "r50.yaml"
 SUBMISSION = "panoptic_test-dev2017_PanopticSegFormer_results"
-
-
-def lay_out_test_dev(root, sample):
-    """Makes ``root`` a DETECTRON2_DATASETS folder whose COCO test-dev is the images of the
-    COCO panoptic sample in folder ``sample``; its image-info json has, as the real one,
-    ``images`` and the 80 detection ``categories``."""
-    coco = root / "coco"
-    (coco / "annotations").mkdir(parents=True)
-    (coco / "test2017").symlink_to(sample / "images")
-    panoptic = json.loads((sample / "panoptic.json").read_text())
-    things = [c for c in panoptic["categories"] if c["isthing"]]
-    info = {"images": panoptic["images"], "categories": things}
-    (coco / "annotations" / "image_info_test-dev2017.json").write_text(json.dumps(info))
-    return root
 
 
 def unregister():
