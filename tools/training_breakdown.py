@@ -9,6 +9,10 @@ decoder's matcher is a stage of its own; the backward pass and the optimizer ste
 their own.
 
 * ``ms``: wall time of the stage in the profiled step (the profiler adds a little to each op).
+* ``backward ms``: time the backward pass spends on the stage's autograd nodes (each node's
+  ``autograd::engine::evaluate_function`` range, matched to the stage of the forward op with
+  its sequence number; a node created inside a custom autograd function goes to the stage of
+  the op created just before it).
 * ``held MiB``: what autograd saves for the backward pass while the stage runs
   (``torch.autograd.graph.saved_tensors_hooks``): each storage once, at the stage that first saves
   it, parameters left out (they are held anyway). Layers run under activation checkpointing save
@@ -169,6 +173,31 @@ def _peaks(trace: Path, labels: Sequence[str]) -> Dict[str, int]:
     return peaks
 
 
+def _backward_seconds(events: Sequence, labels: Sequence[str]) -> Dict[str, float]:
+    """Per label of the forward pass, the time of the backward nodes whose forward ran under
+    it."""
+    stage_of: Dict[Tuple[int, int], str] = {}  # (thread, sequence number) -> stage
+    nodes = []
+    for event in events:
+        if event.sequence_nr < 0:
+            continue
+        if event.name.startswith("autograd::engine::evaluate_function"):
+            nodes.append(((event.fwd_thread, event.sequence_nr), event.cpu_time_total))
+            continue
+        root = event
+        while root.cpu_parent is not None:
+            root = root.cpu_parent
+        if root.name in labels:
+            stage_of[(event.thread, event.sequence_nr)] = root.name
+    known = sorted(stage_of)
+    seconds: Dict[str, float] = defaultdict(float)
+    for key, microseconds in nodes:
+        index = bisect_right(known, key) - 1
+        if index >= 0 and known[index][0] == key[0]:
+            seconds[stage_of[known[index]]] += microseconds / 1e6
+    return seconds
+
+
 def profile_step(
     model: nn.Module,
     batch: List[Dict],
@@ -185,7 +214,7 @@ def profile_step(
 
     Returns:
         ``rows``: per stage (in running order, then backward, optimizer step) its label, ``ms``,
-        ``held_mib`` and ``peak_mib``; ``held``: the saved storages by stage, shape and dtype
+        ``backward_ms``, ``held_mib`` and ``peak_mib``; ``held``: the saved storages by stage, shape and dtype
         (``stage``, ``shape``, ``dtype``, ``count``, ``mib``), largest first.
     """
     recorder = StageRecorder(stages or stage_modules(model), list(model.parameters()))
@@ -202,10 +231,13 @@ def profile_step(
             recorder.switch(None)
         prof.export_chrome_trace(str(trace))
         peaks = _peaks(trace, recorder.order)
+    forward = [label for label in recorder.order if label not in (BACKWARD, OPTIMIZER)]
+    backward = _backward_seconds(prof.events(), forward)
     rows = [
         {
             "stage": label,
             "ms": recorder.seconds[label] * 1e3,
+            "backward_ms": backward[label] * 1e3,
             "held_mib": recorder.held[label] / MIB,
             "peak_mib": peaks[label] / MIB,
         }
@@ -224,16 +256,19 @@ def profile_step(
 def print_breakdown(breakdown: Dict[str, object], largest: int = 12) -> None:
     """The stage table and the ``largest`` groups of held tensors, as markdown."""
     rows = breakdown["rows"]
-    print("| stage | ms | held MiB | peak MiB |")
-    print("|---|---:|---:|---:|")
+    print("| stage | ms | backward ms | held MiB | peak MiB |")
+    print("|---|---:|---:|---:|---:|")
     for row in rows:
         print(
-            f"| {row['stage']} | {row['ms']:.0f} | {row['held_mib']:.0f} | {row['peak_mib']:.0f} |"
+            f"| {row['stage']} | {row['ms']:.0f} | {row['backward_ms']:.0f} | "
+            f"{row['held_mib']:.0f} | {row['peak_mib']:.0f} |"
         )
-    total_ms = sum(r["ms"] for r in rows)
-    total_held = sum(r["held_mib"] for r in rows)
+    total = {key: sum(r[key] for r in rows) for key in ("ms", "backward_ms", "held_mib")}
     peak = max(r["peak_mib"] for r in rows)
-    print(f"| total | {total_ms:.0f} | {total_held:.0f} | {peak:.0f} |")
+    print(
+        f"| total | {total['ms']:.0f} | {total['backward_ms']:.0f} | {total['held_mib']:.0f} | "
+        f"{peak:.0f} |"
+    )
     print("\n| held by | shape | dtype | count | MiB |")
     print("|---|---|---|---:|---:|")
     for row in breakdown["held"][:largest]:

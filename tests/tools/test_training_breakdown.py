@@ -56,10 +56,18 @@ def test_profiled_step_rows(breakdown, capsys):
     assert output <= rows["a"]["peak_mib"] < 1.1 * output
     assert 2 * output <= rows["b"]["peak_mib"] < 2.1 * output
     assert rows["backward"]["held_mib"] == rows["optimizer step"]["held_mib"] == 0
+    # the backward pass's time, split by the stage of each node's forward op
+    assert rows["a"]["backward_ms"] > 0 and rows["b"]["backward_ms"] > 0
+    assert rows["a"]["backward_ms"] + rows["b"]["backward_ms"] <= rows["backward"]["ms"]
+    assert rows["backward"]["backward_ms"] == rows["optimizer step"]["backward_ms"] == 0
     assert rows["optimizer step"]["peak_mib"] > 0  # AdamW's first step allocates its state
     assert [h["stage"] for h in result["held"]] == ["b", "a"]  # largest first
 
     breakdown.print_breakdown(result)
     text = capsys.readouterr().out
-    assert f"| b | {rows['b']['ms']:.0f} | {output:.0f} | {rows['b']['peak_mib']:.0f} |" in text
+    b = rows["b"]
+    assert (
+        f"| b | {b['ms']:.0f} | {b['backward_ms']:.0f} | {output:.0f} | {b['peak_mib']:.0f} |"
+        in text
+    )
     assert f"| b | {ROWS}x{4 * COLUMNS} | float32 | 1 | {output:.0f} |" in text
