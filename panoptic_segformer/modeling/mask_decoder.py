@@ -64,9 +64,11 @@ class AttentionToMask(nn.Module):
         ):
             # (N, M, Q, H*W) logits of the level -> (N, M, Q*H*W)
             logits = (queries @ level.transpose(-2, -1)).view(n, m, q * h * w)
-            # Linear(M, M) over the heads + ReLU, then fused to one channel: (N, Q, H*W)
+            # Linear(M, M) over the heads + ReLU, then fused to one channel: (N, Q, H*W); both
+            # as batched products, which keep their (N, M, Q*H*W) operands for backward as they
+            # are (a matmul of (1, M) by it would keep a transposed copy)
             x = torch.baddbmm(level_map.bias[:, None], level_map.weight.expand(n, m, m), logits)
-            x = torch.matmul(fuse_weight, x.relu_()).view(n, q, h * w)
+            x = torch.bmm(fuse_weight.expand(n, 1, m), x.relu_()).view(n, q, h * w)
             if index:
                 # one channel, bilinear to stride 8 (Eq. (2)); decided by the level, not by
                 # comparing sizes, so that a tracer needs no guard on them
@@ -125,9 +127,12 @@ class MaskAttention(nn.Module):
         n, q, c = query.shape
         s = memory.shape[1]
         m = self.n_heads
-        # (N, L, C) -> (N, M, L, C/M); the queries carry the 1/sqrt(C/M) of the logits
+        # (N, L, C) -> (N, M, L, C/M); the queries carry the 1/sqrt(C/M) of the logits. The
+        # keys are copied into that layout once: each level's logits then multiply a view of
+        # them, and the fused attention reads them as they are (a strided view would be copied
+        # per level for the products, and kept twice for backward)
         queries = (self.q_proj(query) * self.scale).view(n, q, m, c // m).transpose(1, 2)
-        keys = self.k_proj(memory).view(n, s, m, c // m).transpose(1, 2)
+        keys = self.k_proj(memory).view(n, s, m, c // m).transpose(1, 2).contiguous()
         # the logits before the softmax carry the mask, computed level by level
         mask = self.to_mask(queries, keys, shapes) if with_mask else None
         if self.tail:

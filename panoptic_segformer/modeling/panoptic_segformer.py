@@ -168,7 +168,11 @@ class PanopticSegFormerModel(PreparableForInference, nn.Module):
         # torch.export) sees sizes rather than data.
         mask_shapes: List[Tuple[int, int]] = [tuple(f.shape[-2:]) for f in feats[:MASK_LEVELS]]
         num_tokens = sum(h * w for h, w in mask_shapes)
-        mask_memory, mask_padding = memory[:, :num_tokens], token_mask[:, :num_tokens]
+        # One copy of the slice for a batch of several images (one image's slice already is
+        # contiguous): the key and value projections of every mask decoder layer read it, and a
+        # linear layer copies a strided input for itself (and keeps the copy for backward).
+        mask_memory = memory[:, :num_tokens].contiguous()
+        mask_padding = token_mask[:, :num_tokens]
 
         if targets is not None:
             self.refuse_training()

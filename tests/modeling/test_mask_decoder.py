@@ -1,4 +1,7 @@
-"""Mask decoder: masks from attention logits (known values), padding, early exit, gradients."""
+"""Mask decoder: masks from attention logits (known values), padding, early exit, gradients, what
+training keeps for backward."""
+
+from collections import Counter
 
 import pytest
 import torch
@@ -78,6 +81,34 @@ def test_attention_output_is_softmax_attention_and_ignores_padding():
         MaskAttention(d_model=8, n_heads=2, tail=True)(query, memory, SHAPES, with_mask=False)[0]
         is None
     )
+
+
+def test_training_keeps_the_keys_once_and_each_level_map_twice():
+    """Of a mask attention, autograd keeps the keys once, in the layout that both the level
+    products and the fused attention read (no per-level copy), and per level the logits and the
+    ReLU'd head maps (no transposed copy for the fusing product)."""
+    torch.manual_seed(0)
+    n, q, c, m = 2, 3, 8, 2
+    shapes = [(6, 8), (3, 4), (2, 3)]
+    tokens = sum(h * w for h, w in shapes)
+    attn = MaskAttention(d_model=c, n_heads=m)
+    memory = torch.randn(n, tokens, c, requires_grad=True)
+    query = torch.randn(n, q, c, requires_grad=True)
+    parameters = {p.untyped_storage().data_ptr() for p in attn.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes() // tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attn(query, memory, shapes)
+    sizes = Counter(kept.values())
+    assert sizes[n * tokens * c] == 3  # the memory (both projections read it), keys, values
+    assert [sizes[n * m * q * h * w] for h, w in shapes] == [2, 2, 2]
+    assert [sizes[n * h * w * c] for h, w in shapes] == [0, 0, 0]  # a level's keys
 
 
 def make_decoder(self_attn, num_layers=2, seed=0):

@@ -3,8 +3,8 @@
 from dataclasses import replace
 
 import pytest
-from skips import require
 import torch
+from skips import require
 from torch import nn
 
 from panoptic_segformer.modeling import (
@@ -14,6 +14,7 @@ from panoptic_segformer.modeling import (
     PixelArgmaxOptions,
 )
 from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion
+from panoptic_segformer.modeling.mask_decoder import MaskAttention
 from panoptic_segformer.modeling.panoptic_segformer import build_panoptic_segformer
 from panoptic_segformer.modeling.targets import split_targets
 
@@ -200,6 +201,26 @@ def test_gradients_reach_every_parameter_that_learns():
     sum(model(images, padding, targets).values()).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert missing == []
+
+
+def test_mask_decoder_projections_read_one_contiguous_memory():
+    """In a batch of two the slice of the memory the mask decoder reads is strided; it is copied
+    once, so that no key or value projection copies (and keeps) one of its own."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    images, padding, targets = synthetic_batch()
+    inputs = []
+    for module in model.mask_decoder.modules():
+        if isinstance(module, MaskAttention):
+            for proj in (module.k_proj, getattr(module, "v_proj", None)):
+                if proj is not None:
+                    proj.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+    model(images, padding, targets)
+    # keys and values of 2 thing layers and 3 stuff layers (each stack with its tail), no
+    # values in the tails
+    assert len(inputs) == 8
+    assert all(x.is_contiguous() for x in inputs)
+    assert len({x.data_ptr() for x in inputs}) == 1
 
 
 def test_default_thing_class_loss_is_zero_but_connected():
