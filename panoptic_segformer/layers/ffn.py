@@ -32,7 +32,8 @@ class _ReLUDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tuple[Tensor, None]:
         (out,) = ctx.saved_tensors
-        return (grad * ctx.scale).masked_fill_(out <= 0, 0.0), None
+        # ReLU's own backward kernel (zero where the output is not positive), then the scale
+        return torch.ops.aten.threshold_backward(grad, out, 0).mul_(ctx.scale), None
 
 
 class FFN(nn.Module):
@@ -68,13 +69,17 @@ class FFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (Tensor): (..., d_model) -> (..., d_model)."""
-        hidden = self.linear1(x)
+        # (T, d_ffn) for the T = x.numel() / d_model tokens: the product itself, not a view of
+        # it, so that the activation in place costs the backward pass no copy of the gradient
+        # (an in-place change of a view does)
+        hidden = self.linear1(x.reshape(-1, x.shape[-1]))
         p = self._fused_dropout()
         if p is None:
             hidden = self.dropout1(self.activation(hidden))
         else:
             hidden = _ReLUDropout.apply(hidden, p)
-        return self.norm(x + self.dropout2(self.linear2(hidden)))
+        # (T, d_model) -> (..., d_model)
+        return self.norm(x + self.dropout2(self.linear2(hidden).view(x.shape)))
 
     def _fused_dropout(self) -> Optional[float]:
         """The dropout rate when a ReLU and an active dropout run fused (training with

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from test_ms_deform_attn_module import graph_node_names
 from torch import nn
 
 from panoptic_segformer.layers import FFN
@@ -72,3 +73,14 @@ def test_fused_keeps_only_its_output_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         ffn(x).sum().backward()
     assert len(wide) == 3
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_in_place_copies_no_gradient(dropout):
+    """The ReLU (fused with the dropout or not) runs in place on linear1's own product, not on a
+    view of it: no CopySlices node, whose backward copies the whole (..., d_ffn) gradient."""
+    ffn = FFN(8, 32, dropout=dropout).train()
+    out = ffn(torch.randn(4, 10, 8, requires_grad=True))
+    names = graph_node_names(out)
+    assert not any("CopySlices" in name for name in names)
+    assert ("_ReLUDropoutBackward" in names) == (dropout > 0)
