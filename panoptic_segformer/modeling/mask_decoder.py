@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from panoptic_segformer.layers import FFN
+from panoptic_segformer.layers.checkpointing import run_layer
 
 MASK_LEVELS = 3
 
@@ -244,15 +245,24 @@ class MaskDecoder(nn.Module):
         layer: the layer to copy.
         num_layers: layers before the tail (things: 4 without self-attention; stuff: 6 with).
         d_model, n_heads: of the tail.
+        checkpointing: in training with gradients, keep only each layer's (and the tail's)
+            inputs and outputs for the backward pass and run it again there (activation
+            checkpointing, ``torch.utils.checkpoint``), instead of keeping its activations.
     """
 
     def __init__(
-        self, layer: MaskDecoderLayer, num_layers: int, d_model: int = 256, n_heads: int = 8
+        self,
+        layer: MaskDecoderLayer,
+        num_layers: int,
+        d_model: int = 256,
+        n_heads: int = 8,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be positive, got {num_layers}")
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.checkpointing = checkpointing
         self.tail = MaskAttention(d_model, n_heads, tail=True)
         for p in self.parameters():  # the authors' mask head: xavier on every matrix
             if p.dim() > 1:
@@ -302,11 +312,22 @@ class MaskDecoder(nn.Module):
                 query = query + query_pos
             # on an early exit the last layer's mask is the result
             with_mask = not last_mask_only or (run < total and i == run - 1)
-            query, mask = layer(query, memory, shapes, memory_padding_mask, with_mask)
+            query, mask = run_layer(
+                layer,
+                query,
+                memory,
+                shapes,
+                memory_padding_mask,
+                with_mask,
+                checkpointing=self.checkpointing,
+            )
             if with_mask:
                 masks.append(mask)
             queries.append(query)
         if num_layers is None or num_layers == total:
             tail_query = query if query_pos is None else query + query_pos
-            masks.append(self.tail(tail_query, memory, shapes)[1])
+            tail = run_layer(
+                self.tail, tail_query, memory, shapes, checkpointing=self.checkpointing
+            )
+            masks.append(tail[1])
         return {"masks": masks, "queries": queries}
