@@ -53,6 +53,8 @@ def build_model_from_config(cfg, in_channels: Sequence[int]) -> PanopticSegForme
         mask_mlp_ratio=ps.MASK_MLP_RATIO,
         box_free=ps.BOX_FREE,
         joint_matching=ps.JOINT_MATCHING,
+        encoder_checkpointing=ps.ENCODER_CHECKPOINTING,
+        mask_decoder_checkpointing=ps.MASK_DECODER_CHECKPOINTING,
         criterion=build_criterion(cfg),
         inference=inference_options_from_config(cfg),
     )

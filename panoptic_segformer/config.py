@@ -89,6 +89,12 @@ def add_panoptic_segformer_config(cfg: CN) -> None:
     # NUM_STUFF_CLASSES (153 detections, a filter cap of 353).
     ps.JOINT_MATCHING = False
     ps.DEEP_SUPERVISION = True  # losses on every mask decoder layer; False = Fig. 5's "w/o ds"
+    # Activation checkpointing (not in the paper, a memory switch): in training, recompute each
+    # encoder layer / each mask decoder layer and tail in the backward pass instead of keeping
+    # its activations; the same losses and gradients, less memory, more time (README, "Training
+    # memory")
+    ps.ENCODER_CHECKPOINTING = False
+    ps.MASK_DECODER_CHECKPOINTING = False
 
     # Losses (Sec. 3.5, Eq. 4-5); weights of focal, L1, GIoU and dice
     ps.CLASS_WEIGHT = 2.0

@@ -1,4 +1,5 @@
-"""Layers of the model core: multi-scale deformable attention (op and module), MLP, FFN."""
+"""Layers of the model core: multi-scale deformable attention (op and module), MLP, FFN, and the
+activation checkpointing of a layer (``checkpointing.run_layer``)."""
 
 from panoptic_segformer.layers.ffn import FFN
 from panoptic_segformer.layers.mlp import MLP

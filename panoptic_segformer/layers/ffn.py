@@ -1,8 +1,39 @@
 """The transformer feed-forward sub-block shared by the encoder and both decoders."""
 
-from typing import Type
+from typing import Optional, Tuple, Type
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class _ReLUDropout(torch.autograd.Function):
+    """``dropout(relu(x), p)`` in training, keeping only its output for the backward pass.
+
+    Autograd would keep three (..., d_ffn) tensors of the encoder's FFN, its largest: the ReLU's
+    output, the dropout's noise (on the CPU a float tensor of 0 and 1 / (1 - p)) and the product.
+    The output alone decides the gradient: an element of it is positive exactly where the ReLU
+    passed it and the dropout kept it, and there the gradient is the incoming one times
+    1 / (1 - p) (``torch.nn.Dropout``'s scaling); elsewhere it is 0. So this keeps only the
+    output, which the next linear layer keeps anyway. The forward pass is ``F.relu`` then
+    ``F.dropout`` themselves (the same values and the same random numbers), in place on ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        F.dropout(F.relu(x, inplace=True), p, training=True, inplace=True)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        # the kept elements' factor, computed as dropout computes it: 1 divided by (1 - p) in
+        # the tensor's dtype
+        ctx.scale = torch.ones((), dtype=x.dtype).div_(1 - p).item()
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None]:
+        (out,) = ctx.saved_tensors
+        # ReLU's own backward kernel (zero where the output is not positive), then the scale
+        return torch.ops.aten.threshold_backward(grad, out, 0).mul_(ctx.scale), None
 
 
 class FFN(nn.Module):
@@ -38,5 +69,21 @@ class FFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (Tensor): (..., d_model) -> (..., d_model)."""
-        hidden = self.dropout1(self.activation(self.linear1(x)))
-        return self.norm(x + self.dropout2(self.linear2(hidden)))
+        # (T, d_ffn) for the T = x.numel() / d_model tokens: the product itself, not a view of
+        # it, so that the activation in place costs the backward pass no copy of the gradient
+        # (an in-place change of a view does)
+        hidden = self.linear1(x.reshape(-1, x.shape[-1]))
+        p = self._fused_dropout()
+        if p is None:
+            hidden = self.dropout1(self.activation(hidden))
+        else:
+            hidden = _ReLUDropout.apply(hidden, p)
+        # (T, d_model) -> (..., d_model)
+        return self.norm(x + self.dropout2(self.linear2(hidden).view(x.shape)))
+
+    def _fused_dropout(self) -> Optional[float]:
+        """The dropout rate when a ReLU and an active dropout run fused (training with
+        gradients), else None."""
+        p = self.dropout1.p
+        fused = self.training and 0 < p < 1 and isinstance(self.activation, nn.ReLU)
+        return p if fused and torch.is_grad_enabled() else None

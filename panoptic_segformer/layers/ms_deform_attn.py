@@ -114,7 +114,9 @@ class MSDeformAttn(nn.Module):
                 f"{tuple(input_spatial_shapes.shape)}"
             )
 
-        value = self.value_proj(input_flatten)
+        # (N * S, C): the product itself, not a view of it, so that the masking in place below
+        # costs the backward pass no copy of the gradient (an in-place change of a view does)
+        value = self.value_proj(input_flatten.reshape(n * s, -1))
         if input_padding_mask is not None:
             if input_padding_mask.shape != (n, s):
                 raise ValueError(
@@ -122,8 +124,8 @@ class MSDeformAttn(nn.Module):
                     f"{tuple(input_padding_mask.shape)}"
                 )
             # in place: the projection's backward does not read its output
-            value.masked_fill_(input_padding_mask[..., None], 0.0)
-        # (N, S, C) -> (N, S, M, C/M)
+            value.masked_fill_(input_padding_mask.reshape(n * s, 1), 0.0)
+        # (N * S, C) -> (N, S, M, C/M)
         value = value.view(n, s, m, self.d_model // m)
         # Softmax over the L*P points of each head: (N, Q, M, L*P) -> (N, Q, M, L, P)
         weights = self.attention_weights(query).view(n, q, m, num_levels * p)

@@ -32,6 +32,8 @@ class DecoupledMaskDecoder(nn.Module):
         num_thing_layers: layers of the thing stack (4), before its tail.
         num_stuff_layers: layers of the stuff stack (6), before its tail.
         prior_prob: initial class probability of every class head (focal-loss prior).
+        checkpointing: activation checkpointing of both stacks' layers and tails in training
+            (:class:`~panoptic_segformer.modeling.mask_decoder.MaskDecoder`).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class DecoupledMaskDecoder(nn.Module):
         num_thing_layers: int = 4,
         num_stuff_layers: int = 6,
         prior_prob: float = 0.01,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_thing_classes < 1 or num_stuff_classes < 0:
@@ -58,12 +61,14 @@ class DecoupledMaskDecoder(nn.Module):
             num_thing_layers,
             d_model,
             n_heads,
+            checkpointing,
         )
         self.stuff = MaskDecoder(
             MaskDecoderLayer(d_model, n_heads, mlp_ratio, self_attn=True),
             num_stuff_layers,
             d_model,
             n_heads,
+            checkpointing,
         )
         # Each stuff query holds its content part and its positional part (2C), the authors'
         # ``stuff_query`` embedding.

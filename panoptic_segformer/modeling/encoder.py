@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from panoptic_segformer.layers import FFN, MSDeformAttn
+from panoptic_segformer.layers.checkpointing import run_layer
 
 
 def valid_ratios(mask: Tensor) -> Tensor:
@@ -156,13 +157,20 @@ class DeformableEncoder(nn.Module):
     Args:
         layer: the layer to copy.
         num_layers: how many copies.
+        checkpointing: in training with gradients, keep only each layer's input for the
+            backward pass and run the layer again there (activation checkpointing,
+            ``torch.utils.checkpoint``; the same random dropout), instead of keeping its
+            activations: less memory, one more forward pass of the encoder.
     """
 
-    def __init__(self, layer: DeformableEncoderLayer, num_layers: int = 6) -> None:
+    def __init__(
+        self, layer: DeformableEncoderLayer, num_layers: int = 6, checkpointing: bool = False
+    ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be positive, got {num_layers}")
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.checkpointing = checkpointing
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -197,5 +205,14 @@ class DeformableEncoder(nn.Module):
         """
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios, src.shape[1])
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            src = run_layer(
+                layer,
+                src,
+                pos,
+                reference_points,
+                spatial_shapes,
+                level_start_index,
+                padding_mask,
+                checkpointing=self.checkpointing,
+            )
         return src

@@ -19,8 +19,54 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from panoptic_segformer.layers import FFN
+from panoptic_segformer.layers.checkpointing import run_layer
 
 MASK_LEVELS = 3
+
+
+def _head_maps(queries: Tensor, level: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """ReLU(Linear(M, M)) over the heads of a level's attention logits: (N, M, Q*H*W).
+
+    Args:
+        queries (Tensor): (N, M, Q, C/M), scaled.
+        level (Tensor): (N, M, H*W, C/M), the level's keys.
+        weight (Tensor): (M, M); bias (Tensor): (M,), cast to the logits' dtype (as autocast
+            casts them).
+    """
+    n, m, q, _ = queries.shape
+    # (N, M, Q, H*W) logits of the level -> (N, M, Q*H*W)
+    logits = (queries @ level.transpose(-2, -1)).view(n, m, q * level.shape[2])
+    # Linear(M, M) over the heads, one batched product (a (N, M, Q*H*W) operand as it is)
+    weight, bias = weight.to(logits.dtype), bias.to(logits.dtype)
+    return torch.baddbmm(bias[:, None], weight.expand(n, m, m), logits).relu_()
+
+
+class _HeadMapsRecomputingLogits(torch.autograd.Function):
+    """:func:`_head_maps` that keeps its output but not the level's (N, M, Q*H*W) logits for the
+    backward pass: they are recomputed there from the queries and keys, which the attention
+    keeps anyway (one small product per level, Q*H*W*C multiply-adds). The gradients are
+    autograd's for the same operations."""
+
+    @staticmethod
+    def forward(ctx, queries: Tensor, level: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        maps = _head_maps(queries, level, weight, bias)
+        ctx.save_for_backward(queries, level, weight, maps)
+        return maps
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        queries, level, weight, maps = ctx.saved_tensors
+        n, m, q, _ = queries.shape
+        hw = level.shape[2]
+        grad = torch.ops.aten.threshold_backward(grad, maps, 0)  # through the ReLU
+        logits = (queries @ level.transpose(-2, -1)).view(n, m, q * hw)
+        grad_weight = torch.bmm(grad, logits.transpose(1, 2)).sum(0).to(weight.dtype)
+        grad_bias = grad.sum((0, 2)).to(weight.dtype)
+        # (N, M, Q*H*W) -> (N, M, Q, H*W)
+        grad_logits = torch.bmm(weight.to(grad.dtype).t().expand(n, m, m), grad).view(n, m, q, hw)
+        grad_queries = grad_logits @ level if ctx.needs_input_grad[0] else None
+        grad_level = grad_logits.transpose(-2, -1) @ queries if ctx.needs_input_grad[1] else None
+        return grad_queries, grad_level, grad_weight, grad_bias
 
 
 class AttentionToMask(nn.Module):
@@ -35,7 +81,8 @@ class AttentionToMask(nn.Module):
     rounding of the direct order, tested), without the (N, Q, H1 W1, 3M) concatenation and
     with 1/M of the upsampling. Each level's logits are computed on their own, (N, M, Q, H W)
     contiguous, so its Linear(M, M) is one matrix product over the heads, without a transposed
-    copy.
+    copy. With gradients, the logits are not kept for the backward pass but recomputed there
+    (:class:`_HeadMapsRecomputingLogits`).
 
     Args:
         n_heads: attention heads M.
@@ -62,11 +109,15 @@ class AttentionToMask(nn.Module):
         for index, (level_map, fuse_weight, level, (h, w)) in enumerate(
             zip(self.level_maps, fuse_weights, levels, shapes)
         ):
-            # (N, M, Q, H*W) logits of the level -> (N, M, Q*H*W)
-            logits = (queries @ level.transpose(-2, -1)).view(n, m, q * h * w)
-            # Linear(M, M) over the heads + ReLU, then fused to one channel: (N, Q, H*W)
-            x = torch.baddbmm(level_map.bias[:, None], level_map.weight.expand(n, m, m), logits)
-            x = torch.matmul(fuse_weight, x.relu_()).view(n, q, h * w)
+            args = (queries, level, level_map.weight, level_map.bias)
+            if torch.is_grad_enabled():
+                x = _HeadMapsRecomputingLogits.apply(*args)
+            else:
+                x = _head_maps(*args)
+            # fused to one channel: (N, Q, H*W), a batched product, which keeps its (N, M,
+            # Q*H*W) operand for backward as it is (a matmul of (1, M) by it would keep a
+            # transposed copy)
+            x = torch.bmm(fuse_weight.expand(n, 1, m), x).view(n, q, h * w)
             if index:
                 # one channel, bilinear to stride 8 (Eq. (2)); decided by the level, not by
                 # comparing sizes, so that a tracer needs no guard on them
@@ -125,9 +176,12 @@ class MaskAttention(nn.Module):
         n, q, c = query.shape
         s = memory.shape[1]
         m = self.n_heads
-        # (N, L, C) -> (N, M, L, C/M); the queries carry the 1/sqrt(C/M) of the logits
+        # (N, L, C) -> (N, M, L, C/M); the queries carry the 1/sqrt(C/M) of the logits. The
+        # keys are copied into that layout once: each level's logits then multiply a view of
+        # them, and the fused attention reads them as they are (a strided view would be copied
+        # per level for the products, and kept twice for backward)
         queries = (self.q_proj(query) * self.scale).view(n, q, m, c // m).transpose(1, 2)
-        keys = self.k_proj(memory).view(n, s, m, c // m).transpose(1, 2)
+        keys = self.k_proj(memory).view(n, s, m, c // m).transpose(1, 2).contiguous()
         # the logits before the softmax carry the mask, computed level by level
         mask = self.to_mask(queries, keys, shapes) if with_mask else None
         if self.tail:
@@ -191,15 +245,24 @@ class MaskDecoder(nn.Module):
         layer: the layer to copy.
         num_layers: layers before the tail (things: 4 without self-attention; stuff: 6 with).
         d_model, n_heads: of the tail.
+        checkpointing: in training with gradients, keep only each layer's (and the tail's)
+            inputs and outputs for the backward pass and run it again there (activation
+            checkpointing, ``torch.utils.checkpoint``), instead of keeping its activations.
     """
 
     def __init__(
-        self, layer: MaskDecoderLayer, num_layers: int, d_model: int = 256, n_heads: int = 8
+        self,
+        layer: MaskDecoderLayer,
+        num_layers: int,
+        d_model: int = 256,
+        n_heads: int = 8,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be positive, got {num_layers}")
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.checkpointing = checkpointing
         self.tail = MaskAttention(d_model, n_heads, tail=True)
         for p in self.parameters():  # the authors' mask head: xavier on every matrix
             if p.dim() > 1:
@@ -249,11 +312,22 @@ class MaskDecoder(nn.Module):
                 query = query + query_pos
             # on an early exit the last layer's mask is the result
             with_mask = not last_mask_only or (run < total and i == run - 1)
-            query, mask = layer(query, memory, shapes, memory_padding_mask, with_mask)
+            query, mask = run_layer(
+                layer,
+                query,
+                memory,
+                shapes,
+                memory_padding_mask,
+                with_mask,
+                checkpointing=self.checkpointing,
+            )
             if with_mask:
                 masks.append(mask)
             queries.append(query)
         if num_layers is None or num_layers == total:
             tail_query = query if query_pos is None else query + query_pos
-            masks.append(self.tail(tail_query, memory, shapes)[1])
+            tail = run_layer(
+                self.tail, tail_query, memory, shapes, checkpointing=self.checkpointing
+            )
+            masks.append(tail[1])
         return {"masks": masks, "queries": queries}

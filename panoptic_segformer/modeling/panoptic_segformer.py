@@ -168,7 +168,11 @@ class PanopticSegFormerModel(PreparableForInference, nn.Module):
         # torch.export) sees sizes rather than data.
         mask_shapes: List[Tuple[int, int]] = [tuple(f.shape[-2:]) for f in feats[:MASK_LEVELS]]
         num_tokens = sum(h * w for h, w in mask_shapes)
-        mask_memory, mask_padding = memory[:, :num_tokens], token_mask[:, :num_tokens]
+        # One copy of the slice for a batch of several images (one image's slice already is
+        # contiguous): the key and value projections of every mask decoder layer read it, and a
+        # linear layer copies a strided input for itself (and keeps the copy for backward).
+        mask_memory = memory[:, :num_tokens].contiguous()
+        mask_padding = token_mask[:, :num_tokens]
 
         if targets is not None:
             self.refuse_training()
@@ -294,6 +298,8 @@ def build_panoptic_segformer(
     mask_mlp_ratio: float = 4.0,
     box_free: bool = False,
     joint_matching: bool = False,
+    encoder_checkpointing: bool = False,
+    mask_decoder_checkpointing: bool = False,
     criterion: Optional[PanopticSegFormerCriterion] = None,
     with_criterion: bool = True,
     inference: InferenceOptions = InferenceOptions(),
@@ -319,6 +325,10 @@ def build_panoptic_segformer(
         box_free: location decoder predicts mass centres (paper Table 6).
         joint_matching: one set of ``num_queries`` queries classified into all K + Z classes
             and no stuff queries (paper Table 8; its fair comparison uses 300 + 53 = 353).
+        encoder_checkpointing, mask_decoder_checkpointing: activation checkpointing of the
+            encoder's layers and of the mask decoder's layers and tails in training: their
+            activations are computed again in the backward pass instead of kept (less memory,
+            more time; the same losses and gradients).
         criterion: the losses; None builds the default one (unless ``with_criterion`` is off),
             for K + Z thing classes and no stuff with joint matching.
         with_criterion: False builds an inference-only model.
@@ -344,7 +354,7 @@ def build_panoptic_segformer(
         backbone=backbone,
         neck=ChannelMapper(in_channels, d_model, num_outs=num_feature_levels),
         position_encoding=PositionEmbeddingSine(d_model // 2, normalize=True, offset=-0.5),
-        encoder=DeformableEncoder(encoder_layer, num_encoder_layers),
+        encoder=DeformableEncoder(encoder_layer, num_encoder_layers, encoder_checkpointing),
         location_decoder=LocationDecoder(
             decoder_layer,
             num_decoder_layers,
@@ -361,6 +371,7 @@ def build_panoptic_segformer(
             mask_mlp_ratio,
             num_thing_mask_layers,
             num_stuff_mask_layers,
+            checkpointing=mask_decoder_checkpointing,
         ),
         criterion=criterion if with_criterion else None,
         num_thing_classes=num_thing_classes,

@@ -91,6 +91,35 @@ def test_padding_mask_hides_padded_tokens():
     assert not torch.allclose(module(query, ref, junk, ss, lsi), out)
 
 
+def test_masking_in_place_copies_no_gradient():
+    """The padding is masked in place on the value projection's own product: no CopySlices node
+    (an in-place change of a view, whose backward copies the whole gradient)."""
+    module = make_module()
+    ss, lsi = level_tensors()
+    n_tokens = int(ss.prod(1).sum())
+    inputs = torch.randn(2, n_tokens, 32, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(2, n_tokens, dtype=torch.bool)
+    mask[1, -30:] = True
+    query = torch.randn(2, 6, 32, dtype=torch.float64)
+    out = module(query, torch.rand(2, 6, 2, 2, dtype=torch.float64), inputs, ss, lsi, mask)
+    assert not any("CopySlices" in name for name in graph_node_names(out))
+    out.sum().backward()
+    assert inputs.grad[1, -30:].abs().sum() == 0 and inputs.grad[1, :-30].abs().sum() > 0
+
+
+def graph_node_names(tensor: torch.Tensor) -> set:
+    """Names of the autograd nodes ``tensor`` was computed by."""
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 def _captured_locations(module, monkeypatch, query, reference_points, inputs, ss, lsi):
     """The sampling_locations the module hands to the op."""
     captured = {}

@@ -1,5 +1,7 @@
 """The meta-architecture: detectron2's input and output formats, class ids, errors."""
 
+import inspect
+
 import pytest
 from skips import require, require_detectron2
 
@@ -16,6 +18,7 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from panoptic_segformer.build import class_id_maps  # noqa: E402
 from panoptic_segformer.modeling import PixelArgmaxOptions  # noqa: E402
+from panoptic_segformer.modeling.panoptic_segformer import build_panoptic_segformer  # noqa: E402
 
 BASE = CONFIGS[0].parent / "r50.yaml"
 
@@ -259,6 +262,26 @@ def test_paper_switches_build_what_they_name():
         ps + "TEST.MERGE", "pixel_argmax", ps + "TEST.PIXEL_ARGMAX_CLASS_WEIGHTED", "True"
     )
     assert model.model.inference.merge == PixelArgmaxOptions(class_weighted=True)
+    # activation checkpointing: off by default (as in the core's builder), each part alone
+    builder = inspect.signature(build_panoptic_segformer).parameters
+    model, cfg = tiny_model()
+    for key, part in (("ENCODER", "encoder"), ("MASK_DECODER", "mask_decoder")):
+        assert cfg.MODEL.PANOPTIC_SEGFORMER[f"{key}_CHECKPOINTING"] is False
+        assert builder[f"{part}_checkpointing"].default is False
+
+    def checkpointing(model):  # of the encoder and of the two mask decoder stacks
+        decoder = model.model.mask_decoder
+        return (
+            model.model.encoder.checkpointing,
+            decoder.things.checkpointing,
+            decoder.stuff.checkpointing,
+        )
+
+    assert checkpointing(model) == (False, False, False)
+    model, _ = tiny_model(ps + "ENCODER_CHECKPOINTING", "True")
+    assert checkpointing(model) == (True, False, False)
+    model, _ = tiny_model(ps + "MASK_DECODER_CHECKPOINTING", "True")
+    assert checkpointing(model) == (False, True, True)
     # what nothing would classify or train is refused, naming the keys
     with pytest.raises(
         ValueError, match="DEC_LAYERS is 0: .*TEST.THING_CLASSES_FROM to 'mask_decoder'"

@@ -1,4 +1,7 @@
-"""Mask decoder: masks from attention logits (known values), padding, early exit, gradients."""
+"""Mask decoder: masks from attention logits (known values), padding, early exit, gradients, what
+training keeps for backward."""
+
+from collections import Counter
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ from panoptic_segformer.modeling.mask_decoder import (
     MaskAttention,
     MaskDecoder,
     MaskDecoderLayer,
+    _head_maps,
+    _HeadMapsRecomputingLogits,
 )
 
 SHAPES = [(4, 6), (2, 3), (1, 2)]
@@ -78,6 +83,59 @@ def test_attention_output_is_softmax_attention_and_ignores_padding():
         MaskAttention(d_model=8, n_heads=2, tail=True)(query, memory, SHAPES, with_mask=False)[0]
         is None
     )
+
+
+def test_training_keeps_the_keys_once_and_each_level_map_once():
+    """Of a mask attention, autograd keeps the keys once, in the layout that both the level
+    products and the fused attention read (no per-level copy), and per level only the ReLU'd
+    head maps: no transposed copy for the fusing product, and not the logits, which the
+    backward pass recomputes."""
+    torch.manual_seed(0)
+    n, q, c, m = 2, 3, 8, 2
+    shapes = [(6, 8), (3, 4), (2, 3)]
+    tokens = sum(h * w for h, w in shapes)
+    attn = MaskAttention(d_model=c, n_heads=m)
+    memory = torch.randn(n, tokens, c, requires_grad=True)
+    query = torch.randn(n, q, c, requires_grad=True)
+    parameters = {p.untyped_storage().data_ptr() for p in attn.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes() // tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attn(query, memory, shapes)
+    sizes = Counter(kept.values())
+    assert sizes[n * tokens * c] == 3  # the memory (both projections read it), keys, values
+    assert [sizes[n * m * q * h * w] for h, w in shapes] == [1, 1, 1]
+    assert [sizes[n * h * w * c] for h, w in shapes] == [0, 0, 0]  # a level's keys
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_maps_recomputing_logits_have_autograds_gradients(dtype):
+    """The custom backward (logits recomputed) against autograd through the same operations,
+    also under bfloat16 autocast, where the weights are cast as autocast casts them."""
+    torch.manual_seed(0)
+    queries = torch.randn(2, 4, 5, 3, requires_grad=True)
+    level = torch.randn(2, 4, 12, 3, requires_grad=True)
+    weight = torch.randn(4, 4, requires_grad=True)
+    bias = torch.randn(4, requires_grad=True)
+    inputs = (queries, level, weight, bias)
+    upstream = torch.randn(2, 4, 60)
+    results = []
+    for function in (_HeadMapsRecomputingLogits.apply, _head_maps):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            maps = function(queries.to(dtype), level.to(dtype), weight, bias)
+        assert maps.dtype == dtype and 0 < int((maps == 0).sum()) < maps.numel()
+        results.append((maps, torch.autograd.grad((maps * upstream).sum(), inputs)))
+    (fast, fast_grads), (plain, plain_grads) = results
+    assert torch.equal(fast, plain)
+    for a, b in zip(fast_grads, plain_grads):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=0)
 
 
 def make_decoder(self_attn, num_layers=2, seed=0):

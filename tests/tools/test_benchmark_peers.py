@@ -1,5 +1,6 @@
 """tools/benchmark_peers.py against a stand-in for Mask2Former's repository: each model in its own
-process, the in-memory patch of the missing compiled op, the per-image table and its ratios."""
+process, the in-memory patch of the missing compiled op, the per-image table and its ratios, and
+the training step's table, ratios and breakdown by stage."""
 
 import json
 import re
@@ -32,6 +33,7 @@ TINY = [
     "INPUT.MIN_SIZE_TEST", "64",
     "INPUT.MAX_SIZE_TEST", "96",
 ]  # fmt: skip
+TRAIN = ["--train", "--size", "64", "--max-size", "96", "--reps", "1", "--warmup", "0"]
 
 # Mask2Former's layout: its package raises at import without the compiled op, as the real one
 STAND_IN = {
@@ -61,7 +63,33 @@ STAND_IN = {
 
             def forward(self, batched_inputs):
                 image = batched_inputs[0]["image"].float()[None]
+                if self.training:  # the masks as its own mapper gives them: a bool tensor
+                    masks = [x["instances"].gt_masks for x in batched_inputs]
+                    assert all(m.dtype == torch.bool and m.any() for m in masks)
+                    return {"loss_mask": self.conv(image).mean()}
                 return [{"panoptic_seg": (self.conv(image)[0, 0].int(), [])}]
+
+        class COCOPanopticNewBaselineDatasetMapper:  # the same outputs, read the same way
+            def __init__(self, is_train, *, tfm_gens, image_format):
+                self.tfm_gens, self.image_format = tfm_gens, image_format
+
+            def __call__(self, dataset_dict):
+                import numpy as np
+                from detectron2.data import detection_utils as utils
+                from detectron2.data import transforms as T
+                from detectron2.structures import Instances
+                from panopticapi.utils import rgb2id
+
+                image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+                image, transforms = T.apply_transform_gens(self.tfm_gens, image)
+                png = utils.read_image(dataset_dict["pan_seg_file_name"], "RGB")
+                ids = rgb2id(transforms.apply_segmentation(png))
+                kept = [s for s in dataset_dict["segments_info"] if not s["iscrowd"]]
+                instances = Instances(image.shape[:2])
+                instances.gt_classes = torch.tensor([s["category_id"] for s in kept])
+                instances.gt_masks = torch.from_numpy(np.stack([ids == s["id"] for s in kept]))
+                tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+                return {"image": tensor, "instances": instances}
     """,
     "configs/coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml": """
         MODEL:
@@ -108,7 +136,7 @@ def test_times_both_models_per_image_and_prints_the_ratio(tmp_path):
         assert ratio == f"{row['ours_ms'] / row['mask2former_ms']:.2f}"
     total = sum(r["ours_ms"] for r in saved) / sum(r["mask2former_ms"] for r in saved)
     assert rows[2][4] == f"{total:.2f}"
-    assert re.search(r"^bar: ratio <= 0.7: (met|NOT met)$", result.stdout, re.M)
+    assert re.search(r"^bar: time ratio <= 0.7: (met|NOT met)$", result.stdout, re.M)
     assert re.search(
         r"peak memory .*Panoptic SegFormer [\d.]+ GiB, Mask2Former [\d.]+ GiB", result.stdout
     )
@@ -123,3 +151,67 @@ def test_bad_arguments_name_the_problem(tmp_path):
     assert f"--mask2former {tmp_path}: no configs/coco" in not_a_clone.stderr
     odd = run("--mask2former", tmp_path, "MODEL.WEIGHTS")
     assert odd.returncode == 2 and "KEY VALUE pairs" in odd.stderr
+
+
+def test_times_a_training_step_of_both_models(tmp_path, coco_panoptic_sample):
+    folder = stand_in(tmp_path / "Mask2Former")
+    result = run(
+        "--mask2former", folder, "--sample", coco_panoptic_sample, *TRAIN, "--breakdown",
+        "--threads", "1", "--json", tmp_path / "train.json", *TINY,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "train.json").read_text())
+    ours, theirs = saved["Panoptic SegFormer"], saved["Mask2Former"]
+    # the two sample images (427x640, 360x640) at short side 64, long side at most 96
+    assert ours["sizes"] == theirs["sizes"] == [[64, 96], [54, 96]]
+    assert "on 2 images (64x96, 54x96)" in result.stdout
+    seconds = re.search(
+        r"^\| s / step \| ([\d.]+) \| ([\d.]+) \| \*\*([\d.]+)\*\* \|$", result.stdout, re.M
+    )
+    assert seconds.groups() == (
+        f"{ours['ms'] / 1e3:.1f}",
+        f"{theirs['ms'] / 1e3:.1f}",
+        f"{ours['ms'] / theirs['ms']:.2f}",
+    )
+    memory = re.search(
+        r"^\| peak memory .* \| ([\d.]+) \| ([\d.]+) \| \*\*([\d.]+)\*\* \|$", result.stdout, re.M
+    )
+    assert memory.group(3) == f"{ours['peak_gib'] / theirs['peak_gib']:.2f}"
+    assert saved["ratios"] == {
+        "time": ours["ms"] / theirs["ms"],
+        "memory": ours["peak_gib"] / theirs["peak_gib"],
+    }
+    assert re.search(r"^bar: time ratio <= 0.7: (met|NOT met)$", result.stdout, re.M)
+    assert re.search(r"^bar: memory ratio <= 0.8: (met|NOT met)$", result.stdout, re.M)
+
+    # our step by stage: every stage in running order, then backward and the optimizer
+    rows = {r["stage"]: r for r in ours["breakdown"]["rows"]}
+    assert list(rows) == [
+        "other", "backbone", "neck", "positions + flatten", "encoder", "location decoder",
+        "matching (filter) + gather", "thing mask decoder, between layers", "thing mask layer 1",
+        "thing mask tail", "thing class heads", "stuff mask decoder, between layers",
+        "stuff mask layer 1", "stuff mask tail", "stuff class heads", "losses",
+        "matching (mask decoder)", "backward", "optimizer step",
+    ]  # fmt: skip
+    for stage in ("backbone", "encoder", "location decoder", "thing mask layer 1"):
+        assert rows[stage]["held_mib"] > 0 and rows[stage]["peak_mib"] > 0, stage
+    # matching runs without gradients; the backward pass and the optimizer save nothing
+    for stage in ("matching (mask decoder)", "backward", "optimizer step"):
+        assert rows[stage]["held_mib"] == 0, stage
+    assert rows["backward"]["ms"] > 0
+    held = ours["breakdown"]["held"]
+    assert sum(h["mib"] for h in held) == pytest.approx(sum(r["held_mib"] for r in rows.values()))
+    assert rows["encoder"]["backward_ms"] > 0
+    encoder = rows["encoder"]
+    assert f"| encoder | {encoder['ms']:.0f} | {encoder['backward_ms']:.0f} | " in result.stdout
+
+
+def test_training_arguments_name_the_problem(tmp_path):
+    no_sample = run("--mask2former", tmp_path, "--train", "--sample", tmp_path)
+    assert (
+        no_sample.returncode == 2 and f"--sample {tmp_path}: no panoptic.json" in no_sample.stderr
+    )
+    alone = run("--mask2former", tmp_path, "--breakdown")
+    assert alone.returncode == 2 and "add --train" in alone.stderr
+    small = run("--mask2former", tmp_path, "--train", "--size", "0")
+    assert small.returncode == 2 and "--size and --max-size must be >= 1" in small.stderr
