@@ -1,4 +1,6 @@
-"""tools/convert_official_checkpoint.py: the authors' mmdet checkpoints become ours, or it refuses.
+"""The authors' mmdet checkpoints become ours, or the conversion refuses: the rules and the
+report (``panoptic_segformer.d2.official_checkpoint`` and ``official_settings``), and the command
+line ``tools/convert_official_checkpoint.py``.
 
 The authors' names and shapes are generated here independently of the converter's rules, from
 the structure of their code (mmdet 2.12 ResNet and ChannelMapper, mmcv 1.3 Deformable DETR
@@ -11,6 +13,8 @@ import copy
 import json
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -26,6 +30,15 @@ from detectron2.modeling import build_model  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from panoptic_segformer import PanopticSegFormerCheckpointer  # noqa: E402
+from panoptic_segformer.d2.official_checkpoint import (  # noqa: E402
+    HEAD_RULES,
+    IGNORED,
+    PARTS,
+    RESNET_RULES,
+    ConversionError,
+    convert_state_dict,
+)
+from panoptic_segformer.d2.official_settings import format_summary, use_with  # noqa: E402
 
 ROOT = CONFIGS[0].parents[1]
 BASE = ROOT / "configs" / "r50.yaml"
@@ -311,6 +324,7 @@ def authors_mask_head(sd, p, query, pos: Optional[Tensor], memory, hw, heads, bl
 
 @pytest.fixture(scope="module")
 def tool(load_tool):
+    """The command line (``main``, ``parse_args``) and its ``build_model_for_conversion``."""
     return load_tool("convert_official_checkpoint")
 
 
@@ -325,12 +339,12 @@ def tiny_shapes(depth: int = 18, **head) -> Shapes:
 
 
 @pytest.fixture(scope="module")
-def r50_converted(tool):
+def r50_converted():
     """A tiny-head R50 with two mask layers per stack, its random official checkpoint, the
     conversion loaded into it, and the report."""
     official = random_tensors(tiny_shapes(50, thing_layers=2, stuff_layers=2))
     model = tiny_model(*R50, *TWO_MASK_LAYERS)
-    state_dict, report = tool.convert_state_dict(official, model)
+    state_dict, report = convert_state_dict(official, model)
     incompatible = model.load_state_dict(state_dict, strict=True)
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     return official, model, report
@@ -344,7 +358,7 @@ def image(seed: int = 0) -> Tensor:
 # ---- tests ------------------------------------------------------------------------------------
 
 
-def test_every_tensor_is_converted_or_ignored_with_its_reason(tool, r50_converted):
+def test_every_tensor_is_converted_or_ignored_with_its_reason(r50_converted):
     official, model, report = r50_converted
     ours = model.state_dict()
     assert set(report.renamed) | set(report.ignored) == set(official)
@@ -353,22 +367,22 @@ def test_every_tensor_is_converted_or_ignored_with_its_reason(tool, r50_converte
     for key, target in report.renamed.items():
         assert torch.equal(ours[target], official[key]), key
     # 53 BatchNorms in ResNet-50; two thing mask layers, each with a 3-Linear box head
-    assert set(report.ignored.values()) == {tool.IGNORED[0].reason, tool.IGNORED[2].reason}
+    assert set(report.ignored.values()) == {IGNORED[0].reason, IGNORED[2].reason}
     assert sum(k.endswith("num_batches_tracked") for k in report.ignored) == 53
     assert sum(k.startswith("bbox_head.reg_branches2.") for k in report.ignored) == 2 * 6
     summary = report.summary()
     assert summary["converted_tensors"] == len(ours) and summary["ignored_tensors"] == 53 + 12
-    assert list(summary["parts"]) == list(tool.PARTS)
+    assert list(summary["parts"]) == list(PARTS)
     assert sum(p["tensors"] for p in summary["parts"].values()) == len(ours)
     assert summary["parts"]["backbone"]["tensors"] == 53 * 5  # 53 convs, 4 FrozenBN entries each
     assert summary["parts"]["neck"] == {"tensors": 12, "elements": 64 * (3584 + 2048 * 9 + 8)}
 
 
-def test_every_official_key_matches_exactly_one_rule(tool):
-    rules = [*tool.RESNET_RULES, *tool.HEAD_RULES]
+def test_every_official_key_matches_exactly_one_rule():
+    rules = [*RESNET_RULES, *HEAD_RULES]
     for key in {**mmdet_resnet(50), **authors_head((512, 1024, 2048), **FULL_HEAD)}:
         # ignoring comes first; a key not ignored is renamed by exactly one rule
-        ignored = sum(bool(re.fullmatch(i.official, key)) for i in tool.IGNORED)
+        ignored = sum(bool(re.fullmatch(i.official, key)) for i in IGNORED)
         renamed = sum(bool(re.match(r.official + r"(?=\.|$)", key)) for r in rules)
         assert ignored == 1 or (ignored == 0 and renamed == 1), key
 
@@ -404,14 +418,14 @@ def test_mask_decoder_computes_the_authors_masks_and_scores(r50_converted):
                 torch.testing.assert_close(a, logits.squeeze(-1), atol=1e-9, rtol=1e-9)
 
 
-def test_weights_through_the_authors_names_give_identical_outputs(tool):
+def test_weights_through_the_authors_names_give_identical_outputs():
     # our random model -> the authors' names -> converted -> another model: same predictions
     official = random_tensors(tiny_shapes())
     source, target = tiny_model(seed=1), tiny_model(seed=2)
-    _, report = tool.convert_state_dict(official, source)
+    _, report = convert_state_dict(official, source)
     weights = source.state_dict()
     official.update({key: weights[ours] for key, ours in report.renamed.items()})
-    state_dict, _ = tool.convert_state_dict(official, target)
+    state_dict, _ = convert_state_dict(official, target)
     with torch.no_grad():
         before = target([{"image": image()}])[0]["instances"].scores
         target.load_state_dict(state_dict, strict=True)
@@ -431,7 +445,7 @@ def test_weights_through_the_authors_names_give_identical_outputs(tool):
         ("shape", "bbox_head.cls_branches.1.weight -> model.location_decoder.class_heads.1.weight"),
     ],
 )
-def test_refuses_naming_the_key(tool, change, named):
+def test_refuses_naming_the_key(change, named):
     official = random_tensors(tiny_shapes())
     if change == "remove":
         del official["bbox_head.transformer.encoder.layers.0.norms.1.weight"]
@@ -441,8 +455,8 @@ def test_refuses_naming_the_key(tool, change, named):
         official["bbox_head.transformer.encoder.layers.1.norms.0.weight"] = torch.zeros(64)
     else:
         official["bbox_head.cls_branches.1.weight"] = torch.zeros(81, 64)
-    with pytest.raises(tool.ConversionError, match="does not convert") as error:
-        tool.convert_state_dict(official, tiny_model())
+    with pytest.raises(ConversionError, match="does not convert") as error:
+        convert_state_dict(official, tiny_model())
     assert named in str(error.value)
     problems = error.value.unmapped + error.value.unexpected
     problems += error.value.missing + error.value.mismatched
@@ -464,7 +478,7 @@ def test_full_size_configs_convert_completely(tool, config):
     shapes = {**backbone(), **authors_head(in_channels, **FULL_HEAD)}
     official = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     model = tool.build_model_for_conversion(make_cfg(ROOT / "configs" / f"{config}.yaml"))
-    state_dict, report = tool.convert_state_dict(official, model)
+    state_dict, report = convert_state_dict(official, model)
     assert list(state_dict) == list(model.state_dict())
     assert all(state_dict[report.renamed[k]] is official[k] for k in report.renamed)
     # reg_branches2 (4 layers x 6), BN counters, Swin's relative position indices
@@ -482,7 +496,7 @@ def test_a_timm_family_without_checkpoint_filter_is_refused_naming_it(tool, monk
     monkeypatch.delattr(pvt_v2, "checkpoint_filter_fn")
     message = r"pvt_v2_b5: timm \S+ has no timm\.models\.pvt_v2\.checkpoint_filter_fn"
     with pytest.raises(ImportError, match=message):
-        tool.convert_state_dict(official, model)
+        convert_state_dict(official, model)
 
 
 def test_cli_writes_a_checkpoint_the_checkpointer_loads(tool, tmp_path, capsys):
@@ -538,12 +552,12 @@ def test_cli_writes_a_checkpoint_the_checkpointer_loads(tool, tmp_path, capsys):
      ("pvtv2_b5", "PVTv2-B5", 0.3)],
 )  # fmt: skip
 def test_the_report_names_the_config_that_evaluates_the_authors_checkpoint_as_released(
-    tool, config, backbone, threshold
+    config, backbone, threshold
 ):
     config_file = f"configs/{config}.yaml"
     # the config as train_net.py --eval-only reads it, with the converted weights only
     cfg = make_cfg(ROOT / config_file, "MODEL.WEIGHTS", "converted.pth")
-    use = tool.use_with(cfg, "converted.pth")
+    use = use_with(cfg, "converted.pth")
     assert (use["backbone"], use["config_file"]) == (backbone, config_file)
     assert use["differences"] == []  # no other override needed
     test = "MODEL.PANOPTIC_SEGFORMER.TEST."
@@ -560,13 +574,13 @@ def test_the_report_names_the_config_that_evaluates_the_authors_checkpoint_as_re
     # a setting that departs from the authors' is named with both values
     other = 0.5 if threshold != 0.5 else 0.4
     cfg = make_cfg(ROOT / config_file, test + "THING_SCORE_THRESHOLD", str(other))
-    (line,) = tool.use_with(cfg, "converted.pth")["differences"]
+    (line,) = use_with(cfg, "converted.pth")["differences"]
     assert line == (
         f"{test}THING_SCORE_THRESHOLD is {other} here, {threshold} in the authors' {backbone} "
         "config"
     )
     summary = {"parts": {}, "converted_tensors": 0, "ignored": [], "use_with": use}
-    printed = tool.format_summary(summary)
+    printed = format_summary(summary)
     assert f"use with {config_file} (the authors' {backbone} settings: score thresholds " in printed
     assert use["evaluate"] in printed
 
@@ -578,3 +592,17 @@ def test_a_checkpoint_that_would_run_code_is_refused_naming_it(tool, tmp_path, c
     with pytest.raises(pickle.UnpicklingError, match=f"refusing to load '{re.escape(str(path))}'"):
         tool.main([*args, "--opts", *TINY])
     assert not crafted_weights.marker.exists() and not output.exists()
+
+
+def test_the_tool_runs_as_a_command_from_anywhere(tmp_path):
+    # python tools/convert_official_checkpoint.py, as a user runs it: the installed package, not
+    # a path the script adds to sys.path
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_official_checkpoint.py"), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--config-file" in done.stdout and "--output OUTPUT" in done.stdout
