@@ -27,13 +27,11 @@ from typing import List
 import cv2
 import tqdm
 from detectron2.utils.logger import setup_logger
+from visualization import VisualizationDemo
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for a source tree
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from predictor import VisualizationDemo  # noqa: E402
-
-from panoptic_segformer.config import get_config  # noqa: E402
-from panoptic_segformer.predictor import load_image  # noqa: E402
+from panoptic_segformer.d2.config import get_config
+from panoptic_segformer.d2.predictor import load_image
+from panoptic_segformer.d2.registration import register
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 WINDOW = "Panoptic SegFormer"
@@ -79,6 +77,7 @@ def get_parser() -> argparse.ArgumentParser:
 def setup_cfg(args):
     if not args.config_file:  # --exported without a config: the file's own
         return None
+    register()
     cfg = get_config(args.config_file, args.opts, cpu_fallback=True)
     test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
     if test.PANOPTIC_ON:

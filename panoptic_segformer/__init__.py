@@ -1,22 +1,38 @@
 """Panoptic SegFormer (Li et al., CVPR 2022) as a detectron2 project.
 
-The model core (``panoptic_segformer.layers`` and ``panoptic_segformer.modeling``) is plain
-PyTorch and imports without detectron2; importing this package imports nothing else. The
-detectron2 layer loads on first use: :func:`add_panoptic_segformer_config` (which registers the
-``PanopticSegFormer`` meta-architecture, the ``D2TimmBackbone`` backbone and the project's
-datasets, see :mod:`panoptic_segformer.data.builtin`) and :class:`PanopticSegFormerCheckpointer`.
+The package's folders are its layers; each imports only those above it in this list:
+
+* :mod:`panoptic_segformer.utils`: reading weights files as data, Boundary PQ;
+* :mod:`panoptic_segformer.layers`: multi-scale deformable attention (the operator and its
+  kernels) and the small building blocks;
+* :mod:`panoptic_segformer.modeling`: the model core, plain PyTorch with explicit arguments;
+* :mod:`panoptic_segformer.deploy`: export and exported-model runtimes;
+* :mod:`panoptic_segformer.d2`: the detectron2 layer (config, meta-architecture, data,
+  evaluation, predictors, training).
+
+Everything but ``d2`` imports without detectron2, and importing any module has no effect: the
+detectron2 layer is registered by one call, :func:`panoptic_segformer.d2.register`. The names
+below are the detectron2 layer's, imported when first asked for.
 """
 
 import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["PanopticSegFormerCheckpointer", "__version__", "add_panoptic_segformer_config"]
+__all__ = [
+    "PanopticSegFormerCheckpointer",
+    "__version__",
+    "add_panoptic_segformer_config",
+    "get_config",
+    "register",
+]
 
 # the detectron2 layer's names, imported from their modules when first asked for
 _DETECTRON2_LAYER = {
-    "PanopticSegFormerCheckpointer": "panoptic_segformer.checkpoint",
-    "add_panoptic_segformer_config": "panoptic_segformer.config",
+    "PanopticSegFormerCheckpointer": "panoptic_segformer.d2.checkpoint",
+    "add_panoptic_segformer_config": "panoptic_segformer.d2.config",
+    "get_config": "panoptic_segformer.d2.config",
+    "register": "panoptic_segformer.d2.registration",
 }
 
 

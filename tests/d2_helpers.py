@@ -150,8 +150,10 @@ def load_demo() -> ModuleType:
 
 def make_cfg(config_file, *opts):
     """The config of ``config_file`` with Panoptic SegFormer's keys and the given overrides."""
-    from panoptic_segformer.config import get_config
+    from panoptic_segformer.d2.config import get_config
+    from panoptic_segformer.d2.registration import register
 
+    register()
     return get_config(str(config_file), opts)
 
 
@@ -161,7 +163,7 @@ def register_sample(name, ground_truth, images, **kwargs):
     ``panoptic.json``); returns ``name``."""
     from detectron2.data import DatasetCatalog
 
-    from panoptic_segformer.data import register_panoptic_dataset
+    from panoptic_segformer.d2.data import register_panoptic_dataset
 
     if name not in DatasetCatalog.list():
         register_panoptic_dataset(
@@ -192,7 +194,7 @@ def write_own_predictions_as_ground_truth(cfg, dataset, folder):
     from PIL import Image
 
     from panoptic_segformer import PanopticSegFormerCheckpointer
-    from panoptic_segformer.data import PanopticSegFormerDatasetMapper
+    from panoptic_segformer.d2.data import PanopticSegFormerDatasetMapper
 
     model = build_model(cfg).eval()
     PanopticSegFormerCheckpointer(model).load(cfg.MODEL.WEIGHTS)

@@ -306,16 +306,16 @@ files, controls, markers = json.load(open(sys.argv[1]))
 
 def load(kind, path):
     if kind == "pickle":
-        from panoptic_segformer.safe_load import load_pickle
+        from panoptic_segformer.utils.safe_load import load_pickle
         return load_pickle(path)
     if kind == "torch":
-        from panoptic_segformer.safe_load import load_torch
+        from panoptic_segformer.utils.safe_load import load_torch
         return load_torch(path)
     if kind == "exported":
         from panoptic_segformer.deploy import ExportedNetwork
         return ExportedNetwork(path)
     if kind == "config":
-        from panoptic_segformer.config import get_config
+        from panoptic_segformer.d2.config import get_config
         return get_config(path)
     if kind == "levels":
         from panoptic_segformer.layers import multi_scale_deformable_attention

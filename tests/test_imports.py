@@ -45,23 +45,25 @@ def run_python(code: str, env: Dict[str, str], tmp_path: Path, args: Sequence[st
 # The detectron2 layer: the modules that need detectron2. Every other module (the operator, the
 # model core, deployment, the utilities) imports without it.
 NEEDS_DETECTRON2 = {
-    "panoptic_segformer.checkpoint",
-    "panoptic_segformer.class_info",
-    "panoptic_segformer.config",
-    "panoptic_segformer.d2_backbone",
-    "panoptic_segformer.data",
-    "panoptic_segformer.data.builtin",
-    "panoptic_segformer.data.coco_panoptic",
-    "panoptic_segformer.data.dataset_mapper",
-    "panoptic_segformer.data.subset",
-    "panoptic_segformer.data.train_loader",
-    "panoptic_segformer.deploy.predictor",
-    "panoptic_segformer.evaluation",
-    "panoptic_segformer.launch",
-    "panoptic_segformer.meta_arch",
-    "panoptic_segformer.predictor",
-    "panoptic_segformer.preemption",
-    "panoptic_segformer.solver",
+    "panoptic_segformer.d2.backbone",
+    "panoptic_segformer.d2.checkpoint",
+    "panoptic_segformer.d2.class_info",
+    "panoptic_segformer.d2.config",
+    "panoptic_segformer.d2.data",
+    "panoptic_segformer.d2.data.builtin",
+    "panoptic_segformer.d2.data.coco_panoptic",
+    "panoptic_segformer.d2.data.dataset_mapper",
+    "panoptic_segformer.d2.data.subset",
+    "panoptic_segformer.d2.data.train_loader",
+    "panoptic_segformer.d2.engine.launch",
+    "panoptic_segformer.d2.engine.preemption",
+    "panoptic_segformer.d2.engine.train",
+    "panoptic_segformer.d2.evaluation",
+    "panoptic_segformer.d2.exported_predictor",
+    "panoptic_segformer.d2.meta_arch",
+    "panoptic_segformer.d2.predictor",
+    "panoptic_segformer.d2.registration",
+    "panoptic_segformer.d2.solver",
 }
 
 
@@ -126,7 +128,7 @@ def test_package_modules_are_found():
 @needs_detectron2
 def test_every_module_imports_first_in_a_fresh_interpreter(tmp_path):
     # the data <-> evaluation cycle failed here: "cannot import name 'SUBMISSION_EVALUATOR_TYPE'
-    # from partially initialized module 'panoptic_segformer.evaluation'"
+    # from partially initialized module 'panoptic_segformer.d2.evaluation'"
     modules = package_modules()
     detectron2 = ["config", "data", "engine", "evaluation", "modeling", "utils.visualizer"]
     preload = THIRD_PARTY + [f"detectron2.{name}" for name in detectron2]
@@ -218,6 +220,52 @@ def test_no_import_cycle_in_the_package():
     assert find_cycle(graph) == []
 
 
+# The package's folders are its layers, lowest first: a module imports only modules of its own
+# layer or of lower ones (the package root, which only names the detectron2 layer's entry points
+# lazily, is above them all).
+LAYERS = ("utils", "layers", "modeling", "deploy", "d2")
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return len(LAYERS)
+    if parts[1] not in LAYERS:  # the compiled extension: the operator's
+        return LAYERS.index("layers")
+    return LAYERS.index(parts[1])
+
+
+def test_every_module_is_in_a_layer():
+    modules = package_modules()
+    assert {m.split(".")[1] for m in modules if m.count(".")} == set(LAYERS)
+    assert layer_of("panoptic_segformer.d2.config") == 4
+    assert layer_of("panoptic_segformer.utils.safe_load") == 0
+
+
+def test_no_upward_import_in_the_package():
+    modules = package_modules()
+    upward = sorted(
+        f"{module} -> {name}"
+        for module in modules
+        for name in imports_of(module, modules)
+        if layer_of(name) > layer_of(module)
+    )
+    assert upward == []
+
+
+def test_the_config_is_a_leaf():
+    # the config's keys import nothing of the package: registering the meta-architecture, the
+    # backbone and the datasets is panoptic_segformer.d2.register()'s
+    modules = package_modules()
+    assert imports_of("panoptic_segformer.d2.config", modules) == set()
+    # while the one call that registers imports what it registers
+    assert imports_of("panoptic_segformer.d2.registration", modules) == {
+        "panoptic_segformer.d2.backbone",
+        "panoptic_segformer.d2.data.builtin",
+        "panoptic_segformer.d2.meta_arch",
+    }
+
+
 def write_ade_val_json(root: Path) -> Path:
     """An ADE20K-layout val json with two categories under ``root``; returns its path."""
     path = root / "ADEChallengeData2016" / "ade20k_panoptic_val.json"
@@ -239,7 +287,8 @@ def test_importing_registers_no_dataset_and_reads_no_json(tmp_path):
         opened = []
         sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
         import panoptic_segformer
-        from panoptic_segformer import checkpoint, config, data, evaluation, meta_arch, predictor
+        from panoptic_segformer.d2 import checkpoint, config, data, evaluation, meta_arch, predictor
+        from panoptic_segformer.d2.registration import register
         from detectron2.data import DatasetCatalog, MetadataCatalog
         ade_json = {str(ade_json)!r}
         names = ("ade20k_panoptic_val", "coco_2017_test-dev_panoptic")
@@ -247,6 +296,8 @@ def test_importing_registers_no_dataset_and_reads_no_json(tmp_path):
         assert ade_json not in opened
         from detectron2.config import get_cfg
         config.add_panoptic_segformer_config(get_cfg())
+        assert not any(name in DatasetCatalog.list() for name in names)
+        register()
         assert all(name in DatasetCatalog.list() for name in names)
         assert ade_json in opened
         print("classes", MetadataCatalog.get("ade20k_panoptic_val").stuff_classes)
@@ -271,7 +322,7 @@ for name in ("ade20k_panoptic_train", "ade20k_panoptic_val"):
 @pytest.mark.parametrize("ours_first", [True, False], ids=["ours_first", "other_first"])
 def test_another_project_registering_the_same_names(tmp_path, ours_first):
     (tmp_path / "other_project.py").write_text(OTHER_PROJECT)
-    ours = "from panoptic_segformer import config, data, evaluation, meta_arch, predictor"
+    ours = "from panoptic_segformer.d2 import config, data, evaluation, meta_arch, predictor, registration"
     imports = [ours, "import other_project"]
     output = run_python(
         "\n".join(
@@ -281,8 +332,8 @@ def test_another_project_registering_the_same_names(tmp_path, ours_first):
                 *(imports if ours_first else imports[::-1]),
                 "from detectron2.config import get_cfg",
                 "from detectron2.data import DatasetCatalog, MetadataCatalog",
-                "config.add_panoptic_segformer_config(get_cfg())",
-                "config.add_panoptic_segformer_config(get_cfg())",
+                "registration.register()",
+                "registration.register()",
                 "for name in ('ade20k_panoptic_train', 'ade20k_panoptic_val'):",
                 "    print(name, MetadataCatalog.get(name).registered_by, DatasetCatalog.get(name))",
                 "print('test-dev', MetadataCatalog.get('coco_2017_test-dev_panoptic').evaluator_type)",

@@ -1,4 +1,4 @@
-"""panoptic_segformer.safe_load: weight files are read as data, code in them never runs."""
+"""panoptic_segformer.utils.safe_load: weight files are read as data, code in them never runs."""
 
 import codecs
 import os
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from panoptic_segformer.safe_load import load_pickle, load_torch
+from panoptic_segformer.utils.safe_load import load_pickle, load_torch
 
 
 def assert_same(loaded, expected):
@@ -238,7 +238,7 @@ def test_torch_weights_load(tmp_path):
 FUZZ = r"""
 import collections, pickle, random, sys, time
 import numpy as np
-from panoptic_segformer.weights_pickle import RefusedPickle, read_pickle
+from panoptic_segformer.utils.weights_pickle import RefusedPickle, read_pickle
 
 rng = np.random.default_rng(0)
 checkpoint = {

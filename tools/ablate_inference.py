@@ -5,7 +5,7 @@ class-weighted (``pixel_argmax_class_weighted``: Table 7's "(p*)", as MaskFormer
 mask-decoder layers (Table 10), and thing classes from the mask decoder (Sec. 3.3.3).
 
 Every variant runs the same weights on the same images through detectron2's
-COCOPanopticEvaluator (PQ) and :class:`panoptic_segformer.evaluation.BoundaryPanopticEvaluator`
+COCOPanopticEvaluator (PQ) and :class:`panoptic_segformer.d2.evaluation.BoundaryPanopticEvaluator`
 (Boundary PQ of Cheng et al., CVPR 2021, boundary width 2% of the image diagonal: Table 7's right
 half); only the inference switches change (``MERGE``, ``PIXEL_ARGMAX_CLASS_WEIGHTED``,
 ``MASK_DECODER_LAYERS`` and ``THING_CLASSES_FROM`` of ``MODEL.PANOPTIC_SEGFORMER.TEST``). Images
@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 import torch
 import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if TYPE_CHECKING:
     from panoptic_segformer.modeling import InferenceOptions
 
@@ -113,7 +112,7 @@ class _Timed(torch.nn.Module):
 
 def variant_options(cfg, switches: Dict[str, object]) -> "InferenceOptions":
     """The inference settings of ``cfg`` with a variant's config overrides."""
-    from panoptic_segformer.build import inference_options_from_config
+    from panoptic_segformer.d2.build import inference_options_from_config
 
     variant = cfg.clone()
     variant.defrost()
@@ -131,13 +130,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators, inference_on_dataset
     from detectron2.utils.logger import setup_logger
 
-    import train_net
-    from panoptic_segformer.config import get_config
-    from panoptic_segformer.data import register_subset
-    from panoptic_segformer.evaluation import BoundaryPanopticEvaluator
-    from panoptic_segformer.predictor import Predictor
+    from panoptic_segformer.d2.config import get_config
+    from panoptic_segformer.d2.data import register_subset
+    from panoptic_segformer.d2.engine import train as train_net
+    from panoptic_segformer.d2.evaluation import BoundaryPanopticEvaluator
+    from panoptic_segformer.d2.predictor import Predictor
+    from panoptic_segformer.d2.registration import register
 
     setup_logger(name="panoptic_segformer")
+    register()
     cfg = get_config(args.config_file, args.opts, cpu_fallback=True)
     # panoptic results only: no time spent on instance or semantic results
     cfg.merge_from_list(

@@ -34,9 +34,8 @@ import torch
 import tqdm
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # model_analysis, beside this file
-from model_analysis import (  # noqa: E402
+from panoptic_segformer.layers.ms_deform_attn_func import IMPLEMENTATION_ENV
+from panoptic_segformer.modeling.complexity import (
     FLOP_HANDLES,
     PAPER_TABLE1,
     PARTS,
@@ -44,8 +43,6 @@ from model_analysis import (  # noqa: E402
     parameter_parts,
     print_markdown,
 )
-
-from panoptic_segformer.layers.ms_deform_attn_func import IMPLEMENTATION_ENV  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -127,7 +124,7 @@ def inputs_of(cfg, args) -> List[torch.Tensor]:
         return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8)]
     from detectron2.data import DatasetCatalog
 
-    from panoptic_segformer.data import PanopticSegFormerDatasetMapper
+    from panoptic_segformer.d2.data import PanopticSegFormerDatasetMapper
 
     if not cfg.DATASETS.TEST:
         raise ValueError("--num-inputs reads DATASETS.TEST[0], which the config leaves empty")
@@ -142,8 +139,10 @@ def analyze_config(args: argparse.Namespace) -> Dict[str, object]:
     """Parameters and mean GFLOPs per part of the config's detectron2 model."""
     from detectron2.modeling import build_model
 
-    from panoptic_segformer.config import get_config
+    from panoptic_segformer.d2.config import get_config
+    from panoptic_segformer.d2.registration import register
 
+    register()
     cfg = get_config(args.config_file, ["MODEL.DEVICE", "cpu", *args.opts])
     cfg.freeze()
     meta = build_model(cfg).eval()

@@ -48,17 +48,19 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # model_analysis, beside this file
-from model_analysis import PAPER_TABLE1, PARTS, build_core_model, print_markdown  # noqa: E402
-
-from panoptic_segformer.modeling.frozen_bn import (  # noqa: E402
+from panoptic_segformer.modeling.complexity import (
+    PAPER_TABLE1,
+    PARTS,
+    build_core_model,
+    print_markdown,
+)
+from panoptic_segformer.modeling.frozen_bn import (
     fold_frozen_batchnorm,
     store_channels_last,
 )
-from panoptic_segformer.modeling.inference import InferenceOptions  # noqa: E402
-from panoptic_segformer.modeling.panoptic_segformer import PanopticSegFormerModel  # noqa: E402
-from panoptic_segformer.modeling.postprocessing import RESULT_TYPES  # noqa: E402
+from panoptic_segformer.modeling.inference import InferenceOptions
+from panoptic_segformer.modeling.panoptic_segformer import PanopticSegFormerModel
+from panoptic_segformer.modeling.postprocessing import RESULT_TYPES
 
 STAGES = list(PARTS)
 POSTPROCESS = "post-processing"

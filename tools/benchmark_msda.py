@@ -33,9 +33,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from panoptic_segformer.layers import multi_scale_deformable_attention  # noqa: E402
-from panoptic_segformer.layers.ms_deform_attn_op import load_operator  # noqa: E402
+from panoptic_segformer.layers import multi_scale_deformable_attention
+from panoptic_segformer.layers.ms_deform_attn_op import load_operator
 
 SIZE = (800, 1333)  # the input image, COCO's test size
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]  # levels_of(SIZE)

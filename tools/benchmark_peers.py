@@ -10,7 +10,7 @@ import (``ade20k_panoptic_train``, ...), and a process of its own gives each its
 ``--warmup`` runs.
 
 Inference (default): panoptic output only, through detectron2's ``DefaultPredictor`` (ours
-through its subclass ``panoptic_segformer.predictor.Predictor``), per image; the table gives both
+through its subclass ``panoptic_segformer.d2.predictor.Predictor``), per image; the table gives both
 medians and their ratio, the last row the sums.
 
 Training (--train): one step of forward, backward and ``torch.optim.AdamW`` (each config's base
@@ -22,7 +22,7 @@ augmentations replaced by the same fixed resize (``--size``, ``--max-size``): ou
 ``instances`` with ``BitMasks``, Mask2Former's ``COCOPanopticNewBaselineDatasetMapper`` with mask
 tensors, as each model's forward takes them. The table gives the step times, the peak memory and
 both ratios (ours / Mask2Former's) against the bars. --breakdown adds our step by stage
-(``tools/training_breakdown.py``), profiled once after the timed steps (the peak memory is read
+(:mod:`panoptic_segformer.d2.training_breakdown`), profiled once after the timed steps (the peak memory is read
 before it).
 
 Mask2Former comes from its public repository, cloned by you into a folder you name
@@ -65,9 +65,10 @@ TRAIN_DATASET = "coco_2017_train_panoptic"  # whose metadata maps the sample's c
 
 
 def our_config(config_file: str, opts: List[str]):
-    sys.path.insert(0, str(ROOT))
-    from panoptic_segformer.config import get_config
+    from panoptic_segformer.d2.config import get_config
+    from panoptic_segformer.d2.registration import register
 
+    register()
     cfg = get_config(config_file)
     ps = cfg.MODEL.PANOPTIC_SEGFORMER
     ps.TEST.PANOPTIC_ON, ps.TEST.INSTANCE_ON, ps.TEST.SEMANTIC_ON = True, False, False
@@ -79,7 +80,6 @@ def our_config(config_file: str, opts: List[str]):
 def mask2former_config(folder: Path):
     if not (folder / "mask2former" / "__init__.py").is_file():
         raise SystemExit(f"--mask2former {folder}: no mask2former/__init__.py there")
-    sys.path.insert(0, str(folder))
     # the in-memory patch: an empty module for the compiled op lets Mask2Former import; its
     # MSDeformAttn.forward then falls back to its PyTorch implementation on every call
     sys.modules.setdefault("MultiScaleDeformableAttention", types.ModuleType("MSDA_missing"))
@@ -119,7 +119,7 @@ def predict_worker(args: argparse.Namespace) -> Dict:
     from detectron2.engine import DefaultPredictor
 
     if args.worker == OURS:
-        from panoptic_segformer.predictor import Predictor
+        from panoptic_segformer.d2.predictor import Predictor
 
         predictor = Predictor(our_config(args.config_file, args.opts))
     else:
@@ -156,7 +156,7 @@ def training_batch(args: argparse.Namespace) -> Callable:
 
     resize = [T.ResizeShortestEdge(args.size, args.max_size)]
     if args.worker == OURS:
-        from panoptic_segformer.data import PanopticSegFormerDatasetMapper
+        from panoptic_segformer.d2.data import PanopticSegFormerDatasetMapper
 
         cfg = our_config(args.config_file, args.opts)
         cfg.DATASETS.TRAIN = (TRAIN_DATASET,)
@@ -194,7 +194,7 @@ def train_worker(args: argparse.Namespace) -> Dict:
     print(f"{args.worker}: training step on {sizes} {ms / 1e3:.1f} s", flush=True)
     result = {"ms": ms, "sizes": sizes, "peak_gib": peak_memory_gib()}
     if args.breakdown and args.worker == OURS:
-        from training_breakdown import profile_step
+        from panoptic_segformer.d2.training_breakdown import profile_step
 
         result["breakdown"] = profile_step(model, batch, optimizer)
     return result
@@ -224,6 +224,10 @@ def run_worker(name: str, args: argparse.Namespace, folder: Path) -> Dict:
     command += ["--train"] * args.train + ["--breakdown"] * args.breakdown
     command += ["--config-file", args.config_file, *args.opts]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    if name == MASK2FORMER:  # its clone's mask2former package, first on the worker's path
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(args.mask2former), env.get("PYTHONPATH")])
+        )
     if subprocess.run(command, env=env).returncode != 0:
         raise SystemExit(f"the {name} process failed (its output is above)")
     return json.loads(result.read_text())
@@ -286,7 +290,7 @@ def print_train_table(results: Dict[str, Dict], args: argparse.Namespace) -> Dic
     print(_bar("time", ratios["time"], TRAIN_TIME_BAR))
     print(_bar("memory", ratios["memory"], TRAIN_MEMORY_BAR))
     if "breakdown" in ours:
-        from training_breakdown import print_breakdown
+        from panoptic_segformer.d2.training_breakdown import print_breakdown
 
         print(f"\n{OURS}: one training step by stage")
         print_breakdown(ours["breakdown"])
@@ -333,14 +337,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         )
     args.mask2former = args.mask2former.expanduser().resolve()
     if args.worker:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))  # training_breakdown
         worker(args)
         return
     if not (args.mask2former / MASK2FORMER_CONFIG).is_file():
         parser.error(f"--mask2former {args.mask2former}: no {MASK2FORMER_CONFIG} there")
     with tempfile.TemporaryDirectory() as folder:
         results = {name: run_worker(name, args, Path(folder)) for name in (OURS, MASK2FORMER)}
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.train:
         summary = {"ratios": print_train_table(results, args), **results}
     else:

@@ -70,10 +70,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Converts ``--input`` for ``--config-file``; returns the exit status (1 on refusal)."""
-    from panoptic_segformer.config import get_config
+    from panoptic_segformer.d2.config import get_config
+    from panoptic_segformer.d2.registration import register
 
     args = parse_args(argv)
     official = read_state_dict(args.input)
+    register()
     cfg = get_config(args.config_file, args.opts)
     model = build_model_for_conversion(cfg)
     try:

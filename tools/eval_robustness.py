@@ -53,16 +53,16 @@ from detectron2.utils import comm
 from torch import nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from panoptic_segformer import PanopticSegFormerCheckpointer  # noqa: E402
-from panoptic_segformer.config import get_config  # noqa: E402
-from panoptic_segformer.data import (  # noqa: E402
+from panoptic_segformer import PanopticSegFormerCheckpointer
+from panoptic_segformer.d2.config import get_config
+from panoptic_segformer.d2.data import (
     PanopticSegFormerDatasetMapper,
     build_augmentations,
     register_subset,
 )
-from panoptic_segformer.evaluation import check_panoptic_dataset  # noqa: E402
-from panoptic_segformer.launch import launch  # noqa: E402
+from panoptic_segformer.d2.engine.launch import launch
+from panoptic_segformer.d2.evaluation import check_panoptic_dataset
+from panoptic_segformer.d2.registration import register
 
 logger = logging.getLogger("detectron2.eval_robustness")
 
@@ -304,6 +304,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def setup(args: argparse.Namespace) -> CfgNode:
     """The config of the command line, evaluating panoptic results only, logging to --output."""
+    register()
     cfg = get_config(args.config_file, args.opts)
     test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
     test.PANOPTIC_ON, test.INSTANCE_ON, test.SEMANTIC_ON = True, False, False

@@ -396,7 +396,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    sys.path.insert(0, str(ROOT))
     args.output.mkdir(parents=True, exist_ok=True)
     context = Context(
         output=args.output.resolve(),

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 SAMPLE = ROOT.parent / "shared" / "data" / "coco_panoptic_sample"
 DATASET = "coco_panoptic_sample"
 
@@ -64,9 +63,11 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def build_cfg(args):
-    from panoptic_segformer.config import get_config
+    from panoptic_segformer.d2.config import get_config
+    from panoptic_segformer.d2.registration import register
 
     size = str(args.size)
+    register()
     cfg = get_config(
         str(ROOT / "configs" / "r50.yaml"),
         [
@@ -111,8 +112,8 @@ def main(argv=None) -> dict:
     from detectron2.engine import default_setup, hooks
     from detectron2.utils.logger import setup_logger
 
-    import train_net
-    from panoptic_segformer.data import register_panoptic_dataset
+    from panoptic_segformer.d2.data import register_panoptic_dataset
+    from panoptic_segformer.d2.engine import train as train_net
 
     if DATASET not in DatasetCatalog.list():
         register_panoptic_dataset(

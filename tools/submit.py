@@ -10,12 +10,12 @@
 
 Needs ``pip install -e ".[cluster]"`` (submitit). Each task joins the process group SLURM's
 environment describes (the first node's address, a port drawn from the job id, the task's rank;
-:mod:`panoptic_segformer.launch`) and runs train_net's ``main``. ``OUTPUT_DIR`` is the job's
+:mod:`panoptic_segformer.d2.engine.launch`) and runs train_net's ``main``. ``OUTPUT_DIR`` is the job's
 folder, ``<--job-dir>/<job id>``, beside submitit's logs (an ``OUTPUT_DIR`` override wins).
 
 Preemption and the time limit: the job asks SLURM for a warning signal ``--signal-delay`` seconds
 ahead (``--signal=USR2@120``) and to be requeued (``--requeue``). At the warning the tasks
-checkpoint the iteration in progress and stop (:mod:`panoptic_segformer.preemption`), and the
+checkpoint the iteration in progress and stop (:mod:`panoptic_segformer.d2.engine.preemption`), and the
 job requeues itself with ``--resume``, under the same job id and folder: the requeued job goes on
 from that checkpoint with its iteration, optimizer, scheduler and data stream. A job is
 requeued at most ``--max-timeouts`` times for its time limit; preemptions are not counted.
@@ -35,11 +35,11 @@ from detectron2.engine import default_argument_parser
 from submitit.slurm.slurm import _make_sbatch_string  # the script SlurmExecutor submits
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train_net  # noqa: E402
-from panoptic_segformer.config import get_config  # noqa: E402
-from panoptic_segformer.launch import distributed_backend  # noqa: E402
-from panoptic_segformer.preemption import StopOnSignal, TrainingStopped  # noqa: E402
+from panoptic_segformer.d2.config import get_config
+from panoptic_segformer.d2.engine import train as train_net
+from panoptic_segformer.d2.engine.launch import distributed_backend
+from panoptic_segformer.d2.engine.preemption import StopOnSignal, TrainingStopped
+from panoptic_segformer.d2.registration import register
 
 # train_net.py's ways of choosing processes, which are the job's here
 LAUNCH_FLAGS = {
@@ -242,6 +242,7 @@ def submit(
     Raises:
         ValueError: a bad flag or a job that does not fit the config, naming the value.
     """
+    register()
     cfg = get_config(args.config_file, args.opts)
     parameters = job_parameters(args, cfg)
     folder = Path(args.job_dir).resolve() / "%j"

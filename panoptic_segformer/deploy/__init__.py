@@ -1,7 +1,7 @@
 """Deployment: exporting the network (ONNX, TorchScript, torch.export) and running the exported
 file. Exporting and :class:`ExportedNetwork` need no detectron2; :class:`ExportedPredictor`
 (the PyTorch model's pre- and post-processing around the file) does, and is imported from
-:mod:`panoptic_segformer.deploy.predictor` when first asked for. ONNX needs the ``deploy`` extra
+:mod:`panoptic_segformer.d2.exported_predictor` when first asked for. ONNX needs the ``deploy`` extra
 (onnx, onnxruntime, onnxscript)."""
 
 from typing import Any
@@ -42,6 +42,6 @@ def __getattr__(name: str) -> Any:
     # ExportedPredictor imports detectron2: only when asked for
     if name != "ExportedPredictor":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from panoptic_segformer.deploy.predictor import ExportedPredictor
+    from panoptic_segformer.d2.exported_predictor import ExportedPredictor
 
     return ExportedPredictor

@@ -4,7 +4,7 @@ What is exported is the network (:func:`network_of`) of the plain-PyTorch core m
 detectron2 meta-architecture, from the normalised, padded images and their padding mask to plain
 tensors (:data:`OUTPUT_NAMES`), with dynamic height and width (multiples of the size
 divisibility). Exporting does not need detectron2. Pre- and post-processing stay in Python
-(:mod:`panoptic_segformer.deploy.predictor` runs them around the exported file with the
+(:mod:`panoptic_segformer.d2.exported_predictor` runs them around the exported file with the
 meta-architecture's own code).
 
 * ``torch_export``: ``torch.export`` keeps deformable attention as the registered operator
@@ -19,7 +19,7 @@ meta-architecture's own code).
 
 Every file carries a JSON metadata dict (:data:`METADATA_KEY`): input and output names, the
 batch size it takes (None: any), the size divisibility, the custom operators it needs, and for
-a meta-architecture the config and the class names (:mod:`panoptic_segformer.class_info`).
+a meta-architecture the config and the class names (:mod:`panoptic_segformer.d2.class_info`).
 
 Shape shorthand: N images, Hp x Wp padded input, k kept thing queries, Z stuff classes,
 H1 x W1 = Hp / 8 x Wp / 8.
@@ -225,7 +225,7 @@ def export_network(
         fmt: one of :data:`EXPORTERS`.
         path: the file to write.
         config_text: the model's config (``cfg.dump()``), saved in the file.
-        class_info: the class names to save (:func:`panoptic_segformer.class_info.class_info_of`).
+        class_info: the class names to save (:func:`panoptic_segformer.d2.class_info.class_info_of`).
         dynamic_batch: export any batch size, else the sample's batch size only.
         ort_custom_op: (onnx) write deformable attention as the ONNX Runtime custom operator
             ``panoptic_segformer::MSDeformAttn`` instead of ``GridSample`` ops.
@@ -293,7 +293,7 @@ def sample_inputs(predictor, image: np.ndarray) -> Tuple[Tensor, Tensor]:
     padded (as detectron2's ``DefaultPredictor`` and the meta-architecture do).
 
     Args:
-        predictor: a :class:`panoptic_segformer.predictor.Predictor`.
+        predictor: a :class:`panoptic_segformer.d2.predictor.Predictor`.
         image: (H, W, 3) uint8 BGR.
 
     Returns:

@@ -3,7 +3,7 @@
 :class:`ExportedNetwork` loads a file of :func:`panoptic_segformer.deploy.export_network` and
 maps (N, 3, Hp, Wp) images and their padding mask to the network's output dict. ONNX files are
 data; TorchScript and torch.export files are programs and load only with ``trust_code=True``.
-:class:`panoptic_segformer.deploy.predictor.ExportedPredictor` runs it with the PyTorch model's
+:class:`panoptic_segformer.d2.exported_predictor.ExportedPredictor` runs it with the PyTorch model's
 own pre- and post-processing.
 """
 

@@ -20,7 +20,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from panoptic_segformer.safe_load import load_torch
+from panoptic_segformer.utils.safe_load import load_torch
 
 # depth -> (torchvision constructor, channels of layer1..layer4)
 _RESNETS: Dict[int, Tuple[Callable[..., nn.Module], List[int]]] = {

@@ -18,8 +18,8 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 
-from panoptic_segformer.config import add_panoptic_segformer_config  # noqa: E402
-from panoptic_segformer.data import (  # noqa: E402
+from panoptic_segformer.d2.config import add_panoptic_segformer_config  # noqa: E402
+from panoptic_segformer.d2.data import (  # noqa: E402
     PanopticSegFormerDatasetMapper,
     build_augmentations,
     load_panoptic_json,

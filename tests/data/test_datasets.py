@@ -16,7 +16,7 @@ require_detectron2("dataset registration needs detectron2")
 
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
-from panoptic_segformer.data import (  # noqa: E402
+from panoptic_segformer.d2.data import (  # noqa: E402
     PanopticSegFormerDatasetMapper,
     metadata_from_categories,
     register_all_ade20k_panoptic,

@@ -10,8 +10,8 @@ require_detectron2("the training loader needs detectron2")
 from d2_helpers import CONFIGS, TINY, make_cfg, register_sample  # noqa: E402
 from detectron2.data.samplers import TrainingSampler  # noqa: E402
 
-from panoptic_segformer.data import PanopticSegFormerDatasetMapper  # noqa: E402
-from panoptic_segformer.data.train_loader import (  # noqa: E402
+from panoptic_segformer.d2.data import PanopticSegFormerDatasetMapper  # noqa: E402
+from panoptic_segformer.d2.data.train_loader import (  # noqa: E402
     ResumableSampler,
     ResumableTrainLoader,
 )

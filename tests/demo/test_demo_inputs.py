@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from d2_helpers import CONFIGS, ROOT, TINY, load_demo, make_cfg  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from panoptic_segformer.predictor import Predictor, load_image  # noqa: E402
+from panoptic_segformer.d2.predictor import Predictor, load_image  # noqa: E402
 
 R50 = str(CONFIGS[0].parent / "r50.yaml")
 

@@ -163,7 +163,7 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def predictor(tiny_cfg):
-    from panoptic_segformer.predictor import Predictor
+    from panoptic_segformer.d2.predictor import Predictor
 
     torch.manual_seed(0)
     return Predictor(tiny_cfg)
@@ -182,7 +182,7 @@ def network_inputs(predictor, photos):
 def exported(tmp_path_factory, predictor, network_inputs, tiny_cfg) -> Callable:
     """Per format, the detectron2 model exported at the first photo's size (:func:`_exporter`),
     with its config and class names."""
-    from panoptic_segformer.class_info import class_info_of_config
+    from panoptic_segformer.d2.class_info import class_info_of_config
 
     folder = tmp_path_factory.mktemp("exported")
     return _exporter(

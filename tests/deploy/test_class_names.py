@@ -37,7 +37,7 @@ FRUIT = [
 def test_class_info_round_trips_through_metadata():
     from detectron2.data import MetadataCatalog
 
-    from panoptic_segformer.class_info import class_info_of, drawing_metadata
+    from panoptic_segformer.d2.class_info import class_info_of, drawing_metadata
 
     coco = class_info_of(MetadataCatalog.get("coco_2017_val_panoptic"))
     assert coco["thing_classes"][:2] == ["person", "bicycle"] and len(coco["stuff_classes"]) == 133
@@ -51,7 +51,7 @@ def test_class_info_round_trips_through_metadata():
 
 
 def test_without_class_names_one_line_names_the_dataset_and_the_fix():
-    from panoptic_segformer.class_info import drawing_metadata
+    from panoptic_segformer.d2.class_info import drawing_metadata
 
     with pytest.raises(ValueError) as error:
         drawing_metadata("my_fruit_val", None)
@@ -65,7 +65,7 @@ def fruit_weights(tmp_path_factory, tiny_cfg):
     """A fruit model's checkpoint written by train_net's checkpointer, with class names."""
     from detectron2.modeling import build_model
 
-    from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
+    from panoptic_segformer.d2.checkpoint import PanopticSegFormerCheckpointer
 
     cfg = tiny_cfg.clone()
     cfg.defrost()
@@ -81,11 +81,13 @@ def fruit_weights(tmp_path_factory, tiny_cfg):
 
 
 def test_checkpoints_carry_class_names_and_the_predictor_draws_from_them(fruit_weights):
-    from panoptic_segformer.config import get_config
-    from panoptic_segformer.predictor import Predictor
+    from panoptic_segformer.d2.config import get_config
+    from panoptic_segformer.d2.predictor import Predictor
+    from panoptic_segformer.d2.registration import register
 
     saved = torch.load(fruit_weights / "model_final.pth", weights_only=True)
     assert saved["class_info"] == CLASS_INFO
+    register()
     cfg = get_config(
         str(fruit_weights / "config.yaml"),
         ["MODEL.WEIGHTS", str(fruit_weights / "model_final.pth")],

@@ -22,11 +22,10 @@ def load_tool():
 
 
 def test_export_tool_names_weights_that_do_not_fit_the_config(tmp_path, tiny_cfg, capsys):
+    from deploy_helpers import TINY_DEPLOY
     from detectron2.modeling import build_model
 
-    from deploy_helpers import TINY_DEPLOY
-
-    from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
+    from panoptic_segformer.d2.checkpoint import PanopticSegFormerCheckpointer
 
     other = tiny_cfg.clone()
     other.defrost()

@@ -16,7 +16,7 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from panoptic_segformer import PanopticSegFormerCheckpointer  # noqa: E402
-from panoptic_segformer.solver import build_optimizer  # noqa: E402
+from panoptic_segformer.d2.solver import build_optimizer  # noqa: E402
 
 BASE = CONFIGS[0].parent / "r50.yaml"
 

@@ -23,7 +23,7 @@ from detectron2.utils import comm  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-import train_net  # noqa: E402
+from panoptic_segformer.d2.engine import train as train_net
 
 PS = "MODEL.PANOPTIC_SEGFORMER."
 NO_DATASET = ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]  # class ids: things first

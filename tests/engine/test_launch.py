@@ -1,6 +1,6 @@
 """Launching and stopping, in this process: the process group a launcher describes in the
-environment (panoptic_segformer.launch), the backend MODEL.DEVICE picks, the checks on both, and
-the checkpoint-and-stop at SLURM's warning signal (panoptic_segformer.preemption). The launches
+environment (panoptic_segformer.d2.engine.launch), the backend MODEL.DEVICE picks, the checks on both, and
+the checkpoint-and-stop at SLURM's warning signal (panoptic_segformer.d2.engine.preemption). The launches
 themselves (torchrun, its restarts, submitit) run in test_distributed.py."""
 
 import argparse
@@ -19,8 +19,8 @@ from d2_helpers import free_port  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
 
 from panoptic_segformer import launch  # noqa: E402
-from panoptic_segformer.launch import LauncherRanks, distributed_backend  # noqa: E402
-from panoptic_segformer.preemption import StopOnSignal, TrainingStopped  # noqa: E402
+from panoptic_segformer.d2.engine.launch import LauncherRanks, distributed_backend  # noqa: E402
+from panoptic_segformer.d2.engine.preemption import StopOnSignal, TrainingStopped  # noqa: E402
 
 TORCHRUN = {
     "RANK": "3",

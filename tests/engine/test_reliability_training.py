@@ -50,11 +50,11 @@ from detectron2.engine import hooks  # noqa: E402
 from detectron2.utils.events import get_event_storage  # noqa: E402
 
 from panoptic_segformer import PanopticSegFormerCheckpointer  # noqa: E402
-from panoptic_segformer.meta_arch import check_losses_finite  # noqa: E402
-from panoptic_segformer.predictor import Predictor, load_image  # noqa: E402
+from panoptic_segformer.d2.meta_arch import check_losses_finite  # noqa: E402
+from panoptic_segformer.d2.predictor import Predictor, load_image  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-import train_net  # noqa: E402
+from panoptic_segformer.d2.engine import train as train_net
 
 CONFIG = CONFIGS[0].parent / "r50.yaml"
 DATASET = "psf_test_reliability_sample"

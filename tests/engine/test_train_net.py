@@ -28,7 +28,7 @@ from d2_helpers import (  # noqa: E402
 )
 
 sys.path.insert(0, str(ROOT))
-import train_net  # noqa: E402
+from panoptic_segformer.d2.engine import train as train_net
 
 DATASET = "psf_test_coco_sample"
 OWN = "psf_test_own_predictions"  # the sample with a model's predictions as ground truth

@@ -27,7 +27,7 @@ from detectron2.engine import HookBase, default_argument_parser
 from detectron2.utils import comm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import train_net  # noqa: E402
+from panoptic_segformer.d2.engine import train as train_net
 
 
 class ReportEveryRank(HookBase):

@@ -1,4 +1,4 @@
-"""BoundaryPanopticEvaluator (panoptic_segformer/evaluation.py) on the real COCO panoptic sample,
+"""BoundaryPanopticEvaluator (panoptic_segformer/d2/evaluation.py) on the real COCO panoptic sample,
 beside detectron2's COCOPanopticEvaluator."""
 
 import numpy as np
@@ -14,8 +14,8 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from panoptic_segformer.data import rgb_to_segment_ids  # noqa: E402
-from panoptic_segformer.evaluation import BoundaryPanopticEvaluator  # noqa: E402
+from panoptic_segformer.d2.data import rgb_to_segment_ids  # noqa: E402
+from panoptic_segformer.d2.evaluation import BoundaryPanopticEvaluator  # noqa: E402
 
 DATASET = "psf_test_boundary_evaluator_sample"
 KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")

@@ -29,18 +29,18 @@ from panopticapi.evaluation import pq_compute  # noqa: E402
 from panopticapi.utils import rgb2id  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from panoptic_segformer.data import (  # noqa: E402
+from panoptic_segformer.d2.data import (  # noqa: E402
     load_panoptic_json,
     register_all_coco_panoptic_test,
 )
-from panoptic_segformer.evaluation import (  # noqa: E402
+from panoptic_segformer.d2.evaluation import (  # noqa: E402
     COCOPanopticSubmissionWriter,
     check_panoptic_dataset,
     describe_segments,
 )
 
 sys.path.insert(0, str(ROOT))
-import train_net  # noqa: E402
+from panoptic_segformer.d2.engine import train as train_net
 
 NAME = "coco_2017_test-dev_panoptic"
 CONFIG = CONFIGS[0].parent / "r50.yaml"

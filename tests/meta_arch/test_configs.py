@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from d2_helpers import CONFIGS, TINY, make_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from panoptic_segformer.meta_arch import PanopticSegFormer  # noqa: E402
+from panoptic_segformer.d2.meta_arch import PanopticSegFormer  # noqa: E402
 
 TIMM_CONFIGS = {"swin_l.yaml", "pvtv2_b5.yaml"}
 # the tiny head on the real timm backbone (its ResNet keys do not apply)

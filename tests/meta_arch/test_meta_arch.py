@@ -16,7 +16,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
-from panoptic_segformer.build import class_id_maps  # noqa: E402
+from panoptic_segformer.d2.build import class_id_maps  # noqa: E402
 from panoptic_segformer.modeling import PixelArgmaxOptions  # noqa: E402
 from panoptic_segformer.modeling.panoptic_segformer import build_panoptic_segformer  # noqa: E402
 
@@ -204,7 +204,7 @@ def test_datasets_without_stuff_work_without_things_are_refused():
 
 
 def test_loss_weights_lambda_are_both_fixed_or_both_per_batch():
-    from panoptic_segformer.build import build_criterion
+    from panoptic_segformer.d2.build import build_criterion
 
     def criterion(things, stuff):
         cfg = make_cfg(BASE)

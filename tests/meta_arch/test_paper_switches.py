@@ -25,9 +25,9 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-import train_net  # noqa: E402
 from panoptic_segformer import PanopticSegFormerCheckpointer  # noqa: E402
-from panoptic_segformer.data import PanopticSegFormerDatasetMapper  # noqa: E402
+from panoptic_segformer.d2.data import PanopticSegFormerDatasetMapper  # noqa: E402
+from panoptic_segformer.d2.engine import train as train_net
 
 DATASET = "psf_test_switches_sample"
 PS = "MODEL.PANOPTIC_SEGFORMER."

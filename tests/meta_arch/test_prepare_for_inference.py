@@ -12,9 +12,9 @@ import torch  # noqa: E402
 from d2_helpers import CONFIGS, PIXEL_ARGMAX, TINY, make_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from panoptic_segformer.meta_arch import PanopticSegFormer  # noqa: E402
+from panoptic_segformer.d2.meta_arch import PanopticSegFormer  # noqa: E402
+from panoptic_segformer.d2.predictor import Predictor, load_image  # noqa: E402
 from panoptic_segformer.modeling.frozen_bn import is_frozen_batchnorm  # noqa: E402
-from panoptic_segformer.predictor import Predictor, load_image  # noqa: E402
 
 R50 = str(CONFIGS[0].parent / "r50.yaml")
 

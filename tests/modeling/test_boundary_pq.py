@@ -1,4 +1,4 @@
-"""Boundary PQ (panoptic_segformer/boundary_pq.py) against a slow pixel-loop reference of the
+"""Boundary PQ (panoptic_segformer/utils/boundary_pq.py) against a slow pixel-loop reference of the
 official definition (boundary-iou-api), on hand-made segmentations; no detectron2."""
 
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skips import require
 
-from panoptic_segformer.boundary_pq import (
+from panoptic_segformer.utils.boundary_pq import (
     BoundaryPQStats,
     boundary_iou,
     boundary_pq_image,

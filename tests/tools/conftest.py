@@ -1,5 +1,5 @@
 """Fixtures of the tools' tests: a tool loaded by path (``import tools`` would find detectron2's
-own ``tools`` package), a tiny stand-in for ``model_analysis.build_core_model``, and a reader of
+own ``tools`` package), a tiny stand-in for ``panoptic_segformer.modeling.complexity.build_core_model``, and a reader of
 the tools' markdown tables."""
 
 import importlib.util
@@ -40,7 +40,8 @@ def _tiny_core_model(
 @pytest.fixture
 def tiny_core_model():
     """``tiny_core_model(backbone, inference)``: a stand-in for
-    ``model_analysis.build_core_model`` that builds in well under a second."""
+    ``panoptic_segformer.modeling.complexity.build_core_model`` that builds in well under a second.
+    """
     return _tiny_core_model
 
 

@@ -20,7 +20,7 @@ from d2_helpers import ROOT, TINY, make_cfg, register_sample  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from panoptic_segformer.data import (  # noqa: E402
+from panoptic_segformer.d2.data import (  # noqa: E402
     PanopticSegFormerDatasetMapper,
     register_subset,
     select_images,

@@ -1,16 +1,17 @@
-"""tools/model_analysis.py: the FLOP handles, the parts' parameters and the markdown tables."""
+"""panoptic_segformer.modeling.complexity (tools/analyze_model.py's and benchmark_model.py's library): the FLOP handles, the parts' parameters and the markdown tables."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from panoptic_segformer.modeling import complexity
 from panoptic_segformer.modeling.frozen_bn import is_frozen_batchnorm
 
 
 @pytest.fixture
-def analysis(load_tool):
-    return load_tool("model_analysis")
+def analysis():
+    return complexity
 
 
 class _Ops(nn.Module):

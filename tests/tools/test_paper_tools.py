@@ -19,7 +19,7 @@ from d2_helpers import (  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from panoptic_segformer.data import register_subset  # noqa: E402
+from panoptic_segformer.d2.data import register_subset  # noqa: E402
 from panoptic_segformer.modeling import MaskWiseOptions, PixelArgmaxOptions  # noqa: E402
 
 R50 = str(CONFIGS[0].parent / "r50.yaml")

@@ -1,9 +1,12 @@
-"""tools/training_breakdown.py on a two-stage toy: what each stage holds for backward, its peak
-memory from the profiler, and the rows of the backward pass and the optimizer step."""
+"""panoptic_segformer.d2.training_breakdown (tools/benchmark_peers.py --breakdown) on a
+two-stage toy: what each stage holds for backward, its peak memory from the profiler, and the rows of the backward pass and the optimizer step.
+"""
 
 import pytest
 import torch
 from torch import nn
+
+from panoptic_segformer.d2 import training_breakdown
 
 ROWS, COLUMNS = 1000, 256  # x; the first stage's output has 4 x COLUMNS columns
 FLOAT = 4
@@ -20,8 +23,8 @@ class Toy(nn.Module):
 
 
 @pytest.fixture
-def breakdown(load_tool):
-    return load_tool("training_breakdown")
+def breakdown():
+    return training_breakdown
 
 
 def test_held_for_backward_by_stage(breakdown):

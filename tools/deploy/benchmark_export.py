@@ -28,9 +28,9 @@ from typing import Callable, Dict, List
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for a source tree
-from panoptic_segformer.config import get_config  # noqa: E402
-from panoptic_segformer.deploy import (  # noqa: E402
+from panoptic_segformer.d2.config import get_config
+from panoptic_segformer.d2.registration import register
+from panoptic_segformer.deploy import (
     EXPORTERS,
     ExportedNetwork,
     export_network,
@@ -93,10 +93,11 @@ def benchmark(args) -> List[Dict[str, object]]:
     """One row per runtime: name, ms, ratio, export s, MB, max abs difference."""
     from detectron2.modeling import build_model
 
-    from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
+    from panoptic_segformer.d2.checkpoint import PanopticSegFormerCheckpointer
 
     torch.set_num_threads(args.threads)
     # random weights unless the overrides name some (the config's are ImageNet backbone ones)
+    register()
     cfg = get_config(args.config_file, ["MODEL.WEIGHTS", "", *args.opts])
     cfg.MODEL.DEVICE = "cpu"
     torch.manual_seed(0)

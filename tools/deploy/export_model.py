@@ -30,17 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for a source tree
-from panoptic_segformer.class_info import class_info_of_config  # noqa: E402
-from panoptic_segformer.config import get_config  # noqa: E402
-from panoptic_segformer.deploy import (  # noqa: E402
+from panoptic_segformer.d2.class_info import class_info_of_config
+from panoptic_segformer.d2.config import get_config
+from panoptic_segformer.d2.predictor import Predictor, load_image
+from panoptic_segformer.d2.registration import register
+from panoptic_segformer.deploy import (
     EXPORTERS,
     ExportedNetwork,
     export_network,
     max_abs_differences,
 )
-from panoptic_segformer.deploy.export import sample_inputs  # noqa: E402
-from panoptic_segformer.predictor import Predictor, load_image  # noqa: E402
+from panoptic_segformer.deploy.export import sample_inputs
 
 logger = logging.getLogger("export_model")
 
@@ -84,6 +84,7 @@ def generated_image(height: int = 480, width: int = 640) -> np.ndarray:
 
 def export(args) -> dict:
     """Exports and checks; returns what was printed as a dict (path, sizes, differences)."""
+    register()
     cfg = get_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()

@@ -7,7 +7,7 @@ and are registered here as ``D2TimmBackbone``, configured by ``MODEL.TIMM.*``.
 
 from typing import Dict
 
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+from detectron2.modeling import Backbone, ShapeSpec
 from torch import Tensor
 
 from panoptic_segformer.modeling.backbone import build_backbone
@@ -20,7 +20,6 @@ TIMM_BACKBONES = ("swin_large", "swin_large_w12", "pvt_v2_b5")
 _STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
 
-@BACKBONE_REGISTRY.register()
 class D2TimmBackbone(Backbone):
     """A timm backbone (``MODEL.TIMM.NAME``) with detectron2's ``Backbone`` interface.
 

@@ -19,9 +19,9 @@ from detectron2.utils.file_io import PathManager
 from PIL import Image
 from tabulate import tabulate
 
-from panoptic_segformer.boundary_pq import DILATION_RATIO, BoundaryPQStats, boundary_pq_image
-from panoptic_segformer.data.builtin import SUBMISSION_EVALUATOR_TYPE
-from panoptic_segformer.data.dataset_mapper import rgb_to_segment_ids
+from panoptic_segformer.d2.data.builtin import SUBMISSION_EVALUATOR_TYPE
+from panoptic_segformer.d2.data.dataset_mapper import rgb_to_segment_ids
+from panoptic_segformer.utils.boundary_pq import DILATION_RATIO, BoundaryPQStats, boundary_pq_image
 
 __all__ = [
     "PANOPTIC_EVALUATOR_TYPES",
@@ -61,7 +61,7 @@ class PanopticInstanceEvaluator(COCOEvaluator):
     """detectron2's ``COCOEvaluator`` (instance masks and boxes) for panoptic datasets.
 
     detectron2's "standard" panoptic metadata (``coco_2017_val_panoptic``, and the datasets of
-    :func:`panoptic_segformer.data.register_panoptic_dataset`) lists every category in
+    :func:`panoptic_segformer.d2.data.register_panoptic_dataset`) lists every category in
     ``thing_classes``, so that its Visualizer can name stuff segments too; the plain
     ``COCOEvaluator`` then fails on the per-category table, which has one row per thing
     category. This names the rows by the thing categories alone, in the instances json's
@@ -77,7 +77,7 @@ class PanopticInstanceEvaluator(COCOEvaluator):
 
 
 class BoundaryPanopticEvaluator(DatasetEvaluator):
-    """Boundary PQ (Cheng et al., CVPR 2021; :mod:`panoptic_segformer.boundary_pq`) of the
+    """Boundary PQ (Cheng et al., CVPR 2021; :mod:`panoptic_segformer.utils.boundary_pq`) of the
     model's ``panoptic_seg``, beside detectron2's ``COCOPanopticEvaluator``.
 
     The ground truth is read as ``COCOPanopticEvaluator`` reads it: the PNGs of the dataset's

@@ -2,26 +2,26 @@
 
 Importing this package registers no dataset: :func:`register_builtin_datasets` registers
 "ade20k_panoptic_train", "ade20k_panoptic_val" and "coco_2017_test-dev_panoptic" (names another
-project may have taken are left alone); :func:`panoptic_segformer.config.get_config` calls it.
+project may have taken are left alone); :func:`panoptic_segformer.d2.config.get_config` calls it.
 """
 
-from panoptic_segformer.data.builtin import (
+from panoptic_segformer.d2.data.builtin import (
     load_image_info_json,
     register_all_ade20k_panoptic,
     register_all_coco_panoptic_test,
     register_builtin_datasets,
 )
-from panoptic_segformer.data.coco_panoptic import (
+from panoptic_segformer.d2.data.coco_panoptic import (
     load_panoptic_json,
     metadata_from_categories,
     register_panoptic_dataset,
 )
-from panoptic_segformer.data.dataset_mapper import (
+from panoptic_segformer.d2.data.dataset_mapper import (
     PanopticSegFormerDatasetMapper,
     build_augmentations,
     rgb_to_segment_ids,
 )
-from panoptic_segformer.data.subset import register_subset, select_images
+from panoptic_segformer.d2.data.subset import register_subset, select_images
 
 __all__ = [
     "PanopticSegFormerDatasetMapper",

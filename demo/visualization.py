@@ -9,7 +9,7 @@ import torch
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
-from panoptic_segformer.predictor import Predictor
+from panoptic_segformer.d2.predictor import Predictor
 
 
 def keep_confident(predictions: Dict, threshold: float) -> Dict:

@@ -2,7 +2,7 @@
 Evaluation", CVPR 2021): panoptic quality in which a pair's IoU is min(mask IoU, boundary IoU).
 
 Plain numpy and scipy; no detectron2 (its evaluator is
-:class:`panoptic_segformer.evaluation.BoundaryPanopticEvaluator`). The definitions are those of
+:class:`panoptic_segformer.d2.evaluation.BoundaryPanopticEvaluator`). The definitions are those of
 the authors' boundary-iou-api (github.com/bowenc0221/boundary-iou-api):
 
 * Boundary width (``utils/boundary_utils.py``, ``mask_to_boundary``):

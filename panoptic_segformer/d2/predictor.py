@@ -14,8 +14,9 @@ import numpy as np
 from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
 
-from panoptic_segformer.checkpoint import PanopticSegFormerCheckpointer
-from panoptic_segformer.class_info import CLASS_INFO_KEY, drawing_metadata
+from panoptic_segformer.d2.checkpoint import PanopticSegFormerCheckpointer
+from panoptic_segformer.d2.class_info import CLASS_INFO_KEY, drawing_metadata
+from panoptic_segformer.d2.registration import register
 
 __all__ = ["Predictor", "load_image"]
 
@@ -63,7 +64,7 @@ def load_image(path: str) -> np.ndarray:
 
 class Predictor(DefaultPredictor):
     """Builds the model of ``cfg``, loads its weights, prepares it for inference
-    (:meth:`~panoptic_segformer.meta_arch.PanopticSegFormer.prepare_for_inference`) and predicts
+    (:meth:`~panoptic_segformer.d2.meta_arch.PanopticSegFormer.prepare_for_inference`) and predicts
     one image at a time: detectron2's ``DefaultPredictor`` with our checkpointer and input checks.
 
     Attributes:
@@ -75,6 +76,7 @@ class Predictor(DefaultPredictor):
     """
 
     def __init__(self, cfg) -> None:
+        register()
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {cfg.INPUT.FORMAT!r}")
         datasets = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)

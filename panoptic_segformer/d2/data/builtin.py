@@ -5,7 +5,7 @@ written as a submission).
 Other detectron2 projects register some of these names too (Mask2Former registers
 "ade20k_panoptic_train" and "ade20k_panoptic_val" when it is imported), and detectron2 refuses a
 second registration. So importing this package registers nothing;
-:func:`register_builtin_datasets`, called by :func:`panoptic_segformer.config.get_config`,
+:func:`register_builtin_datasets`, called by :func:`panoptic_segformer.d2.config.get_config`,
 registers the names that are still free and leaves the others as they are (a log line each).
 """
 
@@ -18,7 +18,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.utils.file_io import PathManager
 
-from panoptic_segformer.data.coco_panoptic import (
+from panoptic_segformer.d2.data.coco_panoptic import (
     load_panoptic_json,
     metadata_from_categories,
     read_json,
@@ -183,7 +183,7 @@ def register_all_coco_panoptic_test(root: str) -> None:
     The metadata is ``coco_2017_val_panoptic``'s (COCO panoptic's 133 categories: the
     image-info json lists the 80 detection categories only), with ``evaluator_type``
     "coco_panoptic_submission" (train_net.py writes the predictions for COCO's evaluation server,
-    :class:`panoptic_segformer.evaluation.COCOPanopticSubmissionWriter`) and
+    :class:`panoptic_segformer.d2.evaluation.COCOPanopticSubmissionWriter`) and
     ``submission_split`` "test-dev2017". Nothing is read now; ``DatasetCatalog.get`` raises
     FileNotFoundError naming the json when it is missing. A name that is already registered is
     left alone (with a log line).

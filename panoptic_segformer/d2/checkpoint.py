@@ -21,7 +21,7 @@ named ``*.pth`` or ``last_checkpoint`` is complete, and ``last_checkpoint`` only
 complete checkpoint. A kill mid-save can leave a ``<name>.pth.tmp``, which the next save of that
 name overwrites.
 
-Every file is read as data (:mod:`panoptic_segformer.safe_load`): detectron2 reads ``.pkl`` with
+Every file is read as data (:mod:`panoptic_segformer.utils.safe_load`): detectron2 reads ``.pkl`` with
 ``pickle.load`` and torch files with ``torch.load``'s default, which a crafted file makes run
 code (the default does before torch 2.6). A file asking for anything but weights data is refused
 with a ``pickle.UnpicklingError`` naming the file.
@@ -33,8 +33,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from panoptic_segformer.class_info import CLASS_INFO_KEY
-from panoptic_segformer.safe_load import load_pickle, load_torch
+from panoptic_segformer.d2.class_info import CLASS_INFO_KEY
+from panoptic_segformer.utils.safe_load import load_pickle, load_torch
 
 __all__ = ["PanopticSegFormerCheckpointer"]
 
@@ -76,7 +76,7 @@ class PanopticSegFormerCheckpointer(DetectionCheckpointer):
     Args:
         model, save_dir, save_to_disk, checkpointables: as detectron2's.
         class_info: the class names, thing/stuff split and colours of the training dataset
-            (:func:`panoptic_segformer.class_info.class_info_of`), saved in every checkpoint
+            (:func:`panoptic_segformer.d2.class_info.class_info_of`), saved in every checkpoint
             under ``"class_info"`` so that a process that never registered the dataset can draw
             the model's predictions; None saves none.
     """

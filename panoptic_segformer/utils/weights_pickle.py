@@ -15,7 +15,7 @@ file names is called here. The grammar:
   whose count is checked against the shape and the dtype.
 
 The few names numpy's and Python's own pickles of these use resolve to stand-ins
-(:mod:`panoptic_segformer.pickle_stand_ins`) that check their arguments and return inert
+(:mod:`panoptic_segformer.utils.pickle_stand_ins`) that check their arguments and return inert
 placeholders recording them. BUILD (``__setstate__``) applies to those placeholders only, once
 each (a dtype's byte order; an array's shape, dtype, order and bytes), plus torch's
 ``_metadata`` attribute of an ``OrderedDict``; a placeholder becomes a real array or scalar only
@@ -31,7 +31,7 @@ import collections
 import struct
 from typing import Any, Callable, Dict, List
 
-from panoptic_segformer.pickle_stand_ins import (
+from panoptic_segformer.utils.pickle_stand_ins import (
     GLOBALS,
     ArrayPlaceholder,
     OrderedDictBeingRead,

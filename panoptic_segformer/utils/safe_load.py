@@ -5,7 +5,7 @@ while it is loaded.
   numpy arrays in dicts, Python 2 files too) are read by :func:`load_pickle`, an interpreter of
   the pickle opcodes that admits containers, numbers, strings, bytes and numeric numpy arrays
   and scalars, rebuilt by the loader itself from checked raw bytes, and nothing else
-  (:mod:`panoptic_segformer.weights_pickle`);
+  (:mod:`panoptic_segformer.utils.weights_pickle`);
 * torch files (``.pth``, ``.pyth``, any other name) are read by :func:`load_torch`:
   ``torch.load`` with ``weights_only=True`` (tensors, numbers, strings, lists, tuples, dicts) on
   every torch (before torch 2.6 its default runs code from the file), after checking that the
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from panoptic_segformer.weights_pickle import RefusedPickle, read_pickle
+from panoptic_segformer.utils.weights_pickle import RefusedPickle, read_pickle
 
 __all__ = ["load_pickle", "load_torch"]
 

@@ -1,7 +1,7 @@
 """Running an exported network with the PyTorch model's own pre- and post-processing (needs
 detectron2).
 
-:class:`ExportedPredictor` is :class:`panoptic_segformer.predictor.Predictor` with an exported
+:class:`ExportedPredictor` is :class:`panoptic_segformer.d2.predictor.Predictor` with an exported
 file (:class:`~panoptic_segformer.deploy.runtime.ExportedNetwork`) in place of the network:
 same resizing, normalisation and padding, same post-processing
 (:meth:`PanopticSegFormer.inference` of the meta-architecture, built from the config the file
@@ -13,9 +13,9 @@ from typing import Dict, Optional
 from detectron2.config import CfgNode, get_cfg
 from torch import nn
 
-from panoptic_segformer.config import add_panoptic_segformer_config
+from panoptic_segformer.d2.config import add_panoptic_segformer_config
+from panoptic_segformer.d2.predictor import Predictor
 from panoptic_segformer.deploy.runtime import ExportedNetwork
-from panoptic_segformer.predictor import Predictor
 
 __all__ = ["ExportedPredictor"]
 
@@ -42,7 +42,7 @@ class _ExportedModel(nn.Module):
 
 
 class ExportedPredictor(Predictor):
-    """:class:`~panoptic_segformer.predictor.Predictor` running an exported file: the same
+    """:class:`~panoptic_segformer.d2.predictor.Predictor` running an exported file: the same
     pre-processing, post-processing and outputs (detectron2's ``panoptic_seg``, ...).
 
     Args:

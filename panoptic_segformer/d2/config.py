@@ -12,10 +12,6 @@ import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-# importing these registers the meta-architecture and the backbone the configs name
-from panoptic_segformer import d2_backbone, meta_arch  # noqa: F401
-from panoptic_segformer.data import register_builtin_datasets
-
 __all__ = ["add_panoptic_segformer_config", "get_config", "merge_config_file"]
 
 
@@ -58,9 +54,7 @@ def get_config(config_file: str, opts: Sequence[str] = (), cpu_fallback: bool = 
 def add_panoptic_segformer_config(cfg: CN) -> None:
     """Adds the keys of Panoptic SegFormer (``MODEL.PANOPTIC_SEGFORMER``, ``MODEL.TIMM``,
     ``INPUT``, ``SOLVER``, ``TEST.BOUNDARY_PQ``, ``TEST.SUBMISSION_NAME``) to a detectron2
-    config, in place, and registers the datasets the configs name where they are still free
-    (:func:`panoptic_segformer.data.register_builtin_datasets`)."""
-    register_builtin_datasets()
+    config, in place. Registers nothing: :func:`panoptic_segformer.d2.register` does."""
     cfg.MODEL.PANOPTIC_SEGFORMER = CN()
     ps = cfg.MODEL.PANOPTIC_SEGFORMER
     ps.NUM_THING_CLASSES = 80  # K: classes of the location decoder's thing queries

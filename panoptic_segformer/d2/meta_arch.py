@@ -17,12 +17,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
-from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling import Backbone, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
-from panoptic_segformer.build import build_model_from_config, class_id_maps
+from panoptic_segformer.d2.build import build_model_from_config, class_id_maps
 from panoptic_segformer.modeling import PanopticSegFormerModel
 from panoptic_segformer.modeling.frozen_bn import PreparableForInference
 
@@ -81,7 +81,6 @@ class _Normalize(nn.Module):
         return (image - self.mean) / self.std
 
 
-@META_ARCH_REGISTRY.register()
 class PanopticSegFormer(PreparableForInference, nn.Module):
     """Panoptic SegFormer as a detectron2 meta-architecture.
 
@@ -89,12 +88,12 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         backbone: a detectron2 backbone returning ``in_features``.
         in_features: the backbone outputs fed to the neck, finest first (C3, C4, C5).
         model: the model core, built without a backbone (``build_panoptic_segformer(None, ...)``;
-            from a config, :func:`~panoptic_segformer.build.build_model_from_config`).
+            from a config, :func:`~panoptic_segformer.d2.build.build_model_from_config`).
         pixel_mean, pixel_std: per-channel normalisation in ``INPUT.FORMAT`` order.
         size_divisibility: pad batches to a multiple of this (at least the backbone's own
             ``size_divisibility``); 1 pads a batch only to its largest image.
         thing_ids, stuff_ids: the dataset's contiguous ids of the model's thing and stuff
-            classes (:func:`~panoptic_segformer.build.class_id_maps`).
+            classes (:func:`~panoptic_segformer.d2.build.class_id_maps`).
     """
 
     @configurable

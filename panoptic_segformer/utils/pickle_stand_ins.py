@@ -1,5 +1,5 @@
 """The names a weights pickle may use, and what they resolve to: stand-ins that check their
-arguments and return inert placeholders (see :mod:`panoptic_segformer.weights_pickle`).
+arguments and return inert placeholders (see :mod:`panoptic_segformer.utils.weights_pickle`).
 
 Numpy's own pickles name ``numpy.dtype``, ``numpy.ndarray`` and ``numpy[._]core.multiarray.
 _reconstruct`` / ``scalar`` / ``numpy[._]core.numeric._frombuffer`` (arrays, scalars, protocol 5

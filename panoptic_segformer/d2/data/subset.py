@@ -10,7 +10,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
 
-from panoptic_segformer.data.coco_panoptic import read_json
+from panoptic_segformer.d2.data.coco_panoptic import read_json
 
 __all__ = ["register_subset", "select_images"]
 
