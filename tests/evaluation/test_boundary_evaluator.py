@@ -1,5 +1,5 @@
-"""BoundaryPanopticEvaluator (panoptic_segformer/d2/evaluation.py) on the real COCO panoptic sample,
-beside detectron2's COCOPanopticEvaluator."""
+"""BoundaryPanopticEvaluator (panoptic_segformer/d2/evaluation/boundary.py) on the real COCO
+panoptic sample, beside detectron2's COCOPanopticEvaluator."""
 
 import numpy as np
 import pytest

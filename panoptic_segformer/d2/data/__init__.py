@@ -14,12 +14,13 @@ from panoptic_segformer.d2.data.builtin import (
 from panoptic_segformer.d2.data.coco_panoptic import (
     load_panoptic_json,
     metadata_from_categories,
+    read_segment_ids,
     register_panoptic_dataset,
+    rgb_to_segment_ids,
 )
 from panoptic_segformer.d2.data.dataset_mapper import (
     PanopticSegFormerDatasetMapper,
     build_augmentations,
-    rgb_to_segment_ids,
 )
 from panoptic_segformer.d2.data.subset import register_subset, select_images
 
@@ -29,6 +30,7 @@ __all__ = [
     "load_image_info_json",
     "load_panoptic_json",
     "metadata_from_categories",
+    "read_segment_ids",
     "register_all_ade20k_panoptic",
     "register_all_coco_panoptic_test",
     "register_builtin_datasets",

@@ -8,7 +8,7 @@ both list every category name, so that detectron2's visualiser and panoptic eval
 import json
 import os
 from functools import partial
-from typing import Any, Dict, List, Optional
+from typing import Any, BinaryIO, Dict, List, Optional
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -18,6 +18,8 @@ __all__ = [
     "load_panoptic_json",
     "metadata_from_categories",
     "read_json",
+    "read_segment_ids",
+    "rgb_to_segment_ids",
     "register_panoptic_dataset",
 ]
 
@@ -27,6 +29,28 @@ _CLASS_KEYS = (
     "thing_dataset_id_to_contiguous_id",
     "stuff_dataset_id_to_contiguous_id",
 )
+
+
+def rgb_to_segment_ids(rgb: np.ndarray) -> np.ndarray:
+    """Decodes a COCO-panoptic PNG into segment ids.
+
+    Args:
+        rgb (np.ndarray): (H, W, 3) uint8, the PNG in RGB order.
+
+    Returns:
+        np.ndarray: (H, W) int64 segment ids, ``R + 256 * G + 256**2 * B``; 0 is void.
+    """
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def read_segment_ids(file: BinaryIO) -> np.ndarray:
+    """Reads a COCO-panoptic PNG (a path's open file, or bytes in a ``BytesIO``) into (H, W)
+    int64 segment ids (:func:`rgb_to_segment_ids`); the one decoder of panoptic PNGs, for the
+    ground truth and the predictions alike."""
+    from PIL import Image
+
+    return rgb_to_segment_ids(np.asarray(Image.open(file).convert("RGB")))
 
 
 def read_json(path: str, what: str = "Panoptic json") -> Dict[str, Any]:

@@ -20,25 +20,14 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
-__all__ = ["PanopticSegFormerDatasetMapper", "build_augmentations", "rgb_to_segment_ids"]
+from panoptic_segformer.d2.data.coco_panoptic import rgb_to_segment_ids
+
+__all__ = ["PanopticSegFormerDatasetMapper", "build_augmentations"]
 
 logger = logging.getLogger(__name__)
 
 # Keys that carry annotations; none of them is needed at inference.
 _ANNOTATION_KEYS = ("pan_seg_file_name", "segments_info", "sem_seg_file_name", "annotations")
-
-
-def rgb_to_segment_ids(rgb: np.ndarray) -> np.ndarray:
-    """Decodes a COCO-panoptic PNG into segment ids.
-
-    Args:
-        rgb (np.ndarray): (H, W, 3) uint8, the PNG in RGB order.
-
-    Returns:
-        np.ndarray: (H, W) int64 segment ids, ``R + 256 * G + 256**2 * B``; 0 is void.
-    """
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
 def _flip_augmentations(cfg: CfgNode) -> List[T.Augmentation]:
