@@ -10,7 +10,7 @@ import torch
 from coco_panoptic_sample import REAL_SAMPLE, write_coco_panoptic_sample
 from skips import require_detectron2
 
-from panoptic_segformer.modeling.frozen_bn import is_frozen_batchnorm
+from panoptic_segformer.modeling.inference_preparation import is_frozen_batchnorm
 
 
 @pytest.fixture(scope="session")

@@ -54,11 +54,11 @@ from panoptic_segformer.modeling.complexity import (
     build_core_model,
     print_markdown,
 )
-from panoptic_segformer.modeling.frozen_bn import (
+from panoptic_segformer.modeling.inference import InferenceOptions
+from panoptic_segformer.modeling.inference_preparation import (
     fold_frozen_batchnorm,
     store_channels_last,
 )
-from panoptic_segformer.modeling.inference import InferenceOptions
 from panoptic_segformer.modeling.panoptic_segformer import PanopticSegFormerModel
 from panoptic_segformer.modeling.postprocessing import RESULT_TYPES
 

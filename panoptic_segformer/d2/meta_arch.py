@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from panoptic_segformer.d2.build import build_model_from_config, class_id_maps
 from panoptic_segformer.modeling import PanopticSegFormerModel
-from panoptic_segformer.modeling.frozen_bn import PreparableForInference
+from panoptic_segformer.modeling.inference_preparation import PreparableForInference
 
 __all__ = ["PanopticSegFormer", "check_losses_finite"]
 

@@ -25,8 +25,8 @@ from panoptic_segformer.modeling.encoder import (
     DeformableEncoderLayer,
     flatten_levels,
 )
-from panoptic_segformer.modeling.frozen_bn import PreparableForInference
 from panoptic_segformer.modeling.inference import InferenceOptions, predict
+from panoptic_segformer.modeling.inference_preparation import PreparableForInference
 from panoptic_segformer.modeling.location_decoder import LocationDecoder, LocationDecoderLayer
 from panoptic_segformer.modeling.mask_decoder import MASK_LEVELS
 from panoptic_segformer.modeling.neck import ChannelMapper

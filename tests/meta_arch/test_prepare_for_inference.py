@@ -14,7 +14,7 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from panoptic_segformer.d2.meta_arch import PanopticSegFormer  # noqa: E402
 from panoptic_segformer.d2.predictor import Predictor, load_image  # noqa: E402
-from panoptic_segformer.modeling.frozen_bn import is_frozen_batchnorm  # noqa: E402
+from panoptic_segformer.modeling.inference_preparation import is_frozen_batchnorm  # noqa: E402
 
 R50 = str(CONFIGS[0].parent / "r50.yaml")
 

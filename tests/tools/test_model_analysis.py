@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from panoptic_segformer.modeling import complexity
-from panoptic_segformer.modeling.frozen_bn import is_frozen_batchnorm
+from panoptic_segformer.modeling.inference_preparation import is_frozen_batchnorm
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from panoptic_segformer.modeling.backbone import ResNetBackbone
-from panoptic_segformer.modeling.frozen_bn import (
+from panoptic_segformer.modeling.inference import InferenceOptions
+from panoptic_segformer.modeling.inference_preparation import (
     fold_frozen_batchnorm,
     fold_into_conv,
     is_frozen_batchnorm,
 )
-from panoptic_segformer.modeling.inference import InferenceOptions
 
 
 @pytest.mark.parametrize("conv_bias", [False, True])
@@ -100,7 +100,7 @@ def test_prepared_model_predicts_the_same_and_refuses_training_losses(randomise_
 def test_backbones_with_group_norm_stay_nchw():
     # GroupNorm's channels-last kernel reduces in an order that depends on the number of threads
     # (results would differ between one process of two threads and two of one)
-    from panoptic_segformer.modeling.frozen_bn import prepare_backbone_for_inference
+    from panoptic_segformer.modeling.inference_preparation import prepare_backbone_for_inference
 
     cl = torch.channels_last
     with_gn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 3))
