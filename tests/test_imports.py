@@ -350,3 +350,17 @@ def test_another_project_registering_the_same_names(tmp_path, ours_first):
         assert f"{name} other_project [{{'file_name': 'other_project.jpg'}}]" in output
         assert output.count(f"dataset {name!r} {TAKEN}") == 1
     assert "test-dev coco_panoptic_submission" in output
+
+
+MAX_LINES = 400  # a file a reader takes in at once
+
+
+def test_no_file_of_the_package_is_longer_than_max_lines():
+    sources = [
+        p
+        for p in (ROOT / "panoptic_segformer").rglob("*")
+        if p.suffix in {".py", ".cpp", ".cu", ".h"}
+    ]
+    assert len(sources) > 60
+    lengths = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in sources}
+    assert {path: n for path, n in lengths.items() if n > MAX_LINES} == {}
