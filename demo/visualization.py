@@ -39,7 +39,7 @@ def draw(shown: Dict, panoptic: Callable, semantic: Callable, instances: Callabl
 
 class VisualizationDemo:
     """Runs :class:`Predictor` (or, given ``exported``, an exported file through
-    :class:`~panoptic_segformer.deploy.ExportedPredictor`) and draws the panoptic segmentation
+    :class:`~panoptic_segformer.d2.ExportedPredictor`) and draws the panoptic segmentation
     (or, when the model returns no panoptic result, the semantic map or the instances).
 
     Args:
@@ -62,7 +62,7 @@ class VisualizationDemo:
         trust_exported_code: bool = False,
     ):
         if exported:
-            from panoptic_segformer.deploy import ExportedPredictor
+            from panoptic_segformer.d2 import ExportedPredictor
 
             self.predictor = ExportedPredictor(exported, cfg, trust_code=trust_exported_code)
         else:

@@ -1,10 +1,7 @@
 """Deployment: exporting the network (ONNX, TorchScript, torch.export) and running the exported
-file. Exporting and :class:`ExportedNetwork` need no detectron2; :class:`ExportedPredictor`
-(the PyTorch model's pre- and post-processing around the file) does, and is imported from
-:mod:`panoptic_segformer.d2.exported_predictor` when first asked for. ONNX needs the ``deploy`` extra
-(onnx, onnxruntime, onnxscript)."""
-
-from typing import Any
+file, without detectron2. The detectron2 predictor around an exported file (the model's pre- and
+post-processing) is :class:`panoptic_segformer.d2.ExportedPredictor`. ONNX needs the ``deploy``
+extra (onnx, onnxruntime, onnxscript)."""
 
 from panoptic_segformer.deploy.export import (
     EXPORTERS,
@@ -30,18 +27,8 @@ __all__ = [
     "UntrustedCode",
     "ExportableNetwork",
     "ExportedNetwork",
-    "ExportedPredictor",
     "export_network",
     "format_of",
     "max_abs_differences",
     "network_of",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # ExportedPredictor imports detectron2: only when asked for
-    if name != "ExportedPredictor":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from panoptic_segformer.d2.exported_predictor import ExportedPredictor
-
-    return ExportedPredictor

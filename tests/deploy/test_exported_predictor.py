@@ -24,7 +24,7 @@ def same_panoptic(expected, actual):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_exported_predictor_gives_the_panoptic_results_of_pytorch(fmt, exported, predictor, photos):
-    from panoptic_segformer.deploy import ExportedPredictor
+    from panoptic_segformer.d2 import ExportedPredictor
 
     # the config from the file; the test's own files, so their code is trusted
     exported_predictor = ExportedPredictor(str(exported(fmt)), trust_code=True)
@@ -50,7 +50,7 @@ def test_exported_files_carry_config_and_classes(exported, tiny_cfg):
 
 
 def test_a_core_model_file_needs_a_config(core_exported):
-    from panoptic_segformer.deploy import ExportedPredictor
+    from panoptic_segformer.d2 import ExportedPredictor
 
     path = str(core_exported("torchscript"))
     with pytest.raises(ValueError, match=r"tiny.ts holds no config .* pass the model's cfg"):

@@ -4,7 +4,7 @@
 The exported network maps the normalised, padded image (and its padding mask) to plain tensors
 (thing masks, scores, labels, boxes; stuff masks, scores), with dynamic height and width
 (multiples of INPUT.SIZE_DIVISIBILITY). The file carries the config and the class names;
-``panoptic_segformer.deploy.ExportedPredictor`` and ``demo/demo.py --exported FILE`` run it.
+``panoptic_segformer.d2.ExportedPredictor`` and ``demo/demo.py --exported FILE`` run it.
 
 Examples:
     python tools/deploy/export_model.py --config-file configs/r50.yaml --format onnx \\

@@ -36,7 +36,7 @@ from detectron2.utils.logger import setup_logger
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from panoptic_segformer import PanopticSegFormerCheckpointer
+from panoptic_segformer.d2.checkpoint import PanopticSegFormerCheckpointer
 from panoptic_segformer.d2.class_info import class_info_of_config
 from panoptic_segformer.d2.config import get_config
 from panoptic_segformer.d2.data import PanopticSegFormerDatasetMapper
