@@ -37,8 +37,9 @@ def build_model_for_conversion(cfg) -> nn.Module:
     weights (MODEL.TIMM.PRETRAINED) are not read."""
     from detectron2.modeling import META_ARCH_REGISTRY
 
-    # importing these registers the meta-architecture and the backbone the configs name
-    from panoptic_segformer import d2_backbone, meta_arch  # noqa: F401
+    from panoptic_segformer.d2.registration import register
+
+    register()  # the meta-architecture and the backbone the configs name
 
     cfg = cfg.clone()
     cfg.defrost()

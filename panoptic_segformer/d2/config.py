@@ -157,12 +157,15 @@ def add_panoptic_segformer_config(cfg: CN) -> None:
     cfg.MODEL.TIMM.OUT_FEATURES = ["res3", "res4", "res5"]
 
     # Data (detectron2's INPUT.* keys are used as usual; these add the authors' recipe)
-    cfg.INPUT.DATASET_MAPPER_NAME = "panoptic_segformer"  # or "panoptic_segformer_lsj"
+    cfg.INPUT.AUGMENTATION = "detr"  # the authors' (DETR's); or "lsj", large-scale jitter
+    # deprecated: "panoptic_segformer" / "panoptic_segformer_lsj" (INPUT.AUGMENTATION "detr" /
+    # "lsj"), read with a warning for one release
+    cfg.INPUT.DATASET_MAPPER_NAME = ""
     # DETR crop branch (INPUT.CROP.ENABLED, TYPE "absolute_range", SIZE [384, 600]): with
     # probability 0.5 resize the short side to one of these first, then crop, then resize
     cfg.INPUT.CROP.PRE_RESIZE_MIN_SIZES = [400, 500, 600]
     cfg.INPUT.CROP.PRE_RESIZE_MAX_SIZE = 4200
-    # large-scale jitter (DATASET_MAPPER_NAME "panoptic_segformer_lsj")
+    # large-scale jitter (AUGMENTATION "lsj")
     cfg.INPUT.IMAGE_SIZE = 1024
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0

@@ -195,7 +195,7 @@ def test_detr_recipe_with_crop_gives_consistent_outputs(dicts):
 
 
 def test_large_scale_jitter_pads_with_void(dicts, sample_kind):
-    cfg = make_cfg(DATASET_MAPPER_NAME="panoptic_segformer_lsj", RANDOM_FLIP="none")
+    cfg = make_cfg(AUGMENTATION="lsj", RANDOM_FLIP="none")
     cfg.INPUT.IMAGE_SIZE, cfg.INPUT.MIN_SCALE, cfg.INPUT.MAX_SCALE = 256, 0.5, 0.5
     augmentations = build_augmentations(cfg, is_train=True)
     assert [type(a) for a in augmentations] == [T.ResizeScale, T.FixedSizeCrop]
@@ -210,7 +210,7 @@ def test_large_scale_jitter_pads_with_void(dicts, sample_kind):
 
 
 def test_large_scale_jitter_random_scales_are_consistent(dicts):
-    cfg = make_cfg(DATASET_MAPPER_NAME="panoptic_segformer_lsj")
+    cfg = make_cfg(AUGMENTATION="lsj")
     cfg.INPUT.IMAGE_SIZE = 192
     m = PanopticSegFormerDatasetMapper(cfg, is_train=True)
     np.random.seed(1)
@@ -250,9 +250,35 @@ def test_from_config_reads_class_count_from_metadata(sample):
         MetadataCatalog.remove(name)
 
 
-def test_unknown_mapper_name_raises():
-    with pytest.raises(ValueError, match="panoptic_segformer_lsj"):
+def test_unknown_augmentation_raises():
+    with pytest.raises(ValueError, match=r"INPUT.AUGMENTATION 'nope'.*\['detr', 'lsj'\]"):
+        build_augmentations(make_cfg(AUGMENTATION="nope"), is_train=True)
+
+
+def _kinds(augmentations):
+    return [type(a).__name__ for a in augmentations]
+
+
+@pytest.mark.parametrize(
+    "old, new", [("panoptic_segformer", "detr"), ("panoptic_segformer_lsj", "lsj")]
+)
+def test_the_deprecated_mapper_name_still_works_with_a_warning(old, new):
+    with pytest.warns(FutureWarning, match=f"use INPUT.AUGMENTATION '{new}' instead of "):
+        augmentations = build_augmentations(make_cfg(DATASET_MAPPER_NAME=old), is_train=True)
+    assert _kinds(augmentations) == _kinds(
+        build_augmentations(make_cfg(AUGMENTATION=new), is_train=True)
+    )
+    assert _kinds(augmentations) != _kinds(
+        build_augmentations(make_cfg(AUGMENTATION={"detr": "lsj", "lsj": "detr"}[new]), True)
+    )
+
+
+def test_the_deprecated_mapper_name_refuses_unknown_or_conflicting_values():
+    with pytest.raises(ValueError, match="DATASET_MAPPER_NAME 'nope'.*INPUT.AUGMENTATION"):
         build_augmentations(make_cfg(DATASET_MAPPER_NAME="nope"), is_train=True)
+    conflicting = make_cfg(DATASET_MAPPER_NAME="panoptic_segformer", AUGMENTATION="lsj")
+    with pytest.raises(ValueError, match="ask for different augmentations"):
+        build_augmentations(conflicting, is_train=True)
 
 
 def test_only_crowd_segments_give_empty_instances(dicts):

@@ -18,7 +18,7 @@ import torch.distributed as dist  # noqa: E402
 from d2_helpers import free_port  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
 
-from panoptic_segformer import launch  # noqa: E402
+from panoptic_segformer.d2.engine import launch  # noqa: E402
 from panoptic_segformer.d2.engine.launch import LauncherRanks, distributed_backend  # noqa: E402
 from panoptic_segformer.d2.engine.preemption import StopOnSignal, TrainingStopped  # noqa: E402
 

@@ -2,14 +2,15 @@
 
 The training augmentation follows the authors' recipe, which is DETR's: a random horizontal flip,
 then with probability 0.5 a resize, random crop and resize branch, and always a multi-scale resize
-of the short side. Large-scale jitter (``INPUT.DATASET_MAPPER_NAME = "panoptic_segformer_lsj"``)
-is offered as an alternative.
+of the short side (``INPUT.AUGMENTATION "detr"``). Large-scale jitter (``INPUT.AUGMENTATION
+"lsj"``) is offered as an alternative.
 
 Shape shorthand: H, W image size after augmentation, T segments kept as targets.
 """
 
 import copy
 import logging
+import warnings
 from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -78,13 +79,54 @@ def _build_lsj_augmentations(cfg: CfgNode) -> List[T.Augmentation]:
 
 
 _TRAIN_AUGMENTATION_BUILDERS: Dict[str, Callable[[CfgNode], List[T.Augmentation]]] = {
-    "panoptic_segformer": _build_detr_augmentations,
-    "panoptic_segformer_lsj": _build_lsj_augmentations,
+    "detr": _build_detr_augmentations,
+    "lsj": _build_lsj_augmentations,
 }
+# the values of INPUT.DATASET_MAPPER_NAME, the key INPUT.AUGMENTATION replaces (kept for one
+# release, with a warning)
+_DEPRECATED_MAPPER_NAMES = {"panoptic_segformer": "detr", "panoptic_segformer_lsj": "lsj"}
+_DEFAULT_AUGMENTATION = "detr"
+
+
+def augmentation_name(cfg: CfgNode) -> str:
+    """The training augmentation ``INPUT.AUGMENTATION`` names ("detr" or "lsj"); a config that
+    still sets the deprecated ``INPUT.DATASET_MAPPER_NAME`` gets its value, with a warning that
+    names the new key.
+
+    Raises:
+        ValueError: an unknown name, or both keys set to different augmentations.
+    """
+    name = cfg.INPUT.AUGMENTATION
+    old = cfg.INPUT.get("DATASET_MAPPER_NAME", "")
+    if old:
+        if old not in _DEPRECATED_MAPPER_NAMES:
+            raise ValueError(
+                f"Unknown INPUT.DATASET_MAPPER_NAME {old!r} (deprecated: use INPUT.AUGMENTATION, "
+                f"one of {sorted(_TRAIN_AUGMENTATION_BUILDERS)})"
+            )
+        renamed = _DEPRECATED_MAPPER_NAMES[old]
+        if name not in (renamed, _DEFAULT_AUGMENTATION):
+            raise ValueError(
+                f"INPUT.DATASET_MAPPER_NAME {old!r} (deprecated) and INPUT.AUGMENTATION {name!r} "
+                "ask for different augmentations: set INPUT.AUGMENTATION alone"
+            )
+        warnings.warn(
+            f"INPUT.DATASET_MAPPER_NAME is deprecated and will be removed: use INPUT.AUGMENTATION "
+            f"{renamed!r} instead of INPUT.DATASET_MAPPER_NAME {old!r}",
+            FutureWarning,
+            stacklevel=2,
+        )
+        name = renamed
+    if name not in _TRAIN_AUGMENTATION_BUILDERS:
+        raise ValueError(
+            f"Unknown INPUT.AUGMENTATION {name!r}; expected one of "
+            f"{sorted(_TRAIN_AUGMENTATION_BUILDERS)}."
+        )
+    return name
 
 
 def build_augmentations(cfg: CfgNode, is_train: bool) -> List[T.Augmentation]:
-    """Builds the augmentations selected by ``INPUT.DATASET_MAPPER_NAME``.
+    """Builds the augmentations selected by ``INPUT.AUGMENTATION`` (:func:`augmentation_name`).
 
     Args:
         cfg: a config with the keys of ``add_panoptic_segformer_config``.
@@ -96,13 +138,7 @@ def build_augmentations(cfg: CfgNode, is_train: bool) -> List[T.Augmentation]:
     """
     if not is_train:
         return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
-    name = cfg.INPUT.DATASET_MAPPER_NAME
-    if name not in _TRAIN_AUGMENTATION_BUILDERS:
-        raise ValueError(
-            f"Unknown INPUT.DATASET_MAPPER_NAME {name!r}; "
-            f"expected one of {sorted(_TRAIN_AUGMENTATION_BUILDERS)}."
-        )
-    return _TRAIN_AUGMENTATION_BUILDERS[name](cfg)
+    return _TRAIN_AUGMENTATION_BUILDERS[augmentation_name(cfg)](cfg)
 
 
 class PanopticSegFormerDatasetMapper:
