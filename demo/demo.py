@@ -81,8 +81,9 @@ def setup_cfg(args):
     cfg = get_config(args.config_file, args.opts, cpu_fallback=True)
     test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
     if test.PANOPTIC_ON:
-        # only the panoptic result is drawn; instance and semantic results would need every
-        # query's mask at full size (gigabytes for a 48-megapixel photo)
+        # only the panoptic result is drawn: a config that also asks for instance or semantic
+        # results (configs/ade20k_r50.yaml's SEMANTIC_ON) would need every query's mask at full
+        # size for nothing (gigabytes for a 48-megapixel photo); by default they are off
         test.INSTANCE_ON = test.SEMANTIC_ON = False
     cfg.freeze()
     return cfg

@@ -29,6 +29,9 @@ TINY = [
     "MODEL.PANOPTIC_SEGFORMER.STUFF_MASK_LAYERS", "1",
 ]  # fmt: skip
 
+# the instance results too (INSTANCE_ON is off by default: panoptic results only)
+INSTANCES = ["MODEL.PANOPTIC_SEGFORMER.TEST.INSTANCE_ON", "True"]
+
 # every query passes the merging: an untrained model then still paints segments
 PERMISSIVE = [
     "MODEL.PANOPTIC_SEGFORMER.TEST.THING_SCORE_THRESHOLD", "0.0",

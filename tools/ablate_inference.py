@@ -130,12 +130,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators, inference_on_dataset
     from detectron2.utils.logger import setup_logger
 
+    from panoptic_segformer.d2.build import THING_CLASS_KEYS
     from panoptic_segformer.d2.config import get_config
     from panoptic_segformer.d2.data import register_subset
     from panoptic_segformer.d2.engine import train as train_net
     from panoptic_segformer.d2.evaluation import BoundaryPanopticEvaluator
     from panoptic_segformer.d2.predictor import Predictor
     from panoptic_segformer.d2.registration import register
+    from panoptic_segformer.modeling.inference import check_thing_classes
 
     setup_logger(name="panoptic_segformer")
     register()
@@ -165,15 +167,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         if (options.mask_decoder_layers or 0) > depth:
             print(f"skipping {name}: the thing mask decoder has only {depth} layers")
             continue
-        if (
-            options.thing_classes_from == "mask_decoder"
-            and cfg.MODEL.PANOPTIC_SEGFORMER.THING_CLASS_WEIGHT <= 0
-        ):
-            print(
-                f"skipping {name}: MODEL.PANOPTIC_SEGFORMER.THING_CLASS_WEIGHT is "
-                f"{cfg.MODEL.PANOPTIC_SEGFORMER.THING_CLASS_WEIGHT}, the mask decoder's class "
-                "heads were not trained"
+        try:  # the thing classes must come from a part that classifies and was trained
+            check_thing_classes(
+                options.thing_classes_from,
+                cfg.MODEL.PANOPTIC_SEGFORMER.DEC_LAYERS,
+                cfg.MODEL.PANOPTIC_SEGFORMER.THING_CLASS_WEIGHT,
+                THING_CLASS_KEYS,
             )
+        except ValueError as e:
+            print(f"skipping {name}: {e}")
             continue
         meta.model.set_inference(options)
         timed = _Timed(meta)

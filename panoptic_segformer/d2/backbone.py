@@ -10,12 +10,10 @@ from typing import Dict
 from detectron2.modeling import Backbone, ShapeSpec
 from torch import Tensor
 
-from panoptic_segformer.modeling.backbone import build_backbone
+from panoptic_segformer.modeling.backbone import TIMM_BACKBONES, build_backbone
 
 __all__ = ["D2TimmBackbone", "TIMM_BACKBONES"]
 
-# MODEL.TIMM.NAME -> the names of panoptic_segformer.modeling.build_backbone
-TIMM_BACKBONES = ("swin_large", "swin_large_w12", "pvt_v2_b5")
 # detectron2's names of the stride-4 to stride-32 outputs, as its ResNet
 _STAGE_NAMES = ("res2", "res3", "res4", "res5")
 

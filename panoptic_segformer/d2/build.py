@@ -11,12 +11,16 @@ from panoptic_segformer.modeling import (
     PanopticSegFormerCriterion,
     PanopticSegFormerModel,
     PixelArgmaxOptions,
+    QuerySizes,
     build_panoptic_segformer,
+    query_sizes,
 )
+from panoptic_segformer.modeling.inference import check_thing_classes
 from panoptic_segformer.modeling.matcher import HungarianMatcher, MaskDecoderMatcher
 from panoptic_segformer.modeling.postprocessing import MergeOptions
 
 __all__ = [
+    "THING_CLASS_KEYS",
     "build_criterion",
     "build_model_from_config",
     "class_id_maps",
@@ -33,7 +37,9 @@ def build_model_from_config(cfg, in_channels: Sequence[int]) -> PanopticSegForme
         in_channels: channels of the backbone maps fed to the neck, finest first.
     """
     ps = cfg.MODEL.PANOPTIC_SEGFORMER
-    _check_thing_classes(ps)
+    check_thing_classes(
+        ps.TEST.THING_CLASSES_FROM, ps.DEC_LAYERS, ps.THING_CLASS_WEIGHT, THING_CLASS_KEYS
+    )
     return build_panoptic_segformer(
         None,
         in_channels,
@@ -47,7 +53,7 @@ def build_model_from_config(cfg, in_channels: Sequence[int]) -> PanopticSegForme
         dropout=ps.DROPOUT,
         num_encoder_layers=ps.ENC_LAYERS,
         num_decoder_layers=ps.DEC_LAYERS,
-        num_queries=ps.NUM_QUERIES + (ps.NUM_STUFF_CLASSES if ps.JOINT_MATCHING else 0),
+        num_queries=ps.NUM_QUERIES + _query_sizes(ps).joint_extra,
         num_thing_mask_layers=ps.THING_MASK_LAYERS,
         num_stuff_mask_layers=ps.STUFF_MASK_LAYERS,
         mask_mlp_ratio=ps.MASK_MLP_RATIO,
@@ -58,6 +64,10 @@ def build_model_from_config(cfg, in_channels: Sequence[int]) -> PanopticSegForme
         criterion=build_criterion(cfg),
         inference=inference_options_from_config(cfg),
     )
+
+
+def _query_sizes(ps) -> QuerySizes:
+    return query_sizes(ps.NUM_THING_CLASSES, ps.NUM_STUFF_CLASSES, ps.JOINT_MATCHING)
 
 
 def _mask_wise_options(test) -> MaskWiseOptions:
@@ -118,7 +128,7 @@ def inference_options_from_config(cfg) -> InferenceOptions:
         if on
     ]
     return InferenceOptions(
-        max_detections=test.MAX_DETECTIONS + (ps.NUM_STUFF_CLASSES if ps.JOINT_MATCHING else 0),
+        max_detections=test.MAX_DETECTIONS + _query_sizes(ps).joint_extra,
         mask_decoder_layers=test.MASK_DECODER_LAYERS or None,
         merge=merge_options_from_config(cfg),
         result_types=result_types,
@@ -180,27 +190,12 @@ def _fixed_lambdas(ps) -> bool:
     return not per_batch
 
 
-def _check_thing_classes(ps) -> None:
-    """Raises ValueError, naming the keys, when nothing would classify or train the thing
-    classes: a location decoder of 0 layers classifies nothing, and the mask decoder's class
-    heads learn only with a positive THING_CLASS_WEIGHT."""
-    key = "MODEL.PANOPTIC_SEGFORMER."
-    source = ps.TEST.THING_CLASSES_FROM
-    if ps.DEC_LAYERS < 0:
-        raise ValueError(f"{key}DEC_LAYERS must be >= 0, got {ps.DEC_LAYERS}")
-    if ps.DEC_LAYERS == 0 and source == "location_decoder":
-        raise ValueError(
-            f"{key}DEC_LAYERS is 0: a location decoder without layers predicts no classes, so "
-            f"set {key}TEST.THING_CLASSES_FROM to 'mask_decoder' (and {key}THING_CLASS_WEIGHT "
-            "> 0 to train its class heads)"
-        )
-    if source == "mask_decoder" and ps.THING_CLASS_WEIGHT <= 0:
-        raise ValueError(
-            f"{key}TEST.THING_CLASSES_FROM is 'mask_decoder' but {key}THING_CLASS_WEIGHT is "
-            f"{ps.THING_CLASS_WEIGHT}: the mask decoder's class heads are then never trained; "
-            "set it > 0 (e.g. 4.0, the weight the stuff class loss runs at: CLASS_WEIGHT x "
-            "STUFF_CLASS_FACTOR)"
-        )
+# how the thing-class rule (check_thing_classes) names its arguments here: by their keys
+THING_CLASS_KEYS = {
+    "thing_classes_from": "MODEL.PANOPTIC_SEGFORMER.TEST.THING_CLASSES_FROM",
+    "num_decoder_layers": "MODEL.PANOPTIC_SEGFORMER.DEC_LAYERS",
+    "thing_class_weight": "MODEL.PANOPTIC_SEGFORMER.THING_CLASS_WEIGHT",
+}
 
 
 def build_criterion(cfg) -> PanopticSegFormerCriterion:
@@ -210,10 +205,10 @@ def build_criterion(cfg) -> PanopticSegFormerCriterion:
     fixed = _fixed_lambdas(ps)
     focal = dict(focal_alpha=ps.FOCAL_ALPHA, focal_gamma=ps.FOCAL_GAMMA)
     # with joint matching the thing queries predict every class and there are no stuff queries
-    joint = ps.JOINT_MATCHING
+    sizes = _query_sizes(ps)
     return PanopticSegFormerCriterion(
-        ps.NUM_THING_CLASSES + (ps.NUM_STUFF_CLASSES if joint else 0),
-        0 if joint else ps.NUM_STUFF_CLASSES,
+        sizes.query_classes,
+        sizes.stuff_queries,
         matcher=HungarianMatcher(
             cost_class=ps.MATCHER.CLASS_COST,
             cost_bbox=ps.MATCHER.BBOX_COST,
@@ -234,7 +229,7 @@ def build_criterion(cfg) -> PanopticSegFormerCriterion:
         stuff_class_factor=ps.STUFF_CLASS_FACTOR,
         thing_class_weight=ps.THING_CLASS_WEIGHT,
         max_per_target=ps.MAX_PER_TARGET,
-        max_selected=ps.MAX_SELECTED + (ps.NUM_STUFF_CLASSES if joint else 0),
+        max_selected=ps.MAX_SELECTED + sizes.joint_extra,
         lambda_things=ps.LAMBDA_THINGS if fixed else None,
         lambda_stuff=ps.LAMBDA_STUFF if fixed else None,
         deep_supervision=ps.DEEP_SUPERVISION,

@@ -125,7 +125,9 @@ def add_panoptic_segformer_config(cfg: CN) -> None:
     # Inference
     ps.TEST = CN()
     ps.TEST.PANOPTIC_ON = True  # "panoptic_seg" results
-    ps.TEST.INSTANCE_ON = True  # "instances" results (thing masks, boxes, scores, classes)
+    # "instances" results (thing masks, boxes, scores, classes): off, as in the core (panoptic
+    # results only, the authors' evaluation: PQ); they need every kept query's mask at full size
+    ps.TEST.INSTANCE_ON = False
     ps.TEST.SEMANTIC_ON = False  # "sem_seg" results (needs every mask at full size)
     ps.TEST.MAX_DETECTIONS = 100  # thing queries kept: top scores over queries x classes
     ps.TEST.MASK_DECODER_LAYERS = 0  # early exit after this many layers, 0 = all (Table 10)

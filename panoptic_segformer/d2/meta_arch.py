@@ -63,6 +63,8 @@ def check_losses_finite(losses: Dict[str, Tensor]) -> None:
 
 
 def _check_in_features(in_features: Sequence[str], backbone: Backbone) -> None:
+    """Raises ValueError, naming the key, when the backbone lacks a feature of IN_FEATURES (before
+    the model is built for their channels)."""
     missing = [name for name in in_features if name not in backbone.output_shape()]
     if missing:
         raise ValueError(
@@ -86,7 +88,8 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
 
     Args:
         backbone: a detectron2 backbone returning ``in_features``.
-        in_features: the backbone outputs fed to the neck, finest first (C3, C4, C5).
+        in_features: the backbone outputs fed to the neck, finest first (C3, C4, C5); from a
+            config, :meth:`from_config` checks that the backbone has them.
         model: the model core, built without a backbone (``build_panoptic_segformer(None, ...)``;
             from a config, :func:`~panoptic_segformer.d2.build.build_model_from_config`).
         pixel_mean, pixel_std: per-channel normalisation in ``INPUT.FORMAT`` order.
@@ -110,7 +113,6 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         stuff_ids: Sequence[int],
     ) -> None:
         super().__init__()
-        _check_in_features(in_features, backbone)
         if len(thing_ids) != model.num_thing_classes or len(stuff_ids) != model.num_stuff_classes:
             raise ValueError(
                 f"{len(thing_ids)} thing and {len(stuff_ids)} stuff ids for a model of "

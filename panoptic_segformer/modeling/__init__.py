@@ -11,7 +11,9 @@ from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion
 from panoptic_segformer.modeling.inference import InferenceOptions
 from panoptic_segformer.modeling.panoptic_segformer import (
     PanopticSegFormerModel,
+    QuerySizes,
     build_panoptic_segformer,
+    query_sizes,
 )
 from panoptic_segformer.modeling.postprocessing import MaskWiseOptions, PixelArgmaxOptions
 from panoptic_segformer.modeling.targets import split_targets
@@ -22,8 +24,10 @@ __all__ = [
     "PanopticSegFormerCriterion",
     "PanopticSegFormerModel",
     "PixelArgmaxOptions",
+    "QuerySizes",
     "build_backbone",
     "build_panoptic_segformer",
     "count_parameters",
+    "query_sizes",
     "split_targets",
 ]

@@ -383,6 +383,10 @@ _BACKBONES: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# the names of the timm backbones (the transformer ones, detectron2's "D2TimmBackbone")
+TIMM_BACKBONES = tuple(name for name, make in _BACKBONES.items() if make.func is TimmBackbone)
+
+
 def build_backbone(name: str, **kwargs: Any) -> nn.Module:
     """Builds a backbone by name.
 

@@ -5,7 +5,7 @@ k kept thing queries, C channels, H1 x W1 the stride-8 level, B box coordinates.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -15,6 +15,58 @@ from panoptic_segformer.modeling.postprocessing import RESULT_TYPES, MaskWiseOpt
 
 # where the classes of the thing queries come from at inference
 THING_CLASS_SOURCES = ("location_decoder", "mask_decoder")
+
+# how check_thing_classes names its arguments, unless the caller names them otherwise
+_ARGUMENT_NAMES = {
+    "thing_classes_from": "thing_classes_from",
+    "num_decoder_layers": "num_decoder_layers",
+    "thing_class_weight": "the criterion's thing_class_weight",
+}
+
+
+def check_thing_classes(
+    thing_classes_from: str,
+    num_decoder_layers: int,
+    thing_class_weight: Optional[float],
+    names: Optional[Mapping[str, str]] = None,
+) -> None:
+    """The rule of where the thing classes may come from: something must classify them, and
+    what classifies them must be trained. A location decoder of 0 layers predicts no classes,
+    so they must come from the mask decoder; the mask decoder's class heads learn only with a
+    positive class loss weight.
+
+    Args:
+        thing_classes_from: "location_decoder" or "mask_decoder" (:class:`InferenceOptions`).
+        num_decoder_layers: layers of the location decoder, >= 0.
+        thing_class_weight: the criterion's weight of the thing mask decoder's class loss; None
+            for a model without a criterion (nothing to check about its training).
+        names: how the error names the three arguments (by their argument names, without it);
+            the detectron2 layer names its config keys.
+
+    Raises:
+        ValueError: naming the arguments, when the rule is broken.
+    """
+    name = {**_ARGUMENT_NAMES, **(names or {})}
+    source, layers, weight = (
+        name["thing_classes_from"],
+        name["num_decoder_layers"],
+        name["thing_class_weight"],
+    )
+    if num_decoder_layers < 0:
+        raise ValueError(f"{layers} must be >= 0, got {num_decoder_layers}")
+    if num_decoder_layers == 0 and thing_classes_from == "location_decoder":
+        raise ValueError(
+            f"{layers} is 0: a location decoder of 0 layers predicts no classes, so set {source} "
+            f"to 'mask_decoder' (and {weight} > 0 to train its class heads)"
+        )
+    if thing_classes_from == "mask_decoder" and thing_class_weight is not None:
+        if thing_class_weight <= 0:
+            raise ValueError(
+                f"{source} is 'mask_decoder' but {weight} is {thing_class_weight}; make it "
+                "positive: the mask decoder's class heads are never trained otherwise (e.g. "
+                "4.0, the weight the stuff class loss runs at: the class weight x the stuff "
+                "class factor)"
+            )
 
 
 @dataclass(frozen=True)

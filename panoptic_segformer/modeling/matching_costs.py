@@ -151,18 +151,19 @@ def mask_decoder_matching_cost(
     target_labels: Tensor,
     target_boxes: Tensor,
     target_masks: Tensor,
-    cost_class: float = 4.0,
-    cost_bbox: float = 5.0,
-    cost_giou: float = 2.0,
-    cost_dice: float = 2.0,
-    focal_alpha: float = 0.25,
-    focal_gamma: float = 2.0,
-    mask_activation: str = "none",
+    *,
+    cost_class: float,
+    cost_bbox: float,
+    cost_giou: float,
+    cost_dice: float,
+    focal_alpha: float,
+    focal_gamma: float,
+    mask_activation: str,
 ) -> Tensor:
     """Weighted matching cost of the mask decoder's thing queries against one image's things.
 
-    Weights follow the authors' ``HungarianAssigner_multi_info`` (class cost 2 doubled to 4,
-    L1 5, GIoU 2, Dice 2).
+    The weights have no defaults here: :class:`~panoptic_segformer.modeling.matcher.
+    MaskDecoderMatcher`'s are the authors' (``HungarianAssigner_multi_info``).
 
     Args:
         logits (Tensor): (Q, K) class logits.

@@ -12,7 +12,7 @@ Q thing queries, K thing classes, Z stuff classes, k kept thing queries at infer
 H1 x W1 the stride-8 level.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from panoptic_segformer.modeling.encoder import (
     DeformableEncoderLayer,
     flatten_levels,
 )
-from panoptic_segformer.modeling.inference import InferenceOptions, predict
+from panoptic_segformer.modeling.inference import InferenceOptions, check_thing_classes, predict
 from panoptic_segformer.modeling.inference_preparation import PreparableForInference
 from panoptic_segformer.modeling.location_decoder import LocationDecoder, LocationDecoderLayer
 from panoptic_segformer.modeling.mask_decoder import MASK_LEVELS
@@ -33,6 +33,31 @@ from panoptic_segformer.modeling.neck import ChannelMapper
 from panoptic_segformer.modeling.position_encoding import PositionEmbeddingSine
 from panoptic_segformer.modeling.postprocessing import results_from_outputs
 from panoptic_segformer.modeling.targets import split_targets
+
+
+class QuerySizes(NamedTuple):
+    """What joint matching (paper Table 8) changes in the sizes of the queries' sets.
+
+    Attributes:
+        query_classes: classes the thing queries (location decoder, thing mask decoder)
+            classify into: K, or K + Z with joint matching.
+        stuff_queries: stuff queries of the mask decoder: Z, or 0 with joint matching.
+        joint_extra: what the thing queries' counts and caps grow by (the queries, the
+            detections kept at inference, the filter's cap), to leave room for every stuff
+            segment: 0, or Z with joint matching.
+    """
+
+    query_classes: int
+    stuff_queries: int
+    joint_extra: int
+
+
+def query_sizes(num_thing_classes: int, num_stuff_classes: int, joint_matching: bool) -> QuerySizes:
+    """The sizes of the thing and stuff query sets of K = ``num_thing_classes`` and
+    Z = ``num_stuff_classes``: with joint matching one set of thing queries finds the things and
+    the stuff (all K + Z classes) and there are no stuff queries."""
+    extra = num_stuff_classes if joint_matching else 0
+    return QuerySizes(num_thing_classes + extra, num_stuff_classes - extra, extra)
 
 
 class PanopticSegFormerModel(PreparableForInference, nn.Module):
@@ -77,14 +102,13 @@ class PanopticSegFormerModel(PreparableForInference, nn.Module):
         joint_matching: bool = False,
     ) -> None:
         super().__init__()
-        query_classes = num_thing_classes + (num_stuff_classes if joint_matching else 0)
-        stuff_queries = 0 if joint_matching else num_stuff_classes
+        sizes = query_sizes(num_thing_classes, num_stuff_classes, joint_matching)
         built = (location_decoder.num_classes, mask_decoder.num_stuff_classes)
-        if built != (query_classes, stuff_queries):
+        if built != (sizes.query_classes, sizes.stuff_queries):
             raise ValueError(
                 f"with joint_matching={joint_matching}, the location decoder must classify into "
-                f"{query_classes} classes and the mask decoder hold {stuff_queries} stuff "
-                f"queries; they were built for {built[0]} and {built[1]}"
+                f"{sizes.query_classes} classes and the mask decoder hold {sizes.stuff_queries} "
+                f"stuff queries; they were built for {built[0]} and {built[1]}"
             )
         self.backbone = backbone
         self.neck = neck
@@ -223,10 +247,11 @@ class PanopticSegFormerModel(PreparableForInference, nn.Module):
             masks (Tensor): (T, Hm, Wm) bool masks at the padded input resolution.
             image_size: (h, w) of the valid image inside the masks.
         """
-        total = self.num_thing_classes + self.num_stuff_classes
-        things = total if self.joint_matching else self.num_thing_classes
+        sizes = query_sizes(self.num_thing_classes, self.num_stuff_classes, self.joint_matching)
         box_free = self.location_decoder.box_free
-        return split_targets(labels, masks, image_size, things, total - things, box_free)
+        return split_targets(
+            labels, masks, image_size, sizes.query_classes, sizes.stuff_queries, box_free
+        )
 
     def postprocess(
         self,
@@ -264,18 +289,12 @@ class PanopticSegFormerModel(PreparableForInference, nn.Module):
             ValueError: the thing classes are to come from a part that cannot classify: a
                 location decoder of 0 layers, or a mask decoder whose class loss weight is 0.
         """
-        source, criterion = inference.thing_classes_from, self.criterion
-        if source == "location_decoder" and not self.location_decoder.layers:
-            raise ValueError(
-                "a location decoder of 0 layers predicts no classes: take the thing classes "
-                "from the mask decoder (thing_classes_from='mask_decoder')"
-            )
-        if source == "mask_decoder" and criterion is not None and criterion.thing_class_weight <= 0:
-            raise ValueError(
-                "thing classes from the mask decoder need its class heads trained, but the "
-                f"criterion's thing_class_weight is {criterion.thing_class_weight}; make it "
-                "positive"
-            )
+        criterion = self.criterion
+        check_thing_classes(
+            inference.thing_classes_from,
+            len(self.location_decoder.layers),
+            None if criterion is None else criterion.thing_class_weight,
+        )
         self.inference = inference
 
 
@@ -339,9 +358,9 @@ def build_panoptic_segformer(
             f"num_feature_levels must be at least {MASK_LEVELS} (the mask decoder reads three), "
             f"got {num_feature_levels}"
         )
-    # classes of the thing queries and number of stuff queries
-    query_classes = num_thing_classes + (num_stuff_classes if joint_matching else 0)
-    stuff_queries = 0 if joint_matching else num_stuff_classes
+    query_classes, stuff_queries, _ = query_sizes(
+        num_thing_classes, num_stuff_classes, joint_matching
+    )
     if criterion is None and with_criterion:
         criterion = PanopticSegFormerCriterion(query_classes, stuff_queries)
     encoder_layer = DeformableEncoderLayer(

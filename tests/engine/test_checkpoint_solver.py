@@ -11,7 +11,7 @@ from skips import require_detectron2
 require_detectron2()
 
 import torch  # noqa: E402
-from d2_helpers import CONFIGS, TINY, make_cfg  # noqa: E402
+from d2_helpers import CONFIGS, INSTANCES, TINY, make_cfg  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
@@ -23,7 +23,7 @@ BASE = CONFIGS[0].parent / "r50.yaml"
 
 def tiny(*opts, seed=0):
     torch.manual_seed(seed)
-    return build_model(make_cfg(BASE, *TINY, *opts))
+    return build_model(make_cfg(BASE, *TINY, *INSTANCES, *opts))
 
 
 def predict(model):

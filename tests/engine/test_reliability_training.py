@@ -325,6 +325,7 @@ def predictor(thresholds):
         *TINY,
         *THRESHOLDS[thresholds],
         "MODEL.PANOPTIC_SEGFORMER.TEST.SEMANTIC_ON", "True",
+        "MODEL.PANOPTIC_SEGFORMER.TEST.INSTANCE_ON", "True",
         "INPUT.MIN_SIZE_TEST", "128",
         "INPUT.MAX_SIZE_TEST", "200",
     )  # fmt: skip

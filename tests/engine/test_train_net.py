@@ -19,6 +19,7 @@ require("panopticapi", "COCOPanopticEvaluator needs panopticapi installed")
 
 from d2_helpers import (  # noqa: E402
     CONFIGS,
+    INSTANCES,
     PIXEL_ARGMAX,
     ROOT,
     make_cfg,
@@ -58,8 +59,9 @@ def args_for(output_dir, *extra, eval_only=False, resume=False):
 
 
 def test_train_then_evaluate(tmp_path, sample_dataset, coco_panoptic_sample):
-    # the pixel-wise argmax paints dozens of thing and stuff segments after one iteration
-    results = train_net.main(args_for(tmp_path, *PIXEL_ARGMAX))
+    # the pixel-wise argmax paints dozens of thing and stuff segments after one iteration; the
+    # instance results (off by default) switched on for COCOEvaluator
+    results = train_net.main(args_for(tmp_path, *PIXEL_ARGMAX, *INSTANCES))
     assert (tmp_path / "model_final.pth").is_file()
     # the checkpoint carries the dataset's class names (the demo draws from them)
     saved = torch.load(tmp_path / "model_final.pth", weights_only=True)["class_info"]
@@ -77,7 +79,7 @@ def test_train_then_evaluate(tmp_path, sample_dataset, coco_panoptic_sample):
     # ~100: category ids, images and PNGs must all be matched up
     weights = str(tmp_path / "model_final.pth")
     own_test = ["MODEL.WEIGHTS", weights, "DATASETS.TEST", f"('{DATASET}', '{OWN}')"]
-    args = args_for(tmp_path, *PIXEL_ARGMAX, *own_test, eval_only=True)
+    args = args_for(tmp_path, *PIXEL_ARGMAX, *INSTANCES, *own_test, eval_only=True)
     cfg = make_cfg(args.config_file, *args.opts)
     write_own_predictions_as_ground_truth(cfg, sample_dataset, tmp_path / "own")
     register_sample(OWN, tmp_path / "own", coco_panoptic_sample / "images")
@@ -173,7 +175,7 @@ def test_missing_instances_json_is_skipped_with_a_warning(tmp_path, caplog, coco
         coco_panoptic_sample / "images",
         instances_json=str(tmp_path / "no.json"),
     )
-    cfg = make_cfg(CONFIGS[0].parent / "r50.yaml")
+    cfg = make_cfg(CONFIGS[0].parent / "r50.yaml", *INSTANCES)
     with caplog.at_level(logging.WARNING, logger="detectron2"):
         evaluators = train_net.Trainer.build_evaluator(cfg, name, str(tmp_path))
     assert [type(e).__name__ for e in evaluators._evaluators] == ["COCOPanopticEvaluator"]
@@ -181,9 +183,7 @@ def test_missing_instances_json_is_skipped_with_a_warning(tmp_path, caplog, coco
 
 
 def test_boundary_pq_is_added_on_request(tmp_path, sample_dataset):
-    cfg = make_cfg(
-        CONFIGS[0].parent / "r50.yaml", "MODEL.PANOPTIC_SEGFORMER.TEST.INSTANCE_ON", "False"
-    )
+    cfg = make_cfg(CONFIGS[0].parent / "r50.yaml")  # panoptic results only, by default
 
     def names():
         evaluators = train_net.Trainer.build_evaluator(cfg, sample_dataset, str(tmp_path))

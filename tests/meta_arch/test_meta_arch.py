@@ -1,7 +1,5 @@
 """The meta-architecture: detectron2's input and output formats, class ids, errors."""
 
-import inspect
-
 import pytest
 from skips import require, require_detectron2
 
@@ -10,7 +8,7 @@ require("cv2", "detectron2's Visualizer needs OpenCV")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from d2_helpers import CONFIGS, PERMISSIVE, TINY, make_cfg  # noqa: E402
+from d2_helpers import CONFIGS, INSTANCES, PERMISSIVE, TINY, make_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
@@ -18,7 +16,6 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from panoptic_segformer.d2.build import class_id_maps  # noqa: E402
 from panoptic_segformer.modeling import PixelArgmaxOptions  # noqa: E402
-from panoptic_segformer.modeling.panoptic_segformer import build_panoptic_segformer  # noqa: E402
 
 BASE = CONFIGS[0].parent / "r50.yaml"
 
@@ -49,7 +46,9 @@ def image(h=64, w=96, seed=0):
 
 
 def test_inference_outputs_detectron2_formats():
-    model, _ = tiny_model(*PERMISSIVE, "MODEL.PANOPTIC_SEGFORMER.TEST.SEMANTIC_ON", "True")
+    model, _ = tiny_model(
+        *PERMISSIVE, *INSTANCES, "MODEL.PANOPTIC_SEGFORMER.TEST.SEMANTIC_ON", "True"
+    )
     model.eval()
     inputs = [{"image": image(), "height": 128, "width": 192}, {"image": image(48, 80, 1)}]
     with torch.no_grad():
@@ -82,7 +81,7 @@ def test_an_image_in_a_batch_of_other_sizes_gets_the_result_it_gets_alone():
     # Size divisibility 1 (the authors'): a single image is never padded. Images of different
     # sizes are run one at a time: padding, though masked in every attention, would reach the
     # backbone's convolutions and the neck's GroupNorm near the image border.
-    model, cfg = tiny_model(*PERMISSIVE)
+    model, cfg = tiny_model(*PERMISSIVE, *INSTANCES)
     assert cfg.INPUT.SIZE_DIVISIBILITY == 1 and model.size_divisibility == 1
     model.eval()
     inputs = [{"image": image(61, 83)}, {"image": image(77, 99, 1)}, {"image": image(61, 83, 2)}]
@@ -116,6 +115,7 @@ def test_class_ids_are_converted_both_ways(interleaved_dataset):
         "MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES", "3",
         "MODEL.PANOPTIC_SEGFORMER.NUM_STUFF_CLASSES", "2",
         "MODEL.PANOPTIC_SEGFORMER.TEST.SEMANTIC_ON", "True",
+        *INSTANCES,
     ]  # fmt: skip
     model, _ = tiny_model(*PERMISSIVE, *opts)
     assert model.model_to_dataset.tolist() == [1, 3, 4, 0, 2]
@@ -262,12 +262,9 @@ def test_paper_switches_build_what_they_name():
         ps + "TEST.MERGE", "pixel_argmax", ps + "TEST.PIXEL_ARGMAX_CLASS_WEIGHTED", "True"
     )
     assert model.model.inference.merge == PixelArgmaxOptions(class_weighted=True)
-    # activation checkpointing: off by default (as in the core's builder), each part alone
-    builder = inspect.signature(build_panoptic_segformer).parameters
-    model, cfg = tiny_model()
-    for key, part in (("ENCODER", "encoder"), ("MASK_DECODER", "mask_decoder")):
-        assert cfg.MODEL.PANOPTIC_SEGFORMER[f"{key}_CHECKPOINTING"] is False
-        assert builder[f"{part}_checkpointing"].default is False
+    # activation checkpointing: off by default (test_config_defaults.py: as in the core's
+    # builder), each part alone
+    model, _ = tiny_model()
 
     def checkpointing(model):  # of the encoder and of the two mask decoder stacks
         decoder = model.model.mask_decoder

@@ -96,11 +96,15 @@ def test_mask_decoder_cost_is_weighted_sum():
     labels = torch.tensor([2, 0])
     gt_boxes = torch.rand(2, 4, generator=g) * 0.5 + 0.25
     gt_masks = torch.rand(2, 4, 4, generator=g) > 0.5
-    cost = mask_decoder_matching_cost(logits, boxes, masks, labels, gt_boxes, gt_masks)
+    weights = dict(cost_class=4.0, cost_bbox=5.0, cost_giou=3.0, cost_dice=2.0)
+    cost = mask_decoder_matching_cost(
+        logits, boxes, masks, labels, gt_boxes, gt_masks, **weights,
+        focal_alpha=0.25, focal_gamma=2.0, mask_activation="none",
+    )  # fmt: skip
     expected = (
         4 * focal_class_cost(logits, labels)
         + 5 * l1_box_cost(boxes, gt_boxes)
-        + 2 * giou_cost(boxes, gt_boxes)
+        + 3 * giou_cost(boxes, gt_boxes)
         + 2 * dice_cost(masks, gt_masks)
     )
     torch.testing.assert_close(cost, expected)

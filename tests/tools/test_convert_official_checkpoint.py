@@ -25,7 +25,7 @@ require_detectron2()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from d2_helpers import CONFIGS, TINY, make_cfg  # noqa: E402
+from d2_helpers import CONFIGS, INSTANCES, TINY, make_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from torch import Tensor  # noqa: E402
 
@@ -330,7 +330,7 @@ def tool(load_tool):
 
 def tiny_model(*opts, seed: int = 0):
     torch.manual_seed(seed)
-    return build_model(make_cfg(BASE, *TINY, *opts)).eval()
+    return build_model(make_cfg(BASE, *TINY, *INSTANCES, *opts)).eval()
 
 
 def tiny_shapes(depth: int = 18, **head) -> Shapes:

@@ -17,9 +17,7 @@ from panoptic_segformer.modeling.postprocessing.common import (
     check_unit_interval,
 )
 from panoptic_segformer.modeling.postprocessing.mask_statistics import resize_masks
-
-# Pixel-wise argmax has no confidence of its own: its instance results take the authors' p * s^2.
-INSTANCE_EXPONENTS = (1.0, 2.0)
+from panoptic_segformer.modeling.postprocessing.mask_wise import MaskWiseOptions
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,8 @@ class PixelArgmaxOptions(MergeOptions):
     """
 
     score_threshold: float = 0.25
-    mask_threshold: float = 0.5
+    # the same binarisation default as mask-wise merging
+    mask_threshold: float = MaskWiseOptions.mask_threshold
     class_weighted: bool = False
 
     def __post_init__(self) -> None:
@@ -66,7 +65,9 @@ class PixelArgmaxOptions(MergeOptions):
         return pixel_wise_argmax(resized, scores, labels, is_thing, self)
 
     def confidence_exponents(self) -> Tuple[float, float]:
-        return INSTANCE_EXPONENTS
+        # no confidence of its own: the instance results take mask-wise merging's default
+        # exponents, the authors' p * s^2
+        return MaskWiseOptions.alpha, MaskWiseOptions.beta
 
 
 def pixel_wise_argmax(
