@@ -3,9 +3,11 @@
 and an empty ``MODEL.WEIGHTS`` is said out loud), resize to ``INPUT.MIN_SIZE_TEST`` /
 ``MAX_SIZE_TEST``, return the outputs at the image's size, as detectron2's ``DefaultPredictor``.
 
-Channel order: :class:`Predictor` takes an image in either order, BGR by default as
-``DefaultPredictor`` (what ``cv2.imread`` and video frames give), or RGB with ``format="RGB"``;
-it converts to the model's ``INPUT.FORMAT`` once, only where the two differ.
+Channel order: :func:`load_image` decodes to RGB (PIL's order, and what detectron2's
+``Visualizer`` draws on), so a decoded image goes to the predictor and to the drawing as it is.
+:class:`Predictor` takes an image in either order, BGR by default as ``DefaultPredictor`` (what
+``cv2.imread`` and video frames give), or RGB with ``format="RGB"``; it converts to the model's
+``INPUT.FORMAT`` once, only where the two differ.
 """
 
 import logging
@@ -30,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 
 def load_image(path: str) -> np.ndarray:
-    """Reads an image file as an (H, W, 3) uint8 BGR array, the way a user expects to see it.
+    """Reads an image file as an (H, W, 3) uint8 RGB array, the way a user expects to see it
+    (pass it to :class:`Predictor` with ``format="RGB"``, and to detectron2's ``Visualizer`` as
+    it is).
 
     EXIF orientation is applied; grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit
     images become 8-bit RGB (16-bit values are scaled, not clipped).
@@ -65,7 +69,7 @@ def load_image(path: str) -> np.ndarray:
         raise ValueError(f"{path}: refused, a possible decompression bomb ({e})") from None
     except (OSError, SyntaxError) as e:
         raise ValueError(f"{path}: cannot decode the image ({e})") from None
-    return np.ascontiguousarray(rgb[:, :, ::-1])
+    return np.ascontiguousarray(rgb)
 
 
 class Predictor:
