@@ -12,7 +12,13 @@ Examples:
     python demo/demo.py --exported exported/r50.onnx --input img.jpg --output out.jpg
     python demo/demo.py --exported exported/r50.pt2 --trust-exported-code --input img.jpg
 
-Runs on the GPU when one is visible, else on the CPU (or as MODEL.DEVICE says).
+Runs on the GPU when one is visible, else on the CPU (or as MODEL.DEVICE says). Only the
+panoptic result is asked of the model (``MODEL.PANOPTIC_SEGFORMER.TEST.INSTANCE_ON`` and
+``SEMANTIC_ON`` False, before ``--opts``, which may ask for them again).
+
+Channel order: RGB from decoding (``load_image``) to drawing (detectron2's Visualizer); the
+predictor converts to the model's ``INPUT.FORMAT`` once. OpenCV's BGR only at the edges: video
+and webcam frames in, the window and the written video out.
 """
 
 import argparse
@@ -69,22 +75,31 @@ def get_parser() -> argparse.ArgumentParser:
         help="draw only segments and instances scoring at least this",
     )
     parser.add_argument(
-        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs"
+        "--opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        help="config overrides: KEY VALUE pairs (after the demo's own: INSTANCE_ON and "
+        "SEMANTIC_ON of MODEL.PANOPTIC_SEGFORMER.TEST False)",
     )
     return parser
+
+
+# what the demo asks of the model, merged before the user's --opts: only the panoptic result
+# is drawn, and instance and semantic results would need every query's mask at full size
+# (gigabytes for a 48-megapixel photo)
+DRAWN_RESULTS = [
+    "MODEL.PANOPTIC_SEGFORMER.TEST.INSTANCE_ON",
+    "False",
+    "MODEL.PANOPTIC_SEGFORMER.TEST.SEMANTIC_ON",
+    "False",
+]
 
 
 def setup_cfg(args):
     if not args.config_file:  # --exported without a config: the file's own
         return None
     register()
-    cfg = get_config(args.config_file, args.opts, cpu_fallback=True)
-    test = cfg.MODEL.PANOPTIC_SEGFORMER.TEST
-    if test.PANOPTIC_ON:
-        # only the panoptic result is drawn: a config that also asks for instance or semantic
-        # results (configs/ade20k_r50.yaml's SEMANTIC_ON) would need every query's mask at full
-        # size for nothing (gigabytes for a 48-megapixel photo); by default they are off
-        test.INSTANCE_ON = test.SEMANTIC_ON = False
+    cfg = get_config(args.config_file, [*DRAWN_RESULTS, *args.opts], cpu_fallback=True)
     cfg.freeze()
     return cfg
 
@@ -139,7 +154,7 @@ def run_images(demo: VisualizationDemo, args, logger: logging.Logger) -> List[st
             drawing.save(output_path(args.output, path, len(paths) > 1))
         else:
             cv2.namedWindow(WINDOW, cv2.WINDOW_NORMAL)
-            cv2.imshow(WINDOW, drawing.get_image()[:, :, ::-1])
+            cv2.imshow(WINDOW, cv2.cvtColor(drawing.get_image(), cv2.COLOR_RGB2BGR))
             if cv2.waitKey(0) == 27:  # Esc
                 break
     return failed
@@ -160,7 +175,8 @@ def run_video(demo: VisualizationDemo, args) -> None:
         writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
     frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     try:
-        for frame in tqdm.tqdm(demo.run_on_video(video), total=frames, disable=args.webcam):
+        for drawn in tqdm.tqdm(demo.run_on_video(video), total=frames, disable=args.webcam):
+            frame = cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)  # OpenCV writes and shows BGR
             if writer is not None:
                 writer.write(frame)
             else:

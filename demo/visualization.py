@@ -1,4 +1,12 @@
-"""Drawing Panoptic SegFormer's predictions with detectron2's Visualizer (images, videos)."""
+"""Drawing Panoptic SegFormer's predictions with detectron2's Visualizer (images, videos).
+
+Channel order: RGB throughout. Images come in RGB (``load_image`` of
+:mod:`panoptic_segformer.d2.predictor` decodes to it), go to the predictor with ``format="RGB"``
+(which converts to the model's ``INPUT.FORMAT`` once, only if that is BGR) and to the
+Visualizer, which draws in RGB, as they are; drawings are RGB. OpenCV's BGR appears only at the
+edges: :meth:`VisualizationDemo.run_on_video` converts the frames it reads, and the caller
+converts what it shows or writes with OpenCV.
+"""
 
 import functools
 from typing import Callable, Dict, Iterator, Optional, Tuple
@@ -74,14 +82,14 @@ class VisualizationDemo:
     def run_on_image(self, image: np.ndarray) -> Tuple[Dict, VisImage]:
         """
         Args:
-            image: (H, W, 3) uint8 BGR image (as ``cv2.imread`` gives).
+            image: (H, W, 3) uint8 RGB image (as ``load_image`` gives).
 
         Returns:
-            the raw predictions and the drawing.
+            the raw predictions and the drawing (RGB).
         """
-        predictions = self.predictor(image)
+        predictions = self.predictor(image, format="RGB")
         shown = keep_confident(predictions, self.confidence_threshold)
-        visualizer = Visualizer(image[:, :, ::-1], self.metadata, instance_mode=self.instance_mode)
+        visualizer = Visualizer(image, self.metadata, instance_mode=self.instance_mode)
         drawing = draw(
             shown,
             visualizer.draw_panoptic_seg,
@@ -91,18 +99,19 @@ class VisualizationDemo:
         return predictions, drawing
 
     def run_on_video(self, video: cv2.VideoCapture) -> Iterator[np.ndarray]:
-        """Drawn BGR frames of a video or webcam stream, one per input frame."""
+        """Drawn (H, W, 3) uint8 RGB frames of a video or webcam stream, one per input frame (the
+        BGR frames OpenCV reads are converted once, here)."""
         video_visualizer = VideoVisualizer(self.metadata, self.instance_mode)
         while video.isOpened():
             success, frame = video.read()
             if not success:
                 break
-            shown = keep_confident(self.predictor(frame), self.confidence_threshold)
-            rgb = frame[:, :, ::-1]
+            rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            shown = keep_confident(self.predictor(rgb, format="RGB"), self.confidence_threshold)
             drawing = draw(
                 shown,
                 functools.partial(video_visualizer.draw_panoptic_seg_predictions, rgb),
                 functools.partial(video_visualizer.draw_sem_seg, rgb),
                 functools.partial(video_visualizer.draw_instance_predictions, rgb),
             )
-            yield cv2.cvtColor(drawing.get_image(), cv2.COLOR_RGB2BGR)
+            yield drawing.get_image()

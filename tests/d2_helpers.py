@@ -144,11 +144,27 @@ def free_port() -> int:
 
 
 def load_demo() -> ModuleType:
-    """demo/demo.py as a fresh module (its ``main`` is what the script runs)."""
+    """demo/demo.py as a fresh module (its ``main`` is what the script runs). Its sibling
+    ``visualization`` is imported as the script imports it (Python puts the script's folder
+    first on ``sys.path``), then ``sys.path`` is restored."""
+    import sys
+
     spec = importlib.util.spec_from_file_location("psf_demo", ROOT / "demo" / "demo.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(ROOT / "demo"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "demo"))
     return module
+
+
+def load_visualization() -> ModuleType:
+    """demo/visualization.py (:class:`VisualizationDemo`) as a module."""
+    load_demo()
+    import visualization
+
+    return visualization
 
 
 def make_cfg(config_file, *opts):

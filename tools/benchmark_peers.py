@@ -10,8 +10,8 @@ import (``ade20k_panoptic_train``, ...), and a process of its own gives each its
 ``--warmup`` runs.
 
 Inference (default): panoptic output only, through detectron2's ``DefaultPredictor`` (ours
-through its subclass ``panoptic_segformer.d2.predictor.Predictor``), per image; the table gives both
-medians and their ratio, the last row the sums.
+through ``panoptic_segformer.d2.predictor.Predictor``, which takes the same steps), per image; the
+table gives both medians and their ratio, the last row the sums.
 
 Training (--train): one step of forward, backward and ``torch.optim.AdamW`` (each config's base
 learning rate and weight decay, every trainable parameter) on one batch of all ``--sample``

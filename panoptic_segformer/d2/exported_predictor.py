@@ -5,15 +5,19 @@ detectron2).
 file (:class:`~panoptic_segformer.deploy.runtime.ExportedNetwork`) in place of the network:
 same resizing, normalisation and padding, same post-processing
 (:meth:`PanopticSegFormer.inference` of the meta-architecture, built from the config the file
-carries), same detectron2 outputs (``panoptic_seg``, ...).
+carries), same detectron2 outputs (``panoptic_seg``, ...), same channel-order convention
+(BGR by default, ``format="RGB"`` for :func:`~panoptic_segformer.d2.predictor.load_image`'s
+images). The PyTorch network is not built: only the meta-architecture's pre- and
+post-processing (:meth:`PanopticSegFormer.processing_only`).
 """
 
-from typing import Dict, Optional
+from typing import Optional
 
 from detectron2.config import CfgNode, get_cfg
 from torch import nn
 
 from panoptic_segformer.d2.config import add_panoptic_segformer_config
+from panoptic_segformer.d2.meta_arch import PanopticSegFormer
 from panoptic_segformer.d2.predictor import Predictor
 from panoptic_segformer.deploy.runtime import ExportedNetwork
 
@@ -30,20 +34,24 @@ def _config_from_text(text: str):
 
 
 class _ExportedModel(nn.Module):
-    """The meta-architecture's inference with an exported network in place of its own."""
+    """The meta-architecture's inference with an exported network: ``processing`` is the
+    meta-architecture without a network of its own (:meth:`PanopticSegFormer.processing_only`:
+    no parameters)."""
 
-    def __init__(self, model: nn.Module, network: ExportedNetwork) -> None:
+    def __init__(self, processing: PanopticSegFormer, network: ExportedNetwork) -> None:
         super().__init__()
-        self.model = model
+        self.processing = processing
         self.network = network
 
     def forward(self, batched_inputs):
-        return self.model.inference(batched_inputs, self.network)
+        return self.processing.inference(batched_inputs, self.network)
 
 
 class ExportedPredictor(Predictor):
     """:class:`~panoptic_segformer.d2.predictor.Predictor` running an exported file: the same
-    pre-processing, post-processing and outputs (detectron2's ``panoptic_seg``, ...).
+    pre-processing, post-processing, call and outputs (detectron2's ``panoptic_seg``, ...). No
+    PyTorch network is built: ``model`` holds the file and the meta-architecture's pre- and
+    post-processing only, without parameters.
 
     Args:
         path: the exported file (``.onnx``, ``.ts`` or ``.pt2``).
@@ -70,11 +78,12 @@ class ExportedPredictor(Predictor):
         cfg = _config_from_text(network.metadata["config"]) if cfg is None else cfg.clone()
         cfg.defrost()
         cfg.MODEL.DEVICE = "cpu"  # the exported network runs, and returns its outputs, there
+        self._setup(cfg)
         self.network = network
-        super().__init__(cfg)
-        self.model = _ExportedModel(self.model, network)
-
-    def _load_weights(self) -> Optional[Dict[str, object]]:
-        # the weights are in the exported file; the built model serves its pre- and
-        # post-processing only
-        return self.network.metadata.get("class_info")
+        # the weights and class names are in the file
+        self.class_info = network.metadata.get("class_info")
+        # padded to the multiples the file takes (the backbone's, for the full model)
+        processing = PanopticSegFormer.processing_only(
+            self.cfg, network.metadata["size_divisibility"]
+        )
+        self.model = _ExportedModel(processing, network).eval()

@@ -10,9 +10,15 @@ Class ids: datasets number categories contiguously in their own order (detectron
 ``thing_dataset_id_to_contiguous_id`` and ``stuff_dataset_id_to_contiguous_id``); the model
 numbers things first ([0, K)) then stuff ([K, K + Z)). The meta-architecture converts between
 the two, so inputs and outputs always use the dataset's contiguous ids.
+
+Without the network: :meth:`PanopticSegFormer.processing_only` builds the pre- and
+post-processing of :meth:`~PanopticSegFormer.inference` alone (normalisation, padding, class ids,
+inference settings; no backbone, no core model, no parameters), to run around a network given to
+``inference`` (an exported file's, :mod:`panoptic_segformer.d2.exported_predictor`).
 """
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.config import configurable
@@ -22,11 +28,15 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
-from panoptic_segformer.d2.build import build_model_from_config, class_id_maps
-from panoptic_segformer.modeling import PanopticSegFormerModel
+from panoptic_segformer.d2.build import (
+    build_model_from_config,
+    class_id_maps,
+    inference_options_from_config,
+)
+from panoptic_segformer.modeling import InferenceOptions, PanopticSegFormerModel
 from panoptic_segformer.modeling.inference_preparation import PreparableForInference
 
-__all__ = ["PanopticSegFormer", "check_losses_finite"]
+__all__ = ["CorePostprocessing", "PanopticSegFormer", "check_losses_finite"]
 
 
 def check_losses_finite(losses: Dict[str, Tensor]) -> None:
@@ -73,6 +83,40 @@ def _check_in_features(in_features: Sequence[str], backbone: Backbone) -> None:
         )
 
 
+@dataclass(frozen=True)
+class CorePostprocessing:
+    """The core model's post-processing without its network: what
+    :meth:`PanopticSegFormerModel.postprocess` reads (the class counts and the inference settings),
+    with that very method. The ``model`` of a :meth:`PanopticSegFormer.processing_only`
+    meta-architecture."""
+
+    num_thing_classes: int
+    num_stuff_classes: int
+    inference: InferenceOptions
+
+    # the core model's own code, run on these settings
+    postprocess = PanopticSegFormerModel.postprocess
+
+
+def _class_ids(cfg) -> Tuple[List[int], List[int]]:
+    """The dataset's contiguous ids of the model's thing and stuff classes (of
+    ``DATASETS.TRAIN[0]``, else ``DATASETS.TEST[0]``; things first without a dataset).
+
+    Raises:
+        ValueError: bad class counts, or counts that are not the dataset's.
+    """
+    ps = cfg.MODEL.PANOPTIC_SEGFORMER
+    if ps.NUM_THING_CLASSES < 1 or ps.NUM_STUFF_CLASSES < 0:
+        raise ValueError(
+            "MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES must be >= 1 (the location decoder "
+            "classifies thing queries) and NUM_STUFF_CLASSES >= 0 (0 for a dataset of things "
+            f"only); got {ps.NUM_THING_CLASSES} and {ps.NUM_STUFF_CLASSES}"
+        )
+    datasets = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
+    metadata = MetadataCatalog.get(datasets[0]) if datasets else None
+    return class_id_maps(metadata, ps.NUM_THING_CLASSES, ps.NUM_STUFF_CLASSES)
+
+
 class _Normalize(nn.Module):
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -87,11 +131,13 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
     """Panoptic SegFormer as a detectron2 meta-architecture.
 
     Args:
-        backbone: a detectron2 backbone returning ``in_features``.
+        backbone: a detectron2 backbone returning ``in_features``; None only for
+            :meth:`processing_only`.
         in_features: the backbone outputs fed to the neck, finest first (C3, C4, C5); from a
             config, :meth:`from_config` checks that the backbone has them.
         model: the model core, built without a backbone (``build_panoptic_segformer(None, ...)``;
-            from a config, :func:`~panoptic_segformer.d2.build.build_model_from_config`).
+            from a config, :func:`~panoptic_segformer.d2.build.build_model_from_config`); a
+            :class:`CorePostprocessing` for :meth:`processing_only`.
         pixel_mean, pixel_std: per-channel normalisation in ``INPUT.FORMAT`` order.
         size_divisibility: pad batches to a multiple of this (at least the backbone's own
             ``size_divisibility``); 1 pads a batch only to its largest image.
@@ -103,9 +149,9 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
     def __init__(
         self,
         *,
-        backbone: Backbone,
+        backbone: Optional[Backbone],
         in_features: Sequence[str],
-        model: PanopticSegFormerModel,
+        model: Union[PanopticSegFormerModel, CorePostprocessing],
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int = 1,
@@ -122,7 +168,9 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         self.in_features = list(in_features)
         self.model = model
         self.normalize = _Normalize(pixel_mean, pixel_std)
-        self.size_divisibility = max(size_divisibility, backbone.size_divisibility)
+        self.size_divisibility = max(
+            size_divisibility, backbone.size_divisibility if backbone is not None else 1
+        )
         model_to_dataset = torch.tensor([*thing_ids, *stuff_ids], dtype=torch.long)
         dataset_to_model = torch.full((int(model_to_dataset.max()) + 1,), -1, dtype=torch.long)
         dataset_to_model[model_to_dataset] = torch.arange(len(model_to_dataset))
@@ -132,18 +180,10 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
     @classmethod
     def from_config(cls, cfg) -> Dict[str, object]:
         ps = cfg.MODEL.PANOPTIC_SEGFORMER
-        if ps.NUM_THING_CLASSES < 1 or ps.NUM_STUFF_CLASSES < 0:
-            raise ValueError(
-                "MODEL.PANOPTIC_SEGFORMER.NUM_THING_CLASSES must be >= 1 (the location decoder "
-                "classifies thing queries) and NUM_STUFF_CLASSES >= 0 (0 for a dataset of things "
-                f"only); got {ps.NUM_THING_CLASSES} and {ps.NUM_STUFF_CLASSES}"
-            )
+        thing_ids, stuff_ids = _class_ids(cfg)
         backbone = build_backbone(cfg)
         _check_in_features(ps.IN_FEATURES, backbone)
         shapes = backbone.output_shape()
-        datasets = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
-        metadata = MetadataCatalog.get(datasets[0]) if datasets else None
-        thing_ids, stuff_ids = class_id_maps(metadata, ps.NUM_THING_CLASSES, ps.NUM_STUFF_CLASSES)
         model = build_model_from_config(cfg, [shapes[name].channels for name in ps.IN_FEATURES])
         return {
             "backbone": backbone,
@@ -155,6 +195,35 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
             "thing_ids": thing_ids,
             "stuff_ids": stuff_ids,
         }
+
+    @classmethod
+    def processing_only(cls, cfg, size_divisibility: int = 1) -> "PanopticSegFormer":
+        """The pre- and post-processing of :meth:`inference` without the network: no backbone
+        and no core model (so no parameters), ``model`` a :class:`CorePostprocessing`; run
+        ``inference(batched_inputs, network)`` with a network of one's own (an exported file's).
+        The outputs are those of the full meta-architecture of ``cfg`` around that network.
+
+        Args:
+            cfg: the config (normalisation, ``INPUT.SIZE_DIVISIBILITY``, class counts and ids,
+                ``MODEL.PANOPTIC_SEGFORMER.TEST``); no weights are read.
+            size_divisibility: pad to a multiple of this too (the network's, as the backbone's
+                is for the full model).
+        """
+        ps = cfg.MODEL.PANOPTIC_SEGFORMER
+        thing_ids, stuff_ids = _class_ids(cfg)
+        postprocessing = CorePostprocessing(
+            ps.NUM_THING_CLASSES, ps.NUM_STUFF_CLASSES, inference_options_from_config(cfg)
+        )
+        return cls(
+            backbone=None,
+            in_features=list(ps.IN_FEATURES),
+            model=postprocessing,
+            pixel_mean=cfg.MODEL.PIXEL_MEAN,
+            pixel_std=cfg.MODEL.PIXEL_STD,
+            size_divisibility=max(cfg.INPUT.SIZE_DIVISIBILITY, size_divisibility),
+            thing_ids=thing_ids,
+            stuff_ids=stuff_ids,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -247,7 +316,14 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
                 :meth:`preprocess_images`' ImageList).
             padding_mask (Tensor): (N, Hp, Wp) bool, True at padding.
             targets: per-image targets of the core's criterion, for the losses.
+
+        Raises:
+            RuntimeError: a :meth:`processing_only` meta-architecture, which has no network.
         """
+        if self.backbone is None:
+            raise RuntimeError(
+                "this meta-architecture holds no network (processing_only): pass one to inference"
+            )
         features = self.backbone(images)
         features = [features[name] for name in self.in_features]
         return self.model.forward_features(features, padding_mask, targets)

@@ -288,21 +288,18 @@ def export_network(
     return metadata
 
 
-def sample_inputs(predictor, image: np.ndarray) -> Tuple[Tensor, Tensor]:
+def sample_inputs(predictor, image: np.ndarray, format: str = "BGR") -> Tuple[Tensor, Tensor]:
     """An image as the predictor feeds it to the network: resized to the test size, normalised,
-    padded (as detectron2's ``DefaultPredictor`` and the meta-architecture do).
+    padded (its ``preprocess``, then the meta-architecture's ``preprocess_images``).
 
     Args:
         predictor: a :class:`panoptic_segformer.d2.predictor.Predictor`.
-        image: (H, W, 3) uint8 BGR.
+        image: (H, W, 3) uint8.
+        format: its channel order, "BGR" or "RGB" (as the predictor's call).
 
     Returns:
         (1, 3, Hp, Wp) images and their (1, Hp, Wp) bool padding mask.
     """
-    if predictor.input_format == "RGB":
-        image = image[:, :, ::-1]
-    resized = predictor.aug.get_transform(image).apply_image(image)
-    # (H, W, 3) -> (3, H, W)
-    tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+    tensor = predictor.preprocess(image, format)["image"]
     batch, padding_mask = predictor.model.preprocess_images([tensor])
     return batch.tensor, padding_mask

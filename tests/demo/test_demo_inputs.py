@@ -133,7 +133,7 @@ def test_load_image_conversions(tmp_path):
     assert load_image(str(tmp_path / "s.png"))[0, :, 0].tolist() == [0, 1, 128, 255]
     rgb = photo(4, 5)
     Image.fromarray(rgb).convert("RGBA").save(tmp_path / "a.png")
-    assert np.array_equal(load_image(str(tmp_path / "a.png")), rgb[:, :, ::-1])  # BGR
+    assert np.array_equal(load_image(str(tmp_path / "a.png")), rgb)  # RGB, as PIL decodes
     with pytest.raises(FileNotFoundError, match="nothing.jpg: no such file"):
         load_image(str(tmp_path / "nothing.jpg"))
     (tmp_path / "bomb.png").write_bytes(png_claiming(20000, 20000))

@@ -55,3 +55,25 @@ def test_a_core_model_file_needs_a_config(core_exported):
     path = str(core_exported("torchscript"))
     with pytest.raises(ValueError, match=r"tiny.ts holds no config .* pass the model's cfg"):
         ExportedPredictor(path, trust_code=True)
+
+
+def test_exported_predictor_builds_no_pytorch_network(exported, monkeypatch):
+    import panoptic_segformer.d2.meta_arch as meta_arch
+    import panoptic_segformer.d2.predictor as predictor_module
+    from panoptic_segformer.deploy import ExportedPredictor
+    from panoptic_segformer.modeling import PanopticSegFormerModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the exported predictor built a PyTorch network")
+
+    for module, name in (
+        (predictor_module, "build_model"),
+        (meta_arch, "build_backbone"),
+        (meta_arch, "build_model_from_config"),
+    ):
+        monkeypatch.setattr(module, name, refuse)
+    exported_predictor = ExportedPredictor(str(exported("torch_export")), trust_code=True)
+    model = exported_predictor.model
+    assert sum(p.numel() for p in model.parameters()) == 0
+    assert model.processing.backbone is None
+    assert not any(isinstance(m, PanopticSegFormerModel) for m in model.modules())

@@ -90,8 +90,10 @@ def export(args) -> dict:
     cfg.freeze()
     predictor = Predictor(cfg)  # builds the model and loads (and checks) MODEL.WEIGHTS
     class_info = predictor.class_info or class_info_of_config(cfg)
-    image = load_image(args.sample_image) if args.sample_image else generated_image()
-    images, padding_mask = sample_inputs(predictor, image)
+    if args.sample_image:
+        images, padding_mask = sample_inputs(predictor, load_image(args.sample_image), "RGB")
+    else:
+        images, padding_mask = sample_inputs(predictor, generated_image(), "BGR")
     if args.dynamic_batch:  # torch.export specialises a batch of 1: trace with 2
         images, padding_mask = images.repeat(2, 1, 1, 1), padding_mask.repeat(2, 1, 1)
 
