@@ -159,7 +159,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         dataset = register_subset(dataset, args.num_images, args.output)
 
     meta = Predictor(cfg).model  # builds, loads MODEL.WEIGHTS (raising on a mismatch)
-    depth = len(meta.model.mask_decoder.thing_class_heads)  # layers of the thing stack
+    depth = len(meta.core.mask_decoder.thing_class_heads)  # layers of the thing stack
     loader = train_net.Trainer.build_test_loader(cfg, dataset)
     rows = OrderedDict()
     for name in tqdm.tqdm(args.variants, desc="variants"):
@@ -177,7 +177,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         except ValueError as e:
             print(f"skipping {name}: {e}")
             continue
-        meta.model.set_inference(options)
+        meta.core.set_inference(options)
         timed = _Timed(meta)
         evaluator = DatasetEvaluators(
             [

@@ -108,8 +108,8 @@ def count_flops(meta: nn.Module, image: torch.Tensor) -> Tuple[Dict[str, float],
             skipped = sorted(analysis.unsupported_ops())
     parts = {
         "backbone": by_module["meta.backbone"],
-        "location decoder": by_module["meta.model.location_decoder"],
-        "mask decoder": by_module["meta.model.mask_decoder"],
+        "location decoder": by_module["meta.core.location_decoder"],
+        "mask decoder": by_module["meta.core.mask_decoder"],
     }
     parts["neck + encoder"] = total - sum(parts.values())  # neck, encoder, positions, flattening
     result = {part: parts[part] / 1e9 for part in PARTS}
@@ -146,7 +146,7 @@ def analyze_config(args: argparse.Namespace) -> Dict[str, object]:
     cfg = get_config(args.config_file, ["MODEL.DEVICE", "cpu", *args.opts])
     cfg.freeze()
     meta = build_model(cfg).eval()
-    params = {k: v / 1e6 for k, v in parameter_parts(meta.backbone, meta.model).items()}
+    params = {k: v / 1e6 for k, v in parameter_parts(meta.backbone, meta.core).items()}
     images = inputs_of(cfg, args)
     counts, skipped = zip(
         *(count_flops(meta, image) for image in tqdm.tqdm(images, disable=len(images) == 1))

@@ -39,6 +39,8 @@ from panoptic_segformer.utils.safe_load import load_pickle, load_torch
 __all__ = ["PanopticSegFormerCheckpointer"]
 
 _BACKBONE_PREFIX = "backbone."
+# the meta-architecture's model core; "model." in checkpoints of earlier releases
+_CORE_PREFIX, _OLD_CORE_PREFIX = "core.", "model."
 _SHOWN = 10  # keys listed in an error
 
 
@@ -152,6 +154,7 @@ class PanopticSegFormerCheckpointer(DetectionCheckpointer):
         _write_atomically(path, "w", lambda f: f.write(last_filename_basename))
 
     def _load_model(self, checkpoint: Dict[str, Any]):
+        checkpoint["model"] = self._renamed_core_keys(checkpoint["model"])
         # the parent pops checkpoint["model"]; detectron2's name-matching heuristics (for
         # ImageNet .pkl files) can only map a checkpoint onto backbone names
         full_model = any(not key.startswith(_BACKBONE_PREFIX) for key in checkpoint["model"])
@@ -178,6 +181,26 @@ class PanopticSegFormerCheckpointer(DetectionCheckpointer):
                 "and queries)."
             )
         return incompatible
+
+    def _renamed_core_keys(self, weights: Dict[str, Any]) -> Dict[str, Any]:
+        """Checkpoints written before the meta-architecture's model core was named ``core``
+        hold it under ``model.``; those keys load as ``core.`` (with a warning; for one
+        release)."""
+        ours = self.model.state_dict()
+        old = [key for key in weights if key.startswith(_OLD_CORE_PREFIX)]
+        if not old or any(key.startswith(_OLD_CORE_PREFIX) for key in ours):
+            return weights
+        if not any(key.startswith(_CORE_PREFIX) for key in ours):
+            return weights
+        self.logger.warning(
+            f"the checkpoint names the model core {_OLD_CORE_PREFIX!r} ({len(old)} entries), "
+            f"as releases before this one did; loading them as {_CORE_PREFIX!r}: save it again "
+            "to update it"
+        )
+        return {
+            (_CORE_PREFIX + key[len(_OLD_CORE_PREFIX) :] if key in old else key): value
+            for key, value in weights.items()
+        }
 
     def _describe(self) -> str:
         return f"{type(self.model).__name__} with {sum(1 for _ in self.model.state_dict())} entries"

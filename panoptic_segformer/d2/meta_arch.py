@@ -87,7 +87,7 @@ def _check_in_features(in_features: Sequence[str], backbone: Backbone) -> None:
 class CorePostprocessing:
     """The core model's post-processing without its network: what
     :meth:`PanopticSegFormerModel.postprocess` reads (the class counts and the inference settings),
-    with that very method. The ``model`` of a :meth:`PanopticSegFormer.processing_only`
+    with that very method. The ``core`` of a :meth:`PanopticSegFormer.processing_only`
     meta-architecture."""
 
     num_thing_classes: int
@@ -135,7 +135,7 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
             :meth:`processing_only`.
         in_features: the backbone outputs fed to the neck, finest first (C3, C4, C5); from a
             config, :meth:`from_config` checks that the backbone has them.
-        model: the model core, built without a backbone (``build_panoptic_segformer(None, ...)``;
+        core: the model core, built without a backbone (``build_panoptic_segformer(None, ...)``;
             from a config, :func:`~panoptic_segformer.d2.build.build_model_from_config`); a
             :class:`CorePostprocessing` for :meth:`processing_only`.
         pixel_mean, pixel_std: per-channel normalisation in ``INPUT.FORMAT`` order.
@@ -151,7 +151,7 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         *,
         backbone: Optional[Backbone],
         in_features: Sequence[str],
-        model: Union[PanopticSegFormerModel, CorePostprocessing],
+        core: Union[PanopticSegFormerModel, CorePostprocessing],
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int = 1,
@@ -159,14 +159,14 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         stuff_ids: Sequence[int],
     ) -> None:
         super().__init__()
-        if len(thing_ids) != model.num_thing_classes or len(stuff_ids) != model.num_stuff_classes:
+        if len(thing_ids) != core.num_thing_classes or len(stuff_ids) != core.num_stuff_classes:
             raise ValueError(
                 f"{len(thing_ids)} thing and {len(stuff_ids)} stuff ids for a model of "
-                f"{model.num_thing_classes} and {model.num_stuff_classes} classes"
+                f"{core.num_thing_classes} and {core.num_stuff_classes} classes"
             )
         self.backbone = backbone
         self.in_features = list(in_features)
-        self.model = model
+        self.core = core
         self.normalize = _Normalize(pixel_mean, pixel_std)
         self.size_divisibility = max(
             size_divisibility, backbone.size_divisibility if backbone is not None else 1
@@ -184,11 +184,11 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         backbone = build_backbone(cfg)
         _check_in_features(ps.IN_FEATURES, backbone)
         shapes = backbone.output_shape()
-        model = build_model_from_config(cfg, [shapes[name].channels for name in ps.IN_FEATURES])
+        core = build_model_from_config(cfg, [shapes[name].channels for name in ps.IN_FEATURES])
         return {
             "backbone": backbone,
             "in_features": list(ps.IN_FEATURES),
-            "model": model,
+            "core": core,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
@@ -199,7 +199,7 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
     @classmethod
     def processing_only(cls, cfg, size_divisibility: int = 1) -> "PanopticSegFormer":
         """The pre- and post-processing of :meth:`inference` without the network: no backbone
-        and no core model (so no parameters), ``model`` a :class:`CorePostprocessing`; run
+        and no core model (so no parameters), ``core`` a :class:`CorePostprocessing`; run
         ``inference(batched_inputs, network)`` with a network of one's own (an exported file's).
         The outputs are those of the full meta-architecture of ``cfg`` around that network.
 
@@ -217,7 +217,7 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         return cls(
             backbone=None,
             in_features=list(ps.IN_FEATURES),
-            model=postprocessing,
+            core=postprocessing,
             pixel_mean=cfg.MODEL.PIXEL_MEAN,
             pixel_std=cfg.MODEL.PIXEL_STD,
             size_divisibility=max(cfg.INPUT.SIZE_DIVISIBILITY, size_divisibility),
@@ -285,7 +285,7 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
             (int(x.get("height", h)), int(x.get("width", w)))
             for x, (h, w) in zip(batched_inputs, images.image_sizes)
         ]
-        results = self.model.postprocess(outputs, padded, images.image_sizes, output_sizes)
+        results = self.core.postprocess(outputs, padded, images.image_sizes, output_sizes)
         return [self._to_detectron2(r, size) for r, size in zip(results, output_sizes)]
 
     def preprocess_images(self, images: Sequence[Tensor]) -> Tuple[ImageList, Tensor]:
@@ -326,7 +326,7 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
             )
         features = self.backbone(images)
         features = [features[name] for name in self.in_features]
-        return self.model.forward_features(features, padding_mask, targets)
+        return self.core.forward_features(features, padding_mask, targets)
 
     def _targets(self, batched_input: Dict[str, object], padded: Tuple[int, int]) -> Dict:
         if "instances" not in batched_input:
@@ -346,7 +346,7 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         masks = getattr(instances.gt_masks, "tensor", instances.gt_masks).bool()
         padded_masks = masks.new_zeros((len(masks), *padded))
         padded_masks[:, :h, :w] = masks
-        return self.model.split_targets(labels, padded_masks, (h, w))
+        return self.core.split_targets(labels, padded_masks, (h, w))
 
     def _to_detectron2(self, result: Dict[str, object], size: Tuple[int, int]) -> Dict:
         out = {}

@@ -133,38 +133,38 @@ _MASK_TAIL = (("q", "q_proj"), ("k", "k_proj"), *_MASK_ATTENTION)
 # BaseTransformerLayers, the mask heads' blocks (``blocks.N``) and attention tails (``attnen``)
 # -> our layers, by the tables above
 HEAD_RULES: Tuple[Rule, ...] = (
-    Rule(r"neck\.convs\.(\d+)\.conv", r"model.neck.lateral_convs.\1.0"),
-    Rule(r"neck\.convs\.(\d+)\.gn", r"model.neck.lateral_convs.\1.1"),
-    Rule(r"neck\.extra_convs\.(\d+)\.conv", r"model.neck.extra_convs.\1.0"),
-    Rule(r"neck\.extra_convs\.(\d+)\.gn", r"model.neck.extra_convs.\1.1"),
-    Rule(r"bbox_head\.transformer\.level_embeds", "model.level_embed"),
-    *_indexed("bbox_head.transformer.encoder.layers", "model.encoder.layers", _ENCODER_LAYER),
+    Rule(r"neck\.convs\.(\d+)\.conv", r"core.neck.lateral_convs.\1.0"),
+    Rule(r"neck\.convs\.(\d+)\.gn", r"core.neck.lateral_convs.\1.1"),
+    Rule(r"neck\.extra_convs\.(\d+)\.conv", r"core.neck.extra_convs.\1.0"),
+    Rule(r"neck\.extra_convs\.(\d+)\.gn", r"core.neck.extra_convs.\1.1"),
+    Rule(r"bbox_head\.transformer\.level_embeds", "core.level_embed"),
+    *_indexed("bbox_head.transformer.encoder.layers", "core.encoder.layers", _ENCODER_LAYER),
     *_indexed(
-        "bbox_head.transformer.decoder.layers", "model.location_decoder.layers", _DECODER_LAYER
+        "bbox_head.transformer.decoder.layers", "core.location_decoder.layers", _DECODER_LAYER
     ),
-    Rule(r"bbox_head\.transformer\.reference_points", "model.location_decoder.reference_points"),
-    Rule(r"bbox_head\.query_embedding", "model.location_decoder.query_embed"),
-    Rule(r"bbox_head\.cls_branches\.(\d+)", r"model.location_decoder.class_heads.\1"),
-    *_indexed("bbox_head.reg_branches", "model.location_decoder.box_heads", _BOX_HEAD),
+    Rule(r"bbox_head\.transformer\.reference_points", "core.location_decoder.reference_points"),
+    Rule(r"bbox_head\.query_embedding", "core.location_decoder.query_embed"),
+    Rule(r"bbox_head\.cls_branches\.(\d+)", r"core.location_decoder.class_heads.\1"),
+    *_indexed("bbox_head.reg_branches", "core.location_decoder.box_heads", _BOX_HEAD),
     *(
         rule
         for theirs, ours in (("things_mask_head", "things"), ("stuff_mask_head", "stuff"))
         for rule in (
             *_indexed(
-                f"bbox_head.{theirs}.blocks", f"model.mask_decoder.{ours}.layers", _MASK_BLOCK
+                f"bbox_head.{theirs}.blocks", f"core.mask_decoder.{ours}.layers", _MASK_BLOCK
             ),
             *(
                 Rule(
                     rf"bbox_head\.{theirs}\.attnen\.{re.escape(a)}",
-                    f"model.mask_decoder.{ours}.tail.{b}",
+                    f"core.mask_decoder.{ours}.tail.{b}",
                 )
                 for a, b in _MASK_TAIL
             ),
         )
     ),
-    Rule(r"bbox_head\.stuff_query", "model.mask_decoder.stuff_query"),
-    Rule(r"bbox_head\.cls_thing_branches\.(\d+)", r"model.mask_decoder.thing_class_heads.\1"),
-    Rule(r"bbox_head\.cls_stuff_branches\.(\d+)", r"model.mask_decoder.stuff_class_heads.\1"),
+    Rule(r"bbox_head\.stuff_query", "core.mask_decoder.stuff_query"),
+    Rule(r"bbox_head\.cls_thing_branches\.(\d+)", r"core.mask_decoder.thing_class_heads.\1"),
+    Rule(r"bbox_head\.cls_stuff_branches\.(\d+)", r"core.mask_decoder.stuff_class_heads.\1"),
 )
 
 # mmdet ResNet (layer1..layer4) -> detectron2 ResNet (res2..res5)
@@ -189,10 +189,10 @@ RESNET_RULES: Tuple[Rule, ...] = (
 # report parts: name -> prefixes of our keys
 PARTS: Dict[str, Tuple[str, ...]] = {
     "backbone": ("backbone.",),
-    "neck": ("model.neck.",),
-    "encoder": ("model.encoder.", "model.level_embed"),
-    "location decoder": ("model.location_decoder.",),
-    "mask decoder": ("model.mask_decoder.",),
+    "neck": ("core.neck.",),
+    "encoder": ("core.encoder.", "core.level_embed"),
+    "location decoder": ("core.location_decoder.",),
+    "mask decoder": ("core.mask_decoder.",),
 }
 
 

@@ -49,7 +49,7 @@ Stage = Tuple[str, nn.Module, Optional[str]]
 
 def stage_modules(meta: nn.Module) -> List[Stage]:
     """The hooked stages of a ``PanopticSegFormer`` meta-architecture."""
-    core = meta.model
+    core = meta.core
     decoder = core.mask_decoder
     stages: List[Stage] = [
         ("backbone", meta.backbone, None),

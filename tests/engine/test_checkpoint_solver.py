@@ -44,11 +44,27 @@ def test_full_checkpoint_round_trip(tmp_path):
     assert torch.equal(predict(fresh), predict(trained))
 
 
+def test_a_checkpoint_of_an_earlier_release_loads_its_core_from_model_keys(tmp_path, caplog):
+    # earlier releases named the meta-architecture's model core "model": model.encoder...
+    trained = tiny(seed=1)
+    old = {
+        ("model." + k[len("core.") :] if k.startswith("core.") else k): v
+        for k, v in trained.state_dict().items()
+    }
+    assert any(k.startswith("model.encoder.") for k in old)
+    torch.save({"model": old}, tmp_path / "old.pth")
+    fresh = tiny(seed=2)
+    assert not torch.equal(predict(fresh), predict(trained))
+    PanopticSegFormerCheckpointer(fresh).load(str(tmp_path / "old.pth"))
+    assert torch.equal(predict(fresh), predict(trained))
+    assert "loading them as 'core.'" in caplog.text
+
+
 def test_missing_and_mismatched_weights_raise(tmp_path):
     model = tiny()
     state = {k: v for k, v in model.state_dict().items() if "location_decoder" not in k}
     torch.save({"model": state}, tmp_path / "partial.pth")
-    with pytest.raises(RuntimeError, match=r"model weights are missing: model\.location_decoder"):
+    with pytest.raises(RuntimeError, match=r"model weights are missing: core\.location_decoder"):
         PanopticSegFormerCheckpointer(tiny()).load(str(tmp_path / "partial.pth"))
     # another number of queries: the query embeddings do not fit
     torch.save({"model": model.state_dict()}, tmp_path / "full.pth")

@@ -287,7 +287,7 @@ def test_a_nan_loss_stops_training_naming_the_term_and_iteration(tmp_path, sampl
         before_nan.update({k: v.clone() for k, v in built.model.state_dict().items()})
         return {**losses, "loss_mask_stuff": losses["loss_mask_stuff"] * float("nan")}
 
-    built.model.model.criterion.register_forward_hook(nan_at_iteration_2)
+    built.model.core.criterion.register_forward_hook(nan_at_iteration_2)
     with pytest.raises(
         FloatingPointError,
         match=r"^Loss became infinite or NaN at iteration=2: loss_mask_stuff = nan "

@@ -34,9 +34,9 @@ def test_config_builds_and_predicts(config):
     model = build_model(cfg).eval()
     assert isinstance(model, PanopticSegFormer)
     ps = cfg.MODEL.PANOPTIC_SEGFORMER
-    assert model.model.num_thing_classes == ps.NUM_THING_CLASSES
-    assert model.model.num_stuff_classes == ps.NUM_STUFF_CLASSES
-    assert model.model.inference.merge.thing_score_threshold == ps.TEST.THING_SCORE_THRESHOLD
+    assert model.core.num_thing_classes == ps.NUM_THING_CLASSES
+    assert model.core.num_stuff_classes == ps.NUM_STUFF_CLASSES
+    assert model.core.inference.merge.thing_score_threshold == ps.TEST.THING_SCORE_THRESHOLD
     with torch.no_grad():
         (out,) = model([{"image": torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)}])
     assert out["panoptic_seg"][0].shape == (64, 96)

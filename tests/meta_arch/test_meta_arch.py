@@ -242,34 +242,34 @@ def test_paper_switches_build_what_they_name():
     ]
     # Table 6: a location decoder of 0 layers, its queries straight to the mask decoder
     model, _ = tiny_model(ps + "DEC_LAYERS", "0", *mask_classes)
-    assert len(model.model.location_decoder.layers) == 0
-    assert model.model.inference.thing_classes_from == "mask_decoder"
+    assert len(model.core.location_decoder.layers) == 0
+    assert model.core.inference.thing_classes_from == "mask_decoder"
     # Table 8: joint matching, NUM_QUERIES + NUM_STUFF_CLASSES queries over all 133 classes
     model, _ = tiny_model(ps + "JOINT_MATCHING", "True")
-    assert model.model.joint_matching and model.model.criterion.num_stuff_classes == 0
-    assert model.model.location_decoder.query_embed.num_embeddings == 20 + 53
-    assert model.model.location_decoder.class_heads[0].out_features == 133
+    assert model.core.joint_matching and model.core.criterion.num_stuff_classes == 0
+    assert model.core.location_decoder.query_embed.num_embeddings == 20 + 53
+    assert model.core.location_decoder.class_heads[0].out_features == 133
     # its caps have room for the stuff too: MAX_DETECTIONS + 53 kept, MAX_SELECTED + 53 filtered
-    assert model.model.inference.max_detections == 100 + 53
-    assert model.model.criterion.max_selected == 300 + 53
-    assert model.model.mask_decoder.thing_class_heads[0].out_features == 133
+    assert model.core.inference.max_detections == 100 + 53
+    assert model.core.criterion.max_selected == 300 + 53
+    assert model.core.mask_decoder.thing_class_heads[0].out_features == 133
     # Fig. 5: without deep supervision; Table 7: MERGE pixel_argmax alone is the paper's
     # Panoptic SegFormer "(p)" row, the plain argmax; "(p*)" is the class-weighted switch
     model, _ = tiny_model(ps + "DEEP_SUPERVISION", "False", ps + "TEST.MERGE", "pixel_argmax")
-    assert not model.model.criterion.deep_supervision
-    assert model.model.inference.merge == PixelArgmaxOptions(class_weighted=False)
+    assert not model.core.criterion.deep_supervision
+    assert model.core.inference.merge == PixelArgmaxOptions(class_weighted=False)
     model, _ = tiny_model(
         ps + "TEST.MERGE", "pixel_argmax", ps + "TEST.PIXEL_ARGMAX_CLASS_WEIGHTED", "True"
     )
-    assert model.model.inference.merge == PixelArgmaxOptions(class_weighted=True)
+    assert model.core.inference.merge == PixelArgmaxOptions(class_weighted=True)
     # activation checkpointing: off by default (test_config_defaults.py: as in the core's
     # builder), each part alone
     model, _ = tiny_model()
 
     def checkpointing(model):  # of the encoder and of the two mask decoder stacks
-        decoder = model.model.mask_decoder
+        decoder = model.core.mask_decoder
         return (
-            model.model.encoder.checkpointing,
+            model.core.encoder.checkpointing,
             decoder.things.checkpointing,
             decoder.stuff.checkpointing,
         )

@@ -44,7 +44,7 @@ def test_weights_are_loaded_once_by_our_checkpointer(tmp_path, monkeypatch):
     assert predictor.cfg.MODEL.WEIGHTS == str(tmp_path / "weights.pth")
     assert predictor.model.prepared_for_inference and not predictor.model.training
     for name, value in saved.model.state_dict().items():  # the core (the backbone is folded)
-        assert torch.equal(predictor.model.model.state_dict()[name], value), name
+        assert torch.equal(predictor.model.core.state_dict()[name], value), name
 
 
 @pytest.fixture(scope="module", params=["RGB", "BGR"])

@@ -390,7 +390,7 @@ def test_every_official_key_matches_exactly_one_rule():
 def test_mask_decoder_computes_the_authors_masks_and_scores(r50_converted):
     official, model, _ = r50_converted
     # in float64, so that both codes agree to rounding however large the random weights
-    decoder = copy.deepcopy(model.model.mask_decoder).double()
+    decoder = copy.deepcopy(model.core.mask_decoder).double()
     official = {k: v.double() for k, v in official.items() if k.startswith("bbox_head.")}
     hw = [(4, 6), (2, 3), (1, 2)]
     g = torch.Generator().manual_seed(1)
@@ -439,10 +439,10 @@ def test_weights_through_the_authors_names_give_identical_outputs():
 @pytest.mark.parametrize(
     "change, named",
     [
-        ("remove", "model.encoder.layers.0.ffn.norm.weight"),
+        ("remove", "core.encoder.layers.0.ffn.norm.weight"),
         ("extra", "bbox_head.transformer.unknown.weight"),
-        ("extra_layer", "model.encoder.layers.1.norm1.weight"),
-        ("shape", "bbox_head.cls_branches.1.weight -> model.location_decoder.class_heads.1.weight"),
+        ("extra_layer", "core.encoder.layers.1.norm1.weight"),
+        ("shape", "bbox_head.cls_branches.1.weight -> core.location_decoder.class_heads.1.weight"),
     ],
 )
 def test_refuses_naming_the_key(change, named):
@@ -537,12 +537,12 @@ def test_cli_writes_a_checkpoint_the_checkpointer_loads(tool, tmp_path, capsys):
     assert torch.equal(
         ours["backbone.stem.conv1.norm.running_var"], official["backbone.bn1.running_var"]
     )
-    assert torch.equal(ours["model.level_embed"], official["bbox_head.transformer.level_embeds"])
+    assert torch.equal(ours["core.level_embed"], official["bbox_head.transformer.level_embeds"])
 
     del official["bbox_head.stuff_query.weight"]
     torch.save({"state_dict": official}, tmp_path / "official.pth")
     assert tool.main([*args, "--output", str(tmp_path / "refused.pth"), "--opts", *TINY]) == 1
-    assert "model.mask_decoder.stuff_query.weight" in capsys.readouterr().err
+    assert "core.mask_decoder.stuff_query.weight" in capsys.readouterr().err
     assert not (tmp_path / "refused.pth").exists()
 
 

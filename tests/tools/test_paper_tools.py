@@ -133,7 +133,7 @@ def test_ablate_inference_variants_switch_a_built_model_as_the_config_would(load
         torch.manual_seed(0)
         model = build_model(config).eval()
         if options is not None:
-            model.model.set_inference(options)
+            model.core.set_inference(options)
         with torch.no_grad():
             (out,) = model([{"image": image.to(torch.uint8)}])
         return out["panoptic_seg"]
