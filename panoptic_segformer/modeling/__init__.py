@@ -6,7 +6,8 @@ from a backbone), its :class:`InferenceOptions` with the merging's :class:`MaskW
 :func:`split_targets`.
 """
 
-from panoptic_segformer.modeling.backbone import build_backbone, count_parameters
+from panoptic_segformer.modeling.backbone import build_backbone
+from panoptic_segformer.modeling.complexity import count_parameters
 from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion
 from panoptic_segformer.modeling.inference import InferenceOptions
 from panoptic_segformer.modeling.panoptic_segformer import (

@@ -32,31 +32,6 @@ _RESNETS: Dict[int, Tuple[Callable[..., nn.Module], List[int]]] = {
 _RESNET_STRIDES = [4, 8, 16, 32]
 
 
-def count_parameters(module: nn.Module, include_frozen_bn: bool = True) -> int:
-    """Number of parameters, optionally counting frozen batch-norm affine buffers as parameters.
-
-    torchvision's (and detectron2's) ``FrozenBatchNorm2d`` stores ``weight`` and ``bias`` as
-    buffers, while mmdet's ResNet with ``requires_grad=False`` BN (the authors' setting) keeps
-    them as ``nn.Parameter``s, so published parameter counts include them.
-
-    Args:
-        module: the model to count.
-        include_frozen_bn: add the ``weight`` and ``bias`` of every ``FrozenBatchNorm2d``.
-
-    Returns:
-        the count.
-    """
-    count = sum(p.numel() for p in module.parameters())
-    if include_frozen_bn:
-        # torchvision's, or detectron2's of the same name and layout
-        count += sum(
-            m.weight.numel() + m.bias.numel()
-            for m in module.modules()
-            if isinstance(m, FrozenBatchNorm2d) or type(m).__name__ == "FrozenBatchNorm2d"
-        )
-    return count
-
-
 def _check_out_indices(out_indices: Sequence[int], num_stages: int) -> List[int]:
     out_indices = list(out_indices)
     if (

@@ -6,8 +6,9 @@ import math
 from typing import Dict, List
 
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from panoptic_segformer.modeling.backbone import build_backbone, count_parameters
+from panoptic_segformer.modeling.backbone import build_backbone
 from panoptic_segformer.modeling.inference import InferenceOptions
 from panoptic_segformer.modeling.panoptic_segformer import (
     PanopticSegFormerModel,
@@ -19,6 +20,7 @@ __all__ = [
     "PAPER_TABLE1",
     "PARTS",
     "build_core_model",
+    "count_parameters",
     "parameter_parts",
     "print_markdown",
 ]
@@ -31,6 +33,31 @@ PAPER_TABLE1 = {
     "pvt_v2_b5": {"params": 104.9, "gflops": 349.0},
 }
 PARTS = ("backbone", "neck + encoder", "location decoder", "mask decoder")
+
+
+def count_parameters(module: nn.Module, include_frozen_bn: bool = True) -> int:
+    """Number of parameters, optionally counting frozen batch-norm affine buffers as parameters.
+
+    torchvision's (and detectron2's) ``FrozenBatchNorm2d`` stores ``weight`` and ``bias`` as
+    buffers, while mmdet's ResNet with ``requires_grad=False`` BN (the authors' setting) keeps
+    them as ``nn.Parameter``s, so published parameter counts include them.
+
+    Args:
+        module: the model to count.
+        include_frozen_bn: add the ``weight`` and ``bias`` of every ``FrozenBatchNorm2d``.
+
+    Returns:
+        the count.
+    """
+    count = sum(p.numel() for p in module.parameters())
+    if include_frozen_bn:
+        # torchvision's, or detectron2's of the same name and layout
+        count += sum(
+            m.weight.numel() + m.bias.numel()
+            for m in module.modules()
+            if isinstance(m, FrozenBatchNorm2d) or type(m).__name__ == "FrozenBatchNorm2d"
+        )
+    return count
 
 
 def build_core_model(

@@ -106,7 +106,7 @@ def test_optimizer_groups_and_full_model_clipping():
         for p in g["params"]
     }
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[i].split(".")[0] for i in slow} == {"backbone", "model"}
+    assert {names[i].split(".")[0] for i in slow} == {"backbone", "core"}
     assert all(
         n.startswith("backbone.") or "sampling_offsets" in n or "reference_points" in n
         for n in (names[i] for i in slow)

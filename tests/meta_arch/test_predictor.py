@@ -43,7 +43,7 @@ def test_weights_are_loaded_once_by_our_checkpointer(tmp_path, monkeypatch):
     assert loads == [("PanopticSegFormerCheckpointer", str(tmp_path / "weights.pth"))]
     assert predictor.cfg.MODEL.WEIGHTS == str(tmp_path / "weights.pth")
     assert predictor.model.prepared_for_inference and not predictor.model.training
-    for name, value in saved.model.state_dict().items():  # the core (the backbone is folded)
+    for name, value in saved.core.state_dict().items():  # the core (the backbone is folded)
         assert torch.equal(predictor.model.core.state_dict()[name], value), name
 
 

@@ -17,8 +17,8 @@ from panoptic_segformer.modeling.backbone import (
     ResNetBackbone,
     TimmBackbone,
     build_backbone,
-    count_parameters,
 )
+from panoptic_segformer.modeling.complexity import count_parameters
 
 # torchvision ResNet totals minus fc (2048 * 1000 + 1000 = 2,049,000 for 50/101), e.g. 25,557,032
 # - 2,049,000 for ResNet-50. FrozenBatchNorm2d keeps its affine weight/bias as buffers, so the
