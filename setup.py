@@ -130,7 +130,7 @@ setup(
         "benchmark": ["fvcore"],
         "robustness": ["imagecorruptions"],
         # tools/deploy: ONNX export (torch.onnx's exporter writes through onnxscript) and ONNX
-        # Runtime; the versions tested (README, Deployment)
+        # Runtime; the versions tested (docs/deployment.md)
         "deploy": ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"],
         # tools/submit.py: training on SLURM, requeued and resumed on preemption
         "cluster": ["submitit>=1.5"],

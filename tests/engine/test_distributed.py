@@ -1,5 +1,5 @@
-"""Distributed training and evaluation on the CPU: the README's multi-process and multi-machine
-commands, run as users run them (``train_net.py`` in subprocesses, gloo), are the same training
+"""Distributed training and evaluation on the CPU: docs/getting_started.md's multi-process and
+multi-machine commands, run as users run them (``train_net.py`` in subprocesses, gloo), are the same training
 and the same evaluation as one process; so are the cluster launchers' (torchrun on one machine and
 on two, torch elastic restarting a killed worker, a SLURM job through submitit preempted and
 requeued).
@@ -196,7 +196,7 @@ def test_two_processes_train_like_one_process_with_both_images(
 
 @pytest.fixture(scope="module")
 def two_machines(tmp_path_factory, datasets_root):
-    """20 iterations on two "machines" of one process each, meeting on loopback (the README's
+    """20 iterations on two "machines" of one process each, meeting on loopback (docs/getting_started.md's
     multi-machine command); returns the output folder and the two processes' outputs."""
     output_dir = tmp_path_factory.mktemp("two_machines")
     url = f"tcp://127.0.0.1:{free_port()}"
@@ -339,7 +339,7 @@ def cluster_runs(tmp_path_factory, datasets_root):
     """The five iterations in two processes of one thread, launched three ways at once:
 
     * ``agents``: two torchrun agents of one process each, c10d rendezvous on loopback (the
-      README's multi-node torchrun command);
+      docs/getting_started.md's multi-node torchrun command);
     * ``killed``: the same with ``--max-restarts 1``, and rank 1 SIGKILLed after iteration 3;
     * ``preempted``: a SLURM job through submitit (its local executor), sent SLURM's warning
       after iteration 1 (absent without submitit).

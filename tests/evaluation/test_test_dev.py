@@ -269,8 +269,8 @@ def test_evaluation_of_test_dev_is_the_writer_alone(tmp_path):
 
 
 def test_train_net_eval_only_writes_the_submission(tmp_path, coco_panoptic_sample):
-    # the README's command on a tiny random model that paints segments, in two processes (gloo):
-    # each predicts one image, the main process writes both
+    # docs/getting_started.md's command on a tiny random model that paints segments, in two
+    # processes (gloo): each predicts one image, the main process writes both
     torch.manual_seed(0)
     weights = tmp_path / "init.pth"
     torch.save({"model": build_model(make_cfg(CONFIG, *TINY)).state_dict()}, weights)

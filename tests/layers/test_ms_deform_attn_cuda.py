@@ -5,7 +5,7 @@ orders; test locations are kept off pixel boundaries, where the two may round lo
 different sides and take different one-sided derivatives); float16 and bfloat16 results are
 compared with the float32 kernel on the same rounded inputs, so the only extra error is rounding
 the output, 2**-10 and 2**-7 relative to the output scale respectively (documented in the
-README).
+docs/model_core.md).
 """
 
 import pytest
