@@ -1,7 +1,7 @@
 """detectron2 adapters of the timm backbones (Swin-L, PVTv2-B5).
 
 ResNets are detectron2's own (``MODEL.BACKBONE.NAME: build_resnet_backbone`` with frozen BN);
-the transformer backbones come from timm through :func:`panoptic_segformer.modeling.build_backbone`
+the transformer backbones come from timm through :func:`panoptic_segformer.modeling.build_backbone_by_name`
 and are registered here as ``D2TimmBackbone``, configured by ``MODEL.TIMM.*``.
 """
 
@@ -10,7 +10,7 @@ from typing import Dict
 from detectron2.modeling import Backbone, ShapeSpec
 from torch import Tensor
 
-from panoptic_segformer.modeling.backbone import TIMM_BACKBONES, build_backbone
+from panoptic_segformer.modeling.backbone import TIMM_BACKBONES, build_backbone_by_name
 
 __all__ = ["D2TimmBackbone", "TIMM_BACKBONES"]
 
@@ -45,7 +45,7 @@ class D2TimmBackbone(Backbone):
         options = {"out_indices": out_indices, "pretrained_path": cfg.MODEL.TIMM.PRETRAINED or None}
         if cfg.MODEL.TIMM.DROP_PATH_RATE >= 0:
             options["drop_path_rate"] = cfg.MODEL.TIMM.DROP_PATH_RATE
-        self.net = build_backbone(name, **options)
+        self.net = build_backbone_by_name(name, **options)
         self._out_feature_channels = dict(zip(self._out_features, self.net.out_channels))
         self._out_feature_strides = dict(zip(self._out_features, self.net.strides))
 

@@ -362,7 +362,7 @@ _BACKBONES: Dict[str, Callable[..., nn.Module]] = {
 TIMM_BACKBONES = tuple(name for name, make in _BACKBONES.items() if make.func is TimmBackbone)
 
 
-def build_backbone(name: str, **kwargs: Any) -> nn.Module:
+def build_backbone_by_name(name: str, **kwargs: Any) -> nn.Module:
     """Builds a backbone by name.
 
     Args:

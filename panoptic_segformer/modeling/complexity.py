@@ -8,7 +8,7 @@ from typing import Dict, List
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from panoptic_segformer.modeling.backbone import build_backbone
+from panoptic_segformer.modeling.backbone import build_backbone_by_name
 from panoptic_segformer.modeling.inference import InferenceOptions
 from panoptic_segformer.modeling.panoptic_segformer import (
     PanopticSegFormerModel,
@@ -68,7 +68,7 @@ def build_core_model(
     Raises:
         ImportError: the backbone needs timm, and it is missing or too old.
     """
-    net = build_backbone(backbone)
+    net = build_backbone_by_name(backbone)
     model = build_panoptic_segformer(
         net, net.out_channels, with_criterion=False, inference=inference
     )

@@ -132,8 +132,8 @@ TIMM_PARAMETERS: Dict[str, Tuple[Any, List[Target]]] = {
     "PRETRAINED": (lambda path: path or None, [(TimmBackbone, "pretrained_path")]),
 }
 TIMM_CONFIG_ONLY: Dict[str, str] = {
-    "NAME": "a name of the core's build_backbone, checked against TIMM_BACKBONES below",
-    "DROP_PATH_RATE": "negative keeps each backbone's own rate (build_backbone's), checked below",
+    "NAME": "a name of the core's build_backbone_by_name, checked against TIMM_BACKBONES below",
+    "DROP_PATH_RATE": "negative keeps each backbone's own rate (build_backbone_by_name's), checked below",
 }
 
 
@@ -202,7 +202,7 @@ def test_timm_config_default_is_the_core_default(key):
 def test_timm_backbone_names_are_the_cores():
     cfg = _config()
     assert cfg.MODEL.TIMM.NAME in TIMM_BACKBONES
-    assert cfg.MODEL.TIMM.DROP_PATH_RATE < 0  # each backbone's own, as build_backbone has it
+    assert cfg.MODEL.TIMM.DROP_PATH_RATE < 0  # each backbone's own, as build_backbone_by_name has it
     from panoptic_segformer.d2.backbone import TIMM_BACKBONES as D2_NAMES
 
     assert D2_NAMES is TIMM_BACKBONES  # one list of names, the core's

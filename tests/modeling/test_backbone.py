@@ -16,7 +16,7 @@ from panoptic_segformer.modeling.backbone import (
     TIMM_MIN_VERSION,
     ResNetBackbone,
     TimmBackbone,
-    build_backbone,
+    build_backbone_by_name,
 )
 from panoptic_segformer.modeling.complexity import count_parameters
 
@@ -73,7 +73,7 @@ def test_resnet_parameter_counts(resnet50):
     assert tv_no_fc == RESNET50_PARAMS
     assert count_parameters(resnet50) == RESNET50_PARAMS
     assert count_parameters(resnet50, include_frozen_bn=False) == RESNET50_PARAMS_NO_BN
-    resnet101 = build_backbone("resnet101")
+    resnet101 = build_backbone_by_name("resnet101")
     assert resnet101.out_channels == [512, 1024, 2048]
     assert resnet101.strides == [8, 16, 32]
     assert count_parameters(resnet101) == RESNET101_PARAMS
@@ -176,7 +176,7 @@ def test_resnet_bad_arguments(kwargs, message):
 
 def test_unknown_backbone_name():
     with pytest.raises(ValueError, match=r"'resnet18'.*'pvt_v2_b5'.*'resnet50'"):
-        build_backbone("resnet18")
+        build_backbone_by_name("resnet18")
 
 
 def test_timm_missing_raises_import_error(monkeypatch):
@@ -188,7 +188,7 @@ def test_timm_missing_raises_import_error(monkeypatch):
 def test_swin_large_matches_authors_backbone():
     require("timm", "the Swin and PVTv2 backbones need timm")
     # On the meta device: Swin-L is 195M parameters, too slow to initialise in a unit test.
-    backbone = build_backbone("swin_large", device="meta")
+    backbone = build_backbone_by_name("swin_large", device="meta")
     assert backbone.out_channels == [384, 768, 1536]
     assert backbone.strides == [8, 16, 32]
     assert backbone.channels_last
@@ -202,7 +202,7 @@ def test_swin_large_matches_authors_backbone():
 
 def test_swin_large_w12_feature_info():
     require("timm", "the Swin and PVTv2 backbones need timm")
-    backbone = build_backbone("swin_large_w12", device="meta")
+    backbone = build_backbone_by_name("swin_large_w12", device="meta")
     assert backbone.out_channels == [384, 768, 1536]
     assert backbone.strides == [8, 16, 32]
     assert count_parameters(backbone) == 195_200_820
@@ -210,7 +210,7 @@ def test_swin_large_w12_feature_info():
 
 def test_pvt_v2_b5_feature_info():
     require("timm", "the Swin and PVTv2 backbones need timm")
-    backbone = build_backbone("pvt_v2_b5", device="meta")
+    backbone = build_backbone_by_name("pvt_v2_b5", device="meta")
     assert backbone.out_channels == [128, 320, 512]
     assert backbone.strides == [8, 16, 32]
     assert not backbone.channels_last
@@ -230,7 +230,7 @@ def test_timm_pvt_forward_is_channels_first():
 def test_timm_swin_forward_is_channels_first():
     require("timm", "the Swin and PVTv2 backbones need timm")
     torch.manual_seed(0)
-    # Swin-T with build_backbone("swin_large")'s settings; 64x96 is not the 224-px img_size.
+    # Swin-T with build_backbone_by_name("swin_large")'s settings; 64x96 is not the 224-px img_size.
     backbone = TimmBackbone(
         "swin_tiny_patch4_window7_224",
         strict_img_size=False,
@@ -343,7 +343,7 @@ def test_timm_too_old_raises_naming_model_and_versions(monkeypatch, name, model)
     monkeypatch.setattr(timm, "__version__", "0.9.16")
     message = rf"{model} needs timm >= 1\.0\.8 .*but timm 0\.9\.16 is installed"
     with pytest.raises(ImportError, match=message):
-        build_backbone(name)
+        build_backbone_by_name(name)
 
 
 @pytest.mark.parametrize("version, builds", [("1.0.7", False), ("1.0.8", True), ("1.0.10", True)])
@@ -409,3 +409,13 @@ def test_timm_converts_the_checkpoint_once(tmp_path, monkeypatch):
     )
     # once to check the checkpoint against the full model, once in timm's loader
     assert inputs == [sorted(checkpoint)] * 2
+
+
+def test_the_old_name_of_the_builder_still_works_with_a_warning():
+    import panoptic_segformer.modeling as modeling
+
+    with pytest.warns(FutureWarning, match="use build_backbone_by_name"):
+        old = modeling.build_backbone
+    assert old is build_backbone_by_name
+    with pytest.raises(AttributeError, match="no attribute 'build_nothing'"):
+        modeling.build_nothing

@@ -333,12 +333,13 @@ def test_result_types_and_merge_options():
 )
 def test_parameter_counts_match_table_1(backbone, count, published):
     # Table 1 of the paper; the models are built on the meta device (no memory, no init time)
-    from panoptic_segformer.modeling.backbone import build_backbone, count_parameters
+    from panoptic_segformer.modeling.backbone import build_backbone_by_name
+    from panoptic_segformer.modeling.complexity import count_parameters
 
     if backbone.startswith(("swin", "pvt")):
         require("timm", "timm is needed for the Swin-L and PVTv2-B5 backbones")
     with torch.device("meta"):
-        net = build_backbone(backbone)
+        net = build_backbone_by_name(backbone)
         model = build_panoptic_segformer(net, net.out_channels, with_criterion=False)
     assert count_parameters(model) == count
     assert abs(count / published - 1) < 0.01
