@@ -60,7 +60,7 @@ def test_a_core_model_file_needs_a_config(core_exported):
 def test_exported_predictor_builds_no_pytorch_network(exported, monkeypatch):
     import panoptic_segformer.d2.meta_arch as meta_arch
     import panoptic_segformer.d2.predictor as predictor_module
-    from panoptic_segformer.deploy import ExportedPredictor
+    from panoptic_segformer.d2 import ExportedPredictor
     from panoptic_segformer.modeling import PanopticSegFormerModel
 
     def refuse(*args, **kwargs):

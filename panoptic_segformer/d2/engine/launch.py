@@ -18,6 +18,7 @@ GPUs would fail; it spawns them here with the GPUs hidden from them.
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 from datetime import timedelta
@@ -176,6 +177,17 @@ def _gpus_hidden() -> Iterator[None]:
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
+def _run_and_leave_the_group(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace):
+    """``main(args)`` in a spawned process, then the process groups destroyed: left to the
+    interpreter's exit, gloo's threads are torn down while still joinable, and the process can
+    abort ("terminate called without an active exception") after its work is done."""
+    try:
+        return main(args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def launch(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, device: str) -> Any:
     """Runs ``main(args)`` in every process of the run ``args`` (detectron2's
     ``default_argument_parser``) describes, with the backend of ``device``; returns its result in
@@ -191,7 +203,7 @@ def launch(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, 
         hidden = _gpus_hidden() if spawns and distributed_backend(device) == "gloo" else None
         with hidden or contextlib.nullcontext():
             return detectron2_launch(
-                main,
+                functools.partial(_run_and_leave_the_group, main),
                 args.num_gpus,
                 num_machines=args.num_machines,
                 machine_rank=args.machine_rank,
