@@ -27,16 +27,11 @@ __all__ = [
     "register",
 ]
 
-# the detectron2 layer's names, imported from their modules when first asked for
-_DETECTRON2_LAYER = {
-    "PanopticSegFormerCheckpointer": "panoptic_segformer.d2.checkpoint",
-    "add_panoptic_segformer_config": "panoptic_segformer.d2.config",
-    "get_config": "panoptic_segformer.d2.config",
-    "register": "panoptic_segformer.d2.registration",
-}
+# the detectron2 layer's entry points, imported from it when first asked for
+_DETECTRON2_LAYER = frozenset(__all__) - {"__version__"}
 
 
 def __getattr__(name: str) -> Any:
     if name not in _DETECTRON2_LAYER:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_DETECTRON2_LAYER[name]), name)
+    return getattr(importlib.import_module("panoptic_segformer.d2"), name)
