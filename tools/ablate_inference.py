@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Inference ablations of one checkpoint on one dataset: mask-wise merging "(m)" vs pixel-wise
 argmax, plain (variant ``pixel_argmax``: Table 7's Panoptic SegFormer "(p)" row) and
-class-weighted (``pixel_argmax_class_weighted``: Table 7's "(p*)", as MaskFormer), early exit after the first 1, 2, 3 or all
-mask-decoder layers (Table 10), and thing classes from the mask decoder (Sec. 3.3.3).
+class-weighted (``pixel_argmax_class_weighted``: Table 7's "(p*)", as MaskFormer), early exit after
+the first 1, 2, 3 or all mask-decoder layers (Table 10), and thing classes from the mask decoder
+(Sec. 3.3.3).
 
 Every variant runs the same weights on the same images through detectron2's
 COCOPanopticEvaluator (PQ) and :class:`panoptic_segformer.d2.evaluation.BoundaryPanopticEvaluator`

@@ -22,8 +22,8 @@ augmentations replaced by the same fixed resize (``--size``, ``--max-size``): ou
 ``instances`` with ``BitMasks``, Mask2Former's ``COCOPanopticNewBaselineDatasetMapper`` with mask
 tensors, as each model's forward takes them. The table gives the step times, the peak memory and
 both ratios (ours / Mask2Former's) against the bars. --breakdown adds our step by stage
-(:mod:`panoptic_segformer.d2.training_breakdown`), profiled once after the timed steps (the peak memory is read
-before it).
+(:mod:`panoptic_segformer.d2.training_breakdown`), profiled once after the timed steps (the peak
+memory is read before it).
 
 Mask2Former comes from its public repository, cloned by you into a folder you name
 (``git clone https://github.com/facebookresearch/Mask2Former``; nothing to build). Its

@@ -10,14 +10,14 @@
 
 Needs ``pip install -e ".[cluster]"`` (submitit). Each task joins the process group SLURM's
 environment describes (the first node's address, a port drawn from the job id, the task's rank;
-:mod:`panoptic_segformer.d2.engine.launch`) and runs train_net's ``main``. ``OUTPUT_DIR`` is the job's
-folder, ``<--job-dir>/<job id>``, beside submitit's logs (an ``OUTPUT_DIR`` override wins).
+:mod:`panoptic_segformer.d2.engine.launch`) and runs train_net's ``main``. ``OUTPUT_DIR`` is the
+job's folder, ``<--job-dir>/<job id>``, beside submitit's logs (an ``OUTPUT_DIR`` override wins).
 
 Preemption and the time limit: the job asks SLURM for a warning signal ``--signal-delay`` seconds
 ahead (``--signal=USR2@120``) and to be requeued (``--requeue``). At the warning the tasks
-checkpoint the iteration in progress and stop (:mod:`panoptic_segformer.d2.engine.preemption`), and the
-job requeues itself with ``--resume``, under the same job id and folder: the requeued job goes on
-from that checkpoint with its iteration, optimizer, scheduler and data stream. A job is
+checkpoint the iteration in progress and stop (:mod:`panoptic_segformer.d2.engine.preemption`), and
+the job requeues itself with ``--resume``, under the same job id and folder: the requeued job goes
+on from that checkpoint with its iteration, optimizer, scheduler and data stream. A job is
 requeued at most ``--max-timeouts`` times for its time limit; preemptions are not counted.
 """
 

@@ -1,8 +1,9 @@
 """detectron2 adapters of the timm backbones (Swin-L, PVTv2-B5).
 
 ResNets are detectron2's own (``MODEL.BACKBONE.NAME: build_resnet_backbone`` with frozen BN);
-the transformer backbones come from timm through :func:`panoptic_segformer.modeling.build_backbone_by_name`
-and are registered here as ``D2TimmBackbone``, configured by ``MODEL.TIMM.*``.
+the transformer backbones come from timm through
+:func:`panoptic_segformer.modeling.build_backbone_by_name` and are registered here as
+``D2TimmBackbone``, configured by ``MODEL.TIMM.*``.
 """
 
 from typing import Dict

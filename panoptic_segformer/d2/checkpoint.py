@@ -21,8 +21,8 @@ named ``*.pth`` or ``last_checkpoint`` is complete, and ``last_checkpoint`` only
 complete checkpoint. A kill mid-save can leave a ``<name>.pth.tmp``, which the next save of that
 name overwrites.
 
-Every file is read as data (:mod:`panoptic_segformer.utils.safe_load`): detectron2 reads ``.pkl`` with
-``pickle.load`` and torch files with ``torch.load``'s default, which a crafted file makes run
+Every file is read as data (:mod:`panoptic_segformer.utils.safe_load`): detectron2 reads ``.pkl``
+with ``pickle.load`` and torch files with ``torch.load``'s default, which a crafted file makes run
 code (the default does before torch 2.6). A file asking for anything but weights data is refused
 with a ``pickle.UnpicklingError`` naming the file.
 """

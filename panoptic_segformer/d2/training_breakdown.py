@@ -214,8 +214,8 @@ def profile_step(
 
     Returns:
         ``rows``: per stage (in running order, then backward, optimizer step) its label, ``ms``,
-        ``backward_ms``, ``held_mib`` and ``peak_mib``; ``held``: the saved storages by stage, shape and dtype
-        (``stage``, ``shape``, ``dtype``, ``count``, ``mib``), largest first.
+        ``backward_ms``, ``held_mib`` and ``peak_mib``; ``held``: the saved storages by stage, shape
+        and dtype (``stage``, ``shape``, ``dtype``, ``count``, ``mib``), largest first.
     """
     recorder = StageRecorder(stages or stage_modules(model), list(model.parameters()))
     with tempfile.TemporaryDirectory() as folder:

@@ -225,7 +225,8 @@ def export_network(
         fmt: one of :data:`EXPORTERS`.
         path: the file to write.
         config_text: the model's config (``cfg.dump()``), saved in the file.
-        class_info: the class names to save (:func:`panoptic_segformer.d2.class_info.class_info_of`).
+        class_info: the class names to save
+            (:func:`panoptic_segformer.d2.class_info.class_info_of`).
         dynamic_batch: export any batch size, else the sample's batch size only.
         ort_custom_op: (onnx) write deformable attention as the ONNX Runtime custom operator
             ``panoptic_segformer::MSDeformAttn`` instead of ``GridSample`` ops.

@@ -122,7 +122,8 @@ def onnx_translation_table(ort_custom_op: bool = False) -> Dict[Callable, Callab
     if operator is None:
         if ort_custom_op:
             raise RuntimeError(
-                f"exporting with the ONNX Runtime operator needs the compiled CPU operator: {reason}"
+                "exporting with the ONNX Runtime operator needs the compiled CPU operator: "
+                f"{reason}"
             )
         return {}  # not built: a traced model then holds the PyTorch path, plain aten ops
     if ort_custom_op:

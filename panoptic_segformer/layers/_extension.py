@@ -6,8 +6,8 @@ first use with ``torch.utils.cpp_extension.load`` (JIT), so users never run a se
 step; the callers fall back to PyTorch operations where neither works:
 
 * ``panoptic_segformer._cpu``, built at install time whenever a C++ compiler is found: the
-  operator ``panoptic_segformer::ms_deform_attn (multi-scale deformable attention: its definition and
-  its CPU kernels, ``csrc/ms_deform_attn_op.cpp`` and ``csrc/ms_deform_attn_cpu.cpp``).
+  operator ``panoptic_segformer::ms_deform_attn (multi-scale deformable attention: its definition
+  and its CPU kernels, ``csrc/ms_deform_attn_op.cpp`` and ``csrc/ms_deform_attn_cpu.cpp``).
 * ``panoptic_segformer._C``: the operator's CUDA kernels (``csrc/ms_deform_attn_cuda.cu``), built
   at install time when a GPU (or ``FORCE_CUDA=1``) is present. It registers kernels for the
   operator the CPU extension defines, so that one is always loaded first.

@@ -81,8 +81,8 @@ def parameter_parts(backbone: nn.Module, model: nn.Module) -> Dict[str, int]:
 
     Args:
         backbone: the backbone.
-        model: the model core (:class:`~panoptic_segformer.modeling.PanopticSegFormerModel`), with or
-            without the backbone inside.
+        model: the model core (:class:`~panoptic_segformer.modeling.PanopticSegFormerModel`),
+            with or without the backbone inside.
     """
     parts = {
         "backbone": count_parameters(backbone),

@@ -14,8 +14,8 @@ one-to-one match: by default (``max_per_target=1``, the authors' released behavi
 these T queries reach the thing mask decoder; with more rounds, up to ``max_per_target`` per
 thing. Those queries are then matched one to one with the Dice cost of the thing mask
 decoder's last masks at their own resolution (stride 8), and only these matches get mask
-targets; the mask losses are taken at stride 4. Stuff query k always predicts stuff class k: its target is that
-class's mask, or nothing (weight 0) when the class is absent.
+targets; the mask losses are taken at stride 4. Stuff query k always predicts stuff class k: its
+target is that class's mask, or nothing (weight 0) when the class is absent.
 
 Switches of the paper's ablations: without deep supervision (Fig. 5, "w/o ds") the mask decoder
 is supervised on its last layer only (the Dice losses of the tail masks and the class losses of

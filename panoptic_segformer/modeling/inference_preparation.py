@@ -116,9 +116,9 @@ class PreparableForInference:
     def prepare_for_inference(self) -> nn.Module:
         """Inference-only speed-ups, in place, once the weights are loaded: eval mode, the
         backbone's frozen batch norms folded into its convolutions and its weights channels-last
-        (see :mod:`panoptic_segformer.modeling.inference_preparation`). The outputs equal the unprepared
-        model's within float rounding. The model can then no longer compute training losses, and
-        its state dict lacks the folded norms.
+        (see :mod:`panoptic_segformer.modeling.inference_preparation`). The outputs equal the
+        unprepared model's within float rounding. The model can then no longer compute training
+        losses, and its state dict lacks the folded norms.
 
         Returns:
             the model.

@@ -104,7 +104,8 @@ def benchmark(args) -> List[Dict[str, object]]:
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
         PanopticSegFormerCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.prepare_for_inference()  # eager as the Predictor runs it, and what export_model.py exports
+    # eager as the Predictor runs it, and what export_model.py exports
+    model.prepare_for_inference()
     images, padding_mask = padded_input(args.height, args.width, model.size_divisibility)
 
     def eager() -> Dict[str, Tensor]:

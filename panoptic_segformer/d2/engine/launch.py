@@ -8,8 +8,8 @@ There are two ways to get one process per GPU (or several on the CPU):
   ``torchrun`` does (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
   ``MASTER_ADDR``, ``MASTER_PORT``; also torch elastic, Kubernetes' PyTorchJob, and SLURM through
   ``tools/submit.py``). Each process then joins the group they describe (``env://``, or the
-  store of torch elastic's agent) and spawns nothing. After torch elastic restarted the group (``torchrun --max-restarts``), it resumes from
-  the last checkpoint.
+  store of torch elastic's agent) and spawns nothing. After torch elastic restarted the group
+  (``torchrun --max-restarts``), it resumes from the last checkpoint.
 
 Either way the backend follows ``MODEL.DEVICE``: NCCL for CUDA, gloo for the CPU. detectron2's
 ``launch`` picks NCCL whenever ``torch.cuda.is_available()``, so CPU processes on a machine with

@@ -297,7 +297,8 @@ def launch_main(
 ) -> Any:
     """``main_func`` (default :func:`main`) in every process of the run: spawned here for
     ``--num-gpus`` / ``--num-machines``, or this process in the group torchrun (or another
-    launcher) started; the backend follows ``MODEL.DEVICE`` (:mod:`panoptic_segformer.d2.engine.launch`).
+    launcher) started; the backend follows ``MODEL.DEVICE``
+    (:mod:`panoptic_segformer.d2.engine.launch`).
     """
     device = get_config(args.config_file, args.opts).MODEL.DEVICE
     return launch(main_func or main, args, device)

@@ -27,7 +27,8 @@ def describe_segments(
     """The ``segments_info`` of a COCO panoptic annotation, measured on its id map.
 
     Args:
-        segment_ids: (H, W) integer segment ids, 0 = void (the PNG decoded by :func:`read_segment_ids`).
+        segment_ids: (H, W) integer segment ids, 0 = void (the PNG decoded by
+            :func:`read_segment_ids`).
         segments_info: the segments, each with ``id`` and (dataset) ``category_id``.
         image: the PNG's name, for errors.
 
