@@ -18,7 +18,7 @@ backbone's frozen batch norms folded into its convolutions, its weights channels
 --preparations instead times the whole network (153 masks) as built, with each preparation alone,
 with both, and with both under ``torch.compile`` (--compile; its first call, the compilation,
 reported as start-up time), each on a copy of the same model.
-Post-processing (``PanopticSegFormerModel.postprocess`` with --result-types, by default panoptic
+Post-processing (``PanopticSegFormerCore.postprocess`` with --result-types, by default panoptic
 results only, as the model, at the input size) runs on outputs of the model's shapes in which
 every query passes the merging's score and area tests (scores 1, mask values uniform in [0, 1]):
 an untrained model's scores (about 0.01, the focal prior) would let no query reach the merging
@@ -59,7 +59,7 @@ from panoptic_segformer.modeling.inference_preparation import (
     fold_frozen_batchnorm,
     store_channels_last,
 )
-from panoptic_segformer.modeling.panoptic_segformer import PanopticSegFormerModel
+from panoptic_segformer.modeling.panoptic_segformer import PanopticSegFormerCore
 from panoptic_segformer.modeling.postprocessing import RESULT_TYPES
 
 STAGES = list(PARTS)
@@ -76,7 +76,7 @@ def _now(device: str) -> float:
 
 
 def time_forward(
-    model: PanopticSegFormerModel, images: Tensor, mask: Tensor, device: str
+    model: PanopticSegFormerCore, images: Tensor, mask: Tensor, device: str
 ) -> Tuple[Dict[str, float], Dict[str, Tensor]]:
     """One forward; milliseconds per stage, split where the hooked modules return."""
     marks = [_now(device)]
@@ -105,7 +105,7 @@ def dense_outputs(outputs: Dict[str, Tensor], seed: int = 0) -> Dict[str, Tensor
 
 
 def time_stages(
-    model: PanopticSegFormerModel,
+    model: PanopticSegFormerCore,
     images: Tensor,
     mask: Tensor,
     device: str,
@@ -131,12 +131,12 @@ def time_stages(
     return {stage: statistics.median(ms) for stage, ms in samples.items()}
 
 
-def _folded(model: PanopticSegFormerModel) -> PanopticSegFormerModel:
+def _folded(model: PanopticSegFormerCore) -> PanopticSegFormerCore:
     fold_frozen_batchnorm(model.backbone)
     return model
 
 
-def _channels_last(model: PanopticSegFormerModel) -> PanopticSegFormerModel:
+def _channels_last(model: PanopticSegFormerCore) -> PanopticSegFormerCore:
     store_channels_last(model.backbone)  # the backbone only, as prepare_for_inference
     return model
 
@@ -151,7 +151,7 @@ PREPARATIONS = {
 
 
 def time_preparations(
-    model: PanopticSegFormerModel, args: argparse.Namespace, images: Tensor, mask: Tensor
+    model: PanopticSegFormerCore, args: argparse.Namespace, images: Tensor, mask: Tensor
 ) -> Dict[str, Dict[str, float]]:
     """Start-up (the first call, less a steady call) and steady milliseconds of the network for
     every preparation, each on its own copy of ``model`` as built."""

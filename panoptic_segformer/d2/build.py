@@ -9,7 +9,7 @@ from panoptic_segformer.modeling import (
     InferenceOptions,
     MaskWiseOptions,
     PanopticSegFormerCriterion,
-    PanopticSegFormerModel,
+    PanopticSegFormerCore,
     PixelArgmaxOptions,
     QuerySizes,
     build_panoptic_segformer,
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 
-def build_model_from_config(cfg, in_channels: Sequence[int]) -> PanopticSegFormerModel:
+def build_model_from_config(cfg, in_channels: Sequence[int]) -> PanopticSegFormerCore:
     """The core model of ``MODEL.PANOPTIC_SEGFORMER``, without a backbone.
 
     Args:

@@ -33,7 +33,7 @@ from panoptic_segformer.d2.build import (
     class_id_maps,
     inference_options_from_config,
 )
-from panoptic_segformer.modeling import InferenceOptions, PanopticSegFormerModel
+from panoptic_segformer.modeling import InferenceOptions, PanopticSegFormerCore
 from panoptic_segformer.modeling.inference_preparation import PreparableForInference
 
 __all__ = ["CorePostprocessing", "PanopticSegFormer", "check_losses_finite"]
@@ -86,7 +86,7 @@ def _check_in_features(in_features: Sequence[str], backbone: Backbone) -> None:
 @dataclass(frozen=True)
 class CorePostprocessing:
     """The core model's post-processing without its network: what
-    :meth:`PanopticSegFormerModel.postprocess` reads (the class counts and the inference settings),
+    :meth:`PanopticSegFormerCore.postprocess` reads (the class counts and the inference settings),
     with that very method. The ``core`` of a :meth:`PanopticSegFormer.processing_only`
     meta-architecture."""
 
@@ -95,7 +95,7 @@ class CorePostprocessing:
     inference: InferenceOptions
 
     # the core model's own code, run on these settings
-    postprocess = PanopticSegFormerModel.postprocess
+    postprocess = PanopticSegFormerCore.postprocess
 
 
 def _class_ids(cfg) -> Tuple[List[int], List[int]]:
@@ -151,7 +151,7 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
         *,
         backbone: Optional[Backbone],
         in_features: Sequence[str],
-        core: Union[PanopticSegFormerModel, CorePostprocessing],
+        core: Union[PanopticSegFormerCore, CorePostprocessing],
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int = 1,

@@ -1,6 +1,6 @@
 """Panoptic SegFormer modules: backbones, neck, encoder, decoders, criterion, post-processing.
 
-The entry points: :func:`build_panoptic_segformer` (the model, :class:`PanopticSegFormerModel`,
+The entry points: :func:`build_panoptic_segformer` (the model, :class:`PanopticSegFormerCore`,
 from a backbone), its :class:`InferenceOptions` with the merging's :class:`MaskWiseOptions` or
 :class:`PixelArgmaxOptions`, :func:`build_backbone_by_name`, :class:`PanopticSegFormerCriterion`
 and :func:`split_targets`.
@@ -14,7 +14,7 @@ from panoptic_segformer.modeling.complexity import count_parameters
 from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion
 from panoptic_segformer.modeling.inference import InferenceOptions
 from panoptic_segformer.modeling.panoptic_segformer import (
-    PanopticSegFormerModel,
+    PanopticSegFormerCore,
     QuerySizes,
     build_panoptic_segformer,
     query_sizes,
@@ -26,7 +26,7 @@ __all__ = [
     "InferenceOptions",
     "MaskWiseOptions",
     "PanopticSegFormerCriterion",
-    "PanopticSegFormerModel",
+    "PanopticSegFormerCore",
     "PixelArgmaxOptions",
     "QuerySizes",
     "build_backbone_by_name",
@@ -37,15 +37,22 @@ __all__ = [
 ]
 
 
+# names of earlier releases, kept for one release: the backbone builder (detectron2 has a
+# build_backbone of its own) and the model core (the meta-architecture's ``core``)
+_RENAMED = {
+    "build_backbone": ("build_backbone_by_name", build_backbone_by_name),
+    "PanopticSegFormerModel": ("PanopticSegFormerCore", PanopticSegFormerCore),
+}
+
+
 def __getattr__(name: str) -> Any:
-    # the name before build_backbone_by_name (detectron2 has a build_backbone of its own); kept
-    # for one release
-    if name == "build_backbone":
+    if name in _RENAMED:
+        new_name, value = _RENAMED[name]
         warnings.warn(
-            "panoptic_segformer.modeling.build_backbone is deprecated and will be removed: use "
-            "build_backbone_by_name",
+            f"panoptic_segformer.modeling.{name} is deprecated and will be removed: use "
+            f"{new_name}",
             FutureWarning,
             stacklevel=2,
         )
-        return build_backbone_by_name
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from panoptic_segformer.modeling.backbone import build_backbone_by_name
 from panoptic_segformer.modeling.inference import InferenceOptions
 from panoptic_segformer.modeling.panoptic_segformer import (
-    PanopticSegFormerModel,
+    PanopticSegFormerCore,
     build_panoptic_segformer,
 )
 
@@ -62,7 +62,7 @@ def count_parameters(module: nn.Module, include_frozen_bn: bool = True) -> int:
 
 def build_core_model(
     backbone: str, inference: InferenceOptions = InferenceOptions()
-) -> PanopticSegFormerModel:
+) -> PanopticSegFormerCore:
     """The untrained, inference-only (no criterion) model of a Table 1 backbone, in eval mode.
 
     Raises:
@@ -81,7 +81,7 @@ def parameter_parts(backbone: nn.Module, model: nn.Module) -> Dict[str, int]:
 
     Args:
         backbone: the backbone.
-        model: the model core (:class:`~panoptic_segformer.modeling.PanopticSegFormerModel`),
+        model: the model core (:class:`~panoptic_segformer.modeling.PanopticSegFormerCore`),
             with or without the backbone inside.
     """
     parts = {

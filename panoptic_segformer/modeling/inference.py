@@ -71,7 +71,7 @@ def check_thing_classes(
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """Inference settings of :class:`PanopticSegFormerModel`, checked once when built.
+    """Inference settings of :class:`PanopticSegFormerCore`, checked once when built.
 
     Args:
         max_detections: thing queries kept at inference, the top-k of the Q x K class scores

@@ -2,7 +2,7 @@
 
 backbone -> ChannelMapper neck -> deformable encoder -> location decoder -> query-decoupled
 mask decoder -> losses (training) or per-query masks and scores (inference), which
-:meth:`PanopticSegFormerModel.postprocess` turns into panoptic, instance and semantic results.
+:meth:`PanopticSegFormerCore.postprocess` turns into panoptic, instance and semantic results.
 
 Images come in normalised and padded into one batch, with a padding mask (True at padding).
 The detectron2 meta-architecture wraps this module; nothing here imports detectron2.
@@ -60,7 +60,7 @@ def query_sizes(num_thing_classes: int, num_stuff_classes: int, joint_matching: 
     return QuerySizes(num_thing_classes + extra, num_stuff_classes - extra, extra)
 
 
-class PanopticSegFormerModel(PreparableForInference, nn.Module):
+class PanopticSegFormerCore(PreparableForInference, nn.Module):
     """Panoptic SegFormer from already built parts.
 
     Args:
@@ -322,13 +322,13 @@ def build_panoptic_segformer(
     criterion: Optional[PanopticSegFormerCriterion] = None,
     with_criterion: bool = True,
     inference: InferenceOptions = InferenceOptions(),
-) -> PanopticSegFormerModel:
+) -> PanopticSegFormerCore:
     """Builds Panoptic SegFormer with the authors' hyper-parameters as defaults.
 
     Args:
         backbone: images -> feature maps, finest first, with ``in_channels`` channels; None
             for a model that is given the features
-            (:meth:`PanopticSegFormerModel.forward_features`).
+            (:meth:`PanopticSegFormerCore.forward_features`).
         in_channels: channels of the backbone maps (ResNet: 512, 1024, 2048).
         num_thing_classes, num_stuff_classes: K and Z (COCO: 80 and 53).
         d_model: channels C (256).
@@ -369,7 +369,7 @@ def build_panoptic_segformer(
     decoder_layer = LocationDecoderLayer(
         d_model, d_ffn, dropout, num_feature_levels, n_heads, n_points
     )
-    return PanopticSegFormerModel(
+    return PanopticSegFormerCore(
         backbone=backbone,
         neck=ChannelMapper(in_channels, d_model, num_outs=num_feature_levels),
         position_encoding=PositionEmbeddingSine(d_model // 2, normalize=True, offset=-0.5),

@@ -61,7 +61,7 @@ def test_exported_predictor_builds_no_pytorch_network(exported, monkeypatch):
     import panoptic_segformer.d2.meta_arch as meta_arch
     import panoptic_segformer.d2.predictor as predictor_module
     from panoptic_segformer.d2 import ExportedPredictor
-    from panoptic_segformer.modeling import PanopticSegFormerModel
+    from panoptic_segformer.modeling import PanopticSegFormerCore
 
     def refuse(*args, **kwargs):
         raise AssertionError("the exported predictor built a PyTorch network")
@@ -76,4 +76,4 @@ def test_exported_predictor_builds_no_pytorch_network(exported, monkeypatch):
     model = exported_predictor.model
     assert sum(p.numel() for p in model.parameters()) == 0
     assert model.processing.backbone is None
-    assert not any(isinstance(m, PanopticSegFormerModel) for m in model.modules())
+    assert not any(isinstance(m, PanopticSegFormerCore) for m in model.modules())

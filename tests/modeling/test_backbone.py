@@ -411,11 +411,15 @@ def test_timm_converts_the_checkpoint_once(tmp_path, monkeypatch):
     assert inputs == [sorted(checkpoint)] * 2
 
 
-def test_the_old_name_of_the_builder_still_works_with_a_warning():
+def test_the_old_names_still_work_with_a_warning():
     import panoptic_segformer.modeling as modeling
 
     with pytest.warns(FutureWarning, match="use build_backbone_by_name"):
         old = modeling.build_backbone
     assert old is build_backbone_by_name
+    with pytest.warns(
+        FutureWarning, match="PanopticSegFormerModel is deprecated.*use PanopticSegFormerCore"
+    ):
+        assert modeling.PanopticSegFormerModel is modeling.PanopticSegFormerCore
     with pytest.raises(AttributeError, match="no attribute 'build_nothing'"):
         modeling.build_nothing

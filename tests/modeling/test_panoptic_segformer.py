@@ -10,7 +10,7 @@ from torch import nn
 from panoptic_segformer.modeling import (
     InferenceOptions,
     MaskWiseOptions,
-    PanopticSegFormerModel,
+    PanopticSegFormerCore,
     PixelArgmaxOptions,
 )
 from panoptic_segformer.modeling.criterion import PanopticSegFormerCriterion
@@ -517,7 +517,7 @@ def test_joint_matching_one_query_set_for_things_and_stuff():
     with pytest.raises(
         ValueError, match="must classify into 5 classes and the mask decoder hold 0"
     ):
-        PanopticSegFormerModel(
+        PanopticSegFormerCore(
             **{k: getattr(model, k) for k in ("backbone", "neck", "position_encoding", "encoder")},
             location_decoder=tiny_model().location_decoder,
             mask_decoder=model.mask_decoder,
