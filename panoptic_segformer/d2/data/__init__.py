@@ -2,7 +2,7 @@
 
 Importing this package registers no dataset: :func:`register_builtin_datasets` registers
 "ade20k_panoptic_train", "ade20k_panoptic_val" and "coco_2017_test-dev_panoptic" (names another
-project may have taken are left alone); :func:`panoptic_segformer.d2.config.get_config` calls it.
+project may have taken are left alone); :func:`panoptic_segformer.d2.register` calls it.
 """
 
 from panoptic_segformer.d2.data.builtin import (

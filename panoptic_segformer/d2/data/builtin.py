@@ -5,8 +5,8 @@ written as a submission).
 Other detectron2 projects register some of these names too (Mask2Former registers
 "ade20k_panoptic_train" and "ade20k_panoptic_val" when it is imported), and detectron2 refuses a
 second registration. So importing this package registers nothing;
-:func:`register_builtin_datasets`, called by :func:`panoptic_segformer.d2.config.get_config`,
-registers the names that are still free and leaves the others as they are (a log line each).
+:func:`register_builtin_datasets`, called by :func:`panoptic_segformer.d2.register`, registers
+the names that are still free and leaves the others as they are (a log line each).
 """
 
 import logging
