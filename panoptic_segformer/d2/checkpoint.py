@@ -188,19 +188,21 @@ class PanopticSegFormerCheckpointer(DetectionCheckpointer):
         release)."""
         ours = self.model.state_dict()
         old = [key for key in weights if key.startswith(_OLD_CORE_PREFIX)]
-        if not old or any(key.startswith(_OLD_CORE_PREFIX) for key in ours):
-            return weights
-        if not any(key.startswith(_CORE_PREFIX) for key in ours):
+        takes_old = any(key.startswith(_OLD_CORE_PREFIX) for key in ours)
+        if not old or takes_old or not any(key.startswith(_CORE_PREFIX) for key in ours):
             return weights
         self.logger.warning(
             f"the checkpoint names the model core {_OLD_CORE_PREFIX!r} ({len(old)} entries), "
             f"as releases before this one did; loading them as {_CORE_PREFIX!r}: save it again "
             "to update it"
         )
-        return {
-            (_CORE_PREFIX + key[len(_OLD_CORE_PREFIX) :] if key in old else key): value
-            for key, value in weights.items()
-        }
+
+        def renamed(key: str) -> str:
+            if key.startswith(_OLD_CORE_PREFIX):
+                return _CORE_PREFIX + key[len(_OLD_CORE_PREFIX) :]
+            return key
+
+        return {renamed(key): value for key, value in weights.items()}
 
     def _describe(self) -> str:
         return f"{type(self.model).__name__} with {sum(1 for _ in self.model.state_dict())} entries"

@@ -98,6 +98,21 @@ class CorePostprocessing:
     postprocess = PanopticSegFormerCore.postprocess
 
 
+def _processing_arguments(cfg) -> Dict[str, object]:
+    """The meta-architecture's arguments of its pre- and post-processing (all but the backbone
+    and the core), as :meth:`PanopticSegFormer.from_config` and
+    :meth:`~PanopticSegFormer.processing_only` read them from ``cfg``."""
+    thing_ids, stuff_ids = _class_ids(cfg)
+    return {
+        "in_features": list(cfg.MODEL.PANOPTIC_SEGFORMER.IN_FEATURES),
+        "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+        "pixel_std": cfg.MODEL.PIXEL_STD,
+        "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+        "thing_ids": thing_ids,
+        "stuff_ids": stuff_ids,
+    }
+
+
 def _class_ids(cfg) -> Tuple[List[int], List[int]]:
     """The dataset's contiguous ids of the model's thing and stuff classes (of
     ``DATASETS.TRAIN[0]``, else ``DATASETS.TEST[0]``; things first without a dataset).
@@ -180,21 +195,12 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
     @classmethod
     def from_config(cls, cfg) -> Dict[str, object]:
         ps = cfg.MODEL.PANOPTIC_SEGFORMER
-        thing_ids, stuff_ids = _class_ids(cfg)
+        processing = _processing_arguments(cfg)  # first: it checks the class counts
         backbone = build_backbone(cfg)
         _check_in_features(ps.IN_FEATURES, backbone)
         shapes = backbone.output_shape()
         core = build_model_from_config(cfg, [shapes[name].channels for name in ps.IN_FEATURES])
-        return {
-            "backbone": backbone,
-            "in_features": list(ps.IN_FEATURES),
-            "core": core,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
-            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
-            "thing_ids": thing_ids,
-            "stuff_ids": stuff_ids,
-        }
+        return {"backbone": backbone, "core": core, **processing}
 
     @classmethod
     def processing_only(cls, cfg, size_divisibility: int = 1) -> "PanopticSegFormer":
@@ -210,20 +216,12 @@ class PanopticSegFormer(PreparableForInference, nn.Module):
                 is for the full model).
         """
         ps = cfg.MODEL.PANOPTIC_SEGFORMER
-        thing_ids, stuff_ids = _class_ids(cfg)
+        processing = _processing_arguments(cfg)
+        processing["size_divisibility"] = max(processing["size_divisibility"], size_divisibility)
         postprocessing = CorePostprocessing(
             ps.NUM_THING_CLASSES, ps.NUM_STUFF_CLASSES, inference_options_from_config(cfg)
         )
-        return cls(
-            backbone=None,
-            in_features=list(ps.IN_FEATURES),
-            core=postprocessing,
-            pixel_mean=cfg.MODEL.PIXEL_MEAN,
-            pixel_std=cfg.MODEL.PIXEL_STD,
-            size_divisibility=max(cfg.INPUT.SIZE_DIVISIBILITY, size_divisibility),
-            thing_ids=thing_ids,
-            stuff_ids=stuff_ids,
-        )
+        return cls(backbone=None, core=postprocessing, **processing)
 
     @property
     def device(self) -> torch.device:
